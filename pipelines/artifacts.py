@@ -1,0 +1,114 @@
+"""Run directories, saved models and checkpoints: numpy `.npz` loaded with allow_pickle=False and JSON
+metadata, each written to a temporary name and renamed into place so a reader never sees half a file.
+
+    <runs.path>/<run_id>/
+        config.yaml      the resolved configuration
+        model/           weights.npz + spec.json
+        metrics.jsonl    one record per epoch
+        checkpoints/     epoch-NNNN.npz + epoch-NNNN.json
+        summary.json     the summary line, written last: a run with it is finished
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipelines.errors import UserError
+from udfs.models import ModelSpec
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def new_run_dir(runs_path: str, run_name: str | None, label: str) -> Path:
+    """Create the run directory. With --run-name the id is that name (scheduled jobs find their run
+    again); otherwise a UTC timestamp and the config's label, made unique."""
+    root = Path(runs_path)
+    root.mkdir(parents=True, exist_ok=True)
+    if run_name:
+        if not _NAME.match(run_name):
+            raise UserError(f"--run-name {run_name!r}: use letters, digits, '.', '_' and '-'")
+        path = root / run_name
+        if path.exists():
+            raise UserError(f"run {path} already exists: pass --resume {path} or "
+                            "--resume-if-exists, or choose another --run-name")
+        path.mkdir()
+        return path
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    for i in range(1000):
+        path = root / f"{stamp}-{label}" if i == 0 else root / f"{stamp}-{label}-{i}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"cannot create a unique run directory under {root}")
+
+
+def save_model(run_dir: Path, spec: ModelSpec, theta: np.ndarray, metadata: dict[str, Any]) -> Path:
+    model_dir = run_dir / "model"
+    model_dir.mkdir(exist_ok=True)
+    atomic_write(model_dir / "weights.npz", _npz_bytes({"theta": theta}))
+    meta = {"kind": spec.kind, "layers": list(spec.layers), "n_params": spec.n_params,
+            "dtype": str(theta.dtype), **metadata}
+    atomic_write(model_dir / "spec.json", json.dumps(meta, indent=2).encode())
+    return model_dir
+
+
+def load_model(model_or_run_dir: str | Path) -> tuple[ModelSpec, np.ndarray, dict[str, Any]]:
+    """A saved model from its run directory or its model/ directory."""
+    path = Path(model_or_run_dir)
+    model_dir = path / "model" if (path / "model").is_dir() else path
+    spec_file, weights_file = model_dir / "spec.json", model_dir / "weights.npz"
+    if not spec_file.is_file() or not weights_file.is_file():
+        raise UserError(f"{path}: no saved model (expected {spec_file} and {weights_file})")
+    meta = json.loads(spec_file.read_text())
+    with np.load(weights_file, allow_pickle=False) as z:
+        theta = z["theta"]
+    spec = ModelSpec.from_dict(meta)
+    if theta.shape != (spec.n_params,):
+        raise UserError(f"{weights_file}: holds {theta.shape} parameters, spec.json describes "
+                        f"{spec.n_params}")
+    return spec, theta, meta
+
+
+def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
+    with open(run_dir / "metrics.jsonl", "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def save_checkpoint(run_dir: Path, epoch: int, arrays: dict[str, np.ndarray], meta: dict) -> None:
+    ckpt = run_dir / "checkpoints"
+    ckpt.mkdir(exist_ok=True)
+    atomic_write(ckpt / f"epoch-{epoch:04d}.npz", _npz_bytes(arrays))
+    # the JSON is written second: a checkpoint counts only once both files are there
+    atomic_write(ckpt / f"epoch-{epoch:04d}.json", json.dumps(meta).encode())
+
+
+def latest_checkpoint(run_dir: Path) -> tuple[dict[str, np.ndarray], dict] | None:
+    metas = sorted((run_dir / "checkpoints").glob("epoch-*.json"))
+    if not metas:
+        return None
+    meta_file = metas[-1]
+    with np.load(meta_file.with_suffix(".npz"), allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    return arrays, json.loads(meta_file.read_text())

@@ -1,0 +1,142 @@
+"""The data-parallel training strategies (driver side): `local` and `sync`.
+
+Both run epoch by epoch over the cached block handles and share the same state, so a checkpoint
+taken after any epoch resumes either one to the same result:
+
+* local: each job, every partition runs up to `average_every` local steps (default: its whole
+  share of the epoch) from the broadcast weights and optimizer state; the driver averages weights
+  and optimizer buffers by sample count. One Spark job per averaging round.
+* sync: each global mini-batch is one job: every partition sums the gradient over its rows of the
+  batch, treeAggregate adds them up, the driver's optimizer steps. The maths of one machine doing
+  mini-batch SGD on the global batch.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable
+
+import numpy as np
+from pyspark import SparkContext
+
+from pipelines.data import Blocks
+from udfs import tasks
+from udfs.models import ModelSpec
+from udfs.optimizers import Optimizer
+
+
+@dataclass
+class TrainState:
+    """Everything training needs to continue: weights, optimizer buffers, epochs done, and (sync) the
+    driver's optimizer step count."""
+
+    theta: np.ndarray
+    opt_state: dict[str, np.ndarray]
+    epoch: int = 0
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Settings:
+    strategy: str
+    epochs: int
+    average_every: int | None
+    depth: int
+
+
+EpochHook = Callable[[TrainState, dict], None]
+
+
+def evaluate(sc: SparkContext, data: Blocks, spec: ModelSpec, dtype: str, theta: np.ndarray,
+             which: tuple[str, ...], depth: int = 2) -> dict[str, dict[str, float]]:
+    """Loss and accuracy (or RMSE and R^2) of theta on the named roles, computed on the executors."""
+    bc = sc.broadcast(theta)
+    try:
+        sums = data.handles.mapPartitions(
+            partial(tasks.evaluate, spec=spec, layout=data.layout, dtype=dtype, which=which, weights=bc)
+        ).treeAggregate(None, tasks.add_metrics, tasks.add_metrics, depth)
+    finally:
+        bc.destroy()
+    return {role: metrics_from_sums(spec, sums[role]) for role in which} if sums else {}
+
+
+def metrics_from_sums(spec: ModelSpec, sums: np.ndarray) -> dict[str, float]:
+    n, loss, correct, sse, y_sum, y2_sum = (float(x) for x in sums)
+    if n == 0:
+        return {"rows": 0}
+    if spec.is_classifier:
+        return {"rows": int(n), "loss": loss / n, "accuracy": correct / n}
+    ss_tot = y2_sum - y_sum * y_sum / n
+    return {"rows": int(n), "loss": sse / n, "rmse": float(np.sqrt(sse / n)),
+            "r2": 1.0 - sse / ss_tot if ss_tot > 0 else 0.0}
+
+
+def _local_epoch(sc: SparkContext, data: Blocks, job: tasks.Job, settings: Settings,
+                 state: TrainState) -> float:
+    """One epoch of local SGD, in as many averaging rounds as the largest partition needs; returns
+    the mean training loss over the epoch's local batches."""
+    loss_sum, batches, round_ = 0.0, 0, 0
+    while True:
+        bc = sc.broadcast((state.theta, state.opt_state))
+        try:
+            task = tasks.LocalRound(job, state.epoch, round_, settings.average_every)
+            total = data.handles.mapPartitions(partial(tasks.local_round, task=task, weights=bc)
+                                               ).treeAggregate(None, tasks.add_local,
+                                                               tasks.add_local, settings.depth)
+        finally:
+            bc.destroy()
+        if total is None:
+            break
+        n, theta_sum, state_sums, round_loss, round_batches, steps_left = total
+        state.theta = (theta_sum / n).astype(state.theta.dtype)
+        state.opt_state = {k: (v / n).astype(state.theta.dtype) for k, v in state_sums.items()}
+        loss_sum += round_loss
+        batches += round_batches
+        round_ += 1
+        if steps_left == 0:
+            break
+    return loss_sum / max(batches, 1)
+
+
+def _sync_epoch(sc: SparkContext, data: Blocks, job: tasks.Job, settings: Settings,
+                state: TrainState) -> float:
+    """One epoch of synchronous mini-batch SGD; returns the mean of the batches' losses."""
+    steps = tasks.local_steps_per_epoch(data.layout.n_train, job.batch_size)
+    loss_sum = 0.0
+    for batch in range(steps):
+        bc = sc.broadcast(state.theta)
+        try:
+            grad_sum, batch_loss, count = data.handles.mapPartitions(partial(
+                tasks.sync_gradient, job=job, epoch=state.epoch, batch=batch, weights=bc)
+            ).treeAggregate(None, tasks.add_sync, tasks.add_sync, settings.depth)
+        finally:
+            bc.destroy(blocking=False)
+        state.step += 1
+        job.optimizer.step(state.theta, (grad_sum / count).astype(state.theta.dtype),
+                           state.opt_state, state.step)
+        loss_sum += batch_loss / count
+    return loss_sum / steps
+
+
+EPOCH_RUNNERS = {"local": _local_epoch, "sync": _sync_epoch}
+
+
+def train(sc: SparkContext, data: Blocks, job: tasks.Job, settings: Settings, state: TrainState,
+          on_epoch: EpochHook) -> TrainState:
+    """Run the remaining epochs; after each, validate on the executors and call `on_epoch`."""
+    run_epoch = EPOCH_RUNNERS[settings.strategy]
+    while state.epoch < settings.epochs:
+        started = time.perf_counter()
+        train_loss = run_epoch(sc, data, job, settings, state)
+        state.epoch += 1
+        record = {"epoch": state.epoch, "train_loss": train_loss}
+        if data.validation_rows:
+            val = evaluate(sc, data, job.spec, job.dtype, state.theta, ("validation",),
+                           settings.depth)["validation"]
+            record.update({f"val_{k}": v for k, v in val.items() if k != "rows"})
+        record["seconds"] = time.perf_counter() - started
+        state.history.append(record)
+        on_epoch(state, record)
+    return state

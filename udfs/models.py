@@ -1,0 +1,197 @@
+"""Models as a spec plus one flat parameter vector.
+
+Every model here is a stack of dense layers (ReLU between them) with one of three heads, so the four
+kinds users name are one implementation:
+
+    softmax  = [d, K]            softmax cross-entropy
+    mlp      = [d, h1, ..., K]   softmax cross-entropy, ReLU hidden layers
+    logistic = [d, 1]            sigmoid binary cross-entropy (labels 0/1)
+    linear   = [d, 1]            mean squared error
+
+Parameters are laid out layer by layer as W (in x out, row-major) then b (out). Keeping them in one
+flat vector makes averaging, clipping, noise, masking and checkpoints plain vector operations.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+HEADS = {"mlp": "softmax", "softmax": "softmax", "logistic": "sigmoid", "linear": "identity"}
+CLASSIFIERS = {"mlp", "softmax", "logistic"}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Architecture of a model: its kind and the width of every layer, input first."""
+
+    kind: str
+    layers: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if self.kind not in HEADS:
+            raise ValueError(f"model kind must be one of {sorted(HEADS)}, got {self.kind!r}")
+        if len(self.layers) < 2 or any(int(w) < 1 for w in self.layers):
+            raise ValueError(f"layers must be >= 2 positive widths, got {self.layers}")
+        if self.kind != "mlp" and len(self.layers) != 2:
+            raise ValueError(f"a {self.kind} model has no hidden layers, got {self.layers}")
+        if self.kind in ("logistic", "linear") and self.layers[-1] != 1:
+            raise ValueError(f"a {self.kind} model has one output, got {self.layers[-1]}")
+
+    @classmethod
+    def build(cls, kind: str, n_features: int, n_outputs: int, hidden: list[int]) -> "ModelSpec":
+        """The spec for `kind` on data with `n_features` inputs and `n_outputs` classes (1 for
+        regression and binary logistic)."""
+        if kind == "mlp":
+            return cls(kind, (n_features, *hidden, n_outputs))
+        out = 1 if kind in ("logistic", "linear") else n_outputs
+        return cls(kind, (n_features, out))
+
+    @property
+    def head(self) -> str:
+        return HEADS[self.kind]
+
+    @property
+    def is_classifier(self) -> bool:
+        return self.kind in CLASSIFIERS
+
+    @property
+    def n_classes(self) -> int:
+        """Number of label values a classifier predicts (2 for logistic); 0 for regression."""
+        if not self.is_classifier:
+            return 0
+        return 2 if self.kind == "logistic" else self.layers[-1]
+
+    @property
+    def n_params(self) -> int:
+        return sum(a * b + b for a, b in zip(self.layers[:-1], self.layers[1:]))
+
+    def to_json(self) -> str:
+        return json.dumps({"kind": self.kind, "layers": list(self.layers)})
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelSpec":
+        return cls(str(data["kind"]), tuple(int(w) for w in data["layers"]))
+
+
+def unpack(spec: ModelSpec, theta: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield (W, b) views of `theta` for each layer; writing to them writes to `theta`."""
+    offset = 0
+    for fan_in, fan_out in zip(spec.layers[:-1], spec.layers[1:]):
+        w = theta[offset:offset + fan_in * fan_out].reshape(fan_in, fan_out)
+        offset += fan_in * fan_out
+        b = theta[offset:offset + fan_out]
+        offset += fan_out
+        yield w, b
+
+
+def init_params(spec: ModelSpec, rng: np.random.Generator, init: str = "glorot_uniform",
+                dtype: np.dtype = np.float32) -> np.ndarray:
+    """Glorot-uniform weights and zero biases (Keras's defaults), or all zeros."""
+    theta = np.zeros(spec.n_params, dtype=dtype)
+    if init == "zeros":
+        return theta
+    if init != "glorot_uniform":
+        raise ValueError(f"init must be glorot_uniform or zeros, got {init!r}")
+    for w, _ in unpack(spec, theta):
+        limit = np.sqrt(6.0 / (w.shape[0] + w.shape[1]))
+        w[...] = rng.uniform(-limit, limit, size=w.shape)
+    return theta
+
+
+def _forward(spec: ModelSpec, theta: np.ndarray, X: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+    """Return the input of every layer and the output logits."""
+    layers = list(unpack(spec, theta))
+    inputs = [X]
+    h = X
+    for i, (w, b) in enumerate(layers):
+        z = h @ w
+        z += b
+        if i < len(layers) - 1:
+            np.maximum(z, 0, out=z)
+            inputs.append(z)
+        h = z
+    return inputs, h
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def head_loss(spec: ModelSpec, out: np.ndarray, y: np.ndarray,
+              need_grad: bool = True) -> tuple[float, np.ndarray | None]:
+    """Summed loss of the model output `out` against labels `y`, and its gradient w.r.t. `out`."""
+    n = out.shape[0]
+    if spec.head == "softmax":
+        logp = _log_softmax(out)
+        labels = y.astype(np.int64, copy=False)
+        loss = -float(logp[np.arange(n), labels].sum())
+        if not need_grad:
+            return loss, None
+        delta = np.exp(logp)
+        delta[np.arange(n), labels] -= 1.0
+    elif spec.head == "sigmoid":
+        z = out[:, 0]
+        t = y.astype(out.dtype, copy=False)
+        # log(1 + e^z) - t z, computed without overflow for large |z|
+        loss = float((np.logaddexp(0.0, z) - t * z).sum())
+        delta = (1.0 / (1.0 + np.exp(-z)) - t)[:, None] if need_grad else None
+    else:
+        resid = out[:, 0] - y.astype(out.dtype, copy=False)
+        loss = float(resid @ resid)
+        delta = (2.0 * resid)[:, None] if need_grad else None
+    return loss, delta
+
+
+def loss_and_grad(spec: ModelSpec, theta: np.ndarray, X: np.ndarray,
+                  y: np.ndarray) -> tuple[float, np.ndarray]:
+    """Mean loss over the rows of X and its gradient with respect to theta (same dtype as theta)."""
+    n = X.shape[0]
+    inputs, out = _forward(spec, theta, X)
+    loss, delta = head_loss(spec, out, y)
+    delta = delta.astype(theta.dtype, copy=False) / n
+
+    grad = np.empty_like(theta)
+    grads = list(unpack(spec, grad))
+    weights = [w for w, _ in unpack(spec, theta)]
+    for i in range(len(weights) - 1, -1, -1):
+        gw, gb = grads[i]
+        np.matmul(inputs[i].T, delta, out=gw)
+        gb[...] = delta.sum(axis=0)
+        if i:
+            delta = delta @ weights[i].T
+            delta *= inputs[i] > 0
+    return loss / n, grad
+
+
+def decision(spec: ModelSpec, theta: np.ndarray, X: np.ndarray) -> np.ndarray:
+    """Raw model output: logits (softmax), one logit column (logistic) or the prediction (linear)."""
+    return _forward(spec, theta, X)[1]
+
+
+def predict_proba(spec: ModelSpec, theta: np.ndarray, X: np.ndarray) -> np.ndarray:
+    """Class probabilities, one column per class (two for logistic)."""
+    out = decision(spec, theta, X)
+    if spec.head == "softmax":
+        return np.exp(_log_softmax(out))
+    if spec.head == "sigmoid":
+        p = 1.0 / (1.0 + np.exp(-out[:, 0]))
+        return np.stack([1.0 - p, p], axis=1)
+    raise ValueError("a linear model predicts values, not probabilities")
+
+
+def labels_from_decision(spec: ModelSpec, out: np.ndarray) -> np.ndarray:
+    """Class labels for classifiers, values for regression, from `decision`'s output."""
+    if spec.head == "softmax":
+        return out.argmax(axis=1)
+    if spec.head == "sigmoid":
+        return (out[:, 0] > 0).astype(np.int64)
+    return out[:, 0]
+
+
+def predict(spec: ModelSpec, theta: np.ndarray, X: np.ndarray) -> np.ndarray:
+    """Class labels for classifiers, values for regression."""
+    return labels_from_decision(spec, decision(spec, theta, X))

@@ -1,0 +1,22 @@
+"""Every random draw comes from a generator seeded by (run seed, purpose, step or round, partition
+or client). A retried Spark task, a resumed run or another machine draws exactly the same numbers;
+the global numpy RNG is never used."""
+from __future__ import annotations
+
+from enum import IntEnum
+
+import numpy as np
+
+
+class Stream(IntEnum):
+    """What a generator is for; part of the seed, so two purposes never share a stream."""
+
+    INIT = 1
+    VALIDATION = 2
+    SYNC_EPOCH = 3
+    LOCAL_EPOCH = 4
+
+
+def rng(seed: int, stream: Stream, *keys: int) -> np.random.Generator:
+    """The generator for `stream` at (seed, *keys), e.g. rng(seed, Stream.LOCAL_EPOCH, epoch, part)."""
+    return np.random.default_rng([int(seed), int(stream), *(int(k) for k in keys)])

@@ -1,0 +1,208 @@
+"""Per-partition functions handed to `mapPartitions` over the block handles.
+
+Each takes the partition's handle rows and a small frozen job description, and yields one tuple of
+numpy arrays and numbers for the driver to reduce with `treeAggregate`. Weights travel in a Spark
+broadcast (`.value` is read inside the task), never in a closure.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from udfs import blocks, models
+from udfs.models import ModelSpec
+from udfs.optimizers import Optimizer
+from udfs.seeding import Stream, rng
+
+_THREADS_LIMITED = False
+
+
+def single_blas_thread() -> None:
+    """One BLAS thread per task: the task is the unit of parallelism (set once per worker)."""
+    global _THREADS_LIMITED
+    if not _THREADS_LIMITED:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1)
+        _THREADS_LIMITED = True
+
+
+@lru_cache(maxsize=8)
+def _placed(path: str, layout: blocks.Layout, dtype: str) -> tuple[blocks.Block, blocks.Roles, np.ndarray]:
+    """The block at `path`, its row roles under `layout`, and X in the training dtype."""
+    block = blocks.load(path)
+    X = block.X if dtype == "float32" else block.X.astype(dtype)
+    return block, blocks.roles(block, layout), X
+
+
+def _handle(rows: Iterable[Any]) -> tuple[int, str] | None:
+    rows = list(rows)
+    if not rows:
+        return None
+    if len(rows) != 1:
+        raise RuntimeError(f"expected one block handle per partition, got {len(rows)}")
+    return int(rows[0].part), str(rows[0].path)
+
+
+@dataclass(frozen=True)
+class Job:
+    """What every training task needs besides the weights."""
+
+    spec: ModelSpec
+    layout: blocks.Layout
+    dtype: str
+    batch_size: int
+    optimizer: Optimizer
+
+
+# --- local SGD -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LocalRound:
+    job: Job
+    epoch: int
+    round: int             # averaging round within the epoch
+    every: int | None      # local steps per round; None = the partition's whole epoch
+
+
+def local_steps_per_epoch(n_rows: int, batch_size: int) -> int:
+    return -(-n_rows // batch_size)
+
+
+def local_round(rows: Iterable[Any], task: LocalRound, weights: Any) -> Iterator[tuple]:
+    """Run this partition's local mini-batch steps of one averaging round from the broadcast
+    (theta, optimizer state). Each epoch the partition walks its training rows in an order drawn
+    from (seed, epoch, partition), `batch_size` rows a step.
+
+    Yields (n, n*theta, {name: n*buffer}, loss_sum, batches, steps_left_in_epoch), n being this
+    partition's training rows, so the driver's sum divided by the total n is the sample-weighted
+    average. A partition whose epoch is already done yields nothing."""
+    single_blas_thread()
+    handle = _handle(rows)
+    if handle is None:
+        return
+    part, path = handle
+    job = task.job
+    block, roles, X = _placed(path, job.layout, job.dtype)
+    train = roles.train[np.argsort(roles.train_index, kind="stable")]
+    n = len(train)
+    per_epoch = local_steps_per_epoch(n, job.batch_size)
+    first = task.round * task.every if task.every else 0
+    last = min(first + task.every, per_epoch) if task.every else per_epoch
+    if first >= last:
+        return
+    theta0, state0 = weights.value
+    theta = theta0.copy()
+    state = {k: v.copy() for k, v in state0.items()}
+    order = train[rng(job.layout.seed, Stream.LOCAL_EPOCH, task.epoch, part).permutation(n)]
+    loss_sum = 0.0
+    for j in range(first, last):
+        rows_b = order[j * job.batch_size:(j + 1) * job.batch_size]
+        loss, grad = models.loss_and_grad(job.spec, theta, X[rows_b], block.y[rows_b])
+        job.optimizer.step(theta, grad, state, task.epoch * per_epoch + j + 1)
+        loss_sum += loss
+    yield n, theta * n, {k: v * n for k, v in state.items()}, loss_sum, last - first, per_epoch - last
+
+
+def add_local(a: tuple, b: tuple) -> tuple:
+    """treeAggregate's combiner for local_round results."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return (a[0] + b[0], a[1] + b[1], {k: a[2][k] + b[2][k] for k in a[2]}, a[3] + b[3],
+            a[4] + b[4], max(a[5], b[5]))
+
+
+# --- synchronous mini-batch SGD ------------------------------------------------------------------
+
+@lru_cache(maxsize=4)
+def _sync_epoch_plan(path: str, job: Job, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """This partition's train rows grouped by the global batch they fall in this epoch: the rows in
+    batch order and the start of each batch (searchsorted bounds)."""
+    _, roles, _ = _placed(path, job.layout, job.dtype)
+    n = job.layout.n_train
+    position = np.empty(n, dtype=np.int64)
+    position[rng(job.layout.seed, Stream.SYNC_EPOCH, epoch).permutation(n)] = np.arange(n)
+    batch = position[roles.train_index] // job.batch_size
+    order = np.argsort(batch, kind="stable")
+    bounds = np.searchsorted(batch[order], np.arange(local_steps_per_epoch(n, job.batch_size) + 1))
+    return roles.train[order], bounds
+
+
+def sync_gradient(rows: Iterable[Any], job: Job, epoch: int, batch: int, weights: Any) -> Iterator[tuple]:
+    """Gradient and loss summed over this partition's rows of global batch `batch` of `epoch`.
+
+    Yields (grad_sum, loss_sum, count); the driver's sum over partitions divided by count is the
+    gradient of the global mini-batch, exactly as one machine would compute it."""
+    single_blas_thread()
+    handle = _handle(rows)
+    if handle is None:
+        return
+    _, path = handle
+    block, _, X = _placed(path, job.layout, job.dtype)
+    rows_in_batch, bounds = _sync_epoch_plan(path, job, epoch)
+    chosen = rows_in_batch[bounds[batch]:bounds[batch + 1]]
+    if not len(chosen):
+        return
+    loss, grad = models.loss_and_grad(job.spec, weights.value, X[chosen], block.y[chosen])
+    k = len(chosen)
+    yield grad * k, loss * k, k
+
+
+def add_sync(a: tuple, b: tuple) -> tuple:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a[0] + b[0], a[1] + b[1], a[2] + b[2]
+
+
+# --- evaluation ----------------------------------------------------------------------------------
+
+ROLES = ("train", "validation", "test")
+
+
+def evaluate(rows: Iterable[Any], spec: ModelSpec, layout: blocks.Layout, dtype: str,
+             which: tuple[str, ...], weights: Any, chunk: int = 8192) -> Iterator[dict]:
+    """Sums from which the driver computes loss and accuracy (or RMSE and R^2) per role.
+
+    Yields {role: array[n, loss_sum, correct, sse, y_sum, y2_sum]}."""
+    single_blas_thread()
+    handle = _handle(rows)
+    if handle is None:
+        return
+    _, path = handle
+    block, roles, X = _placed(path, layout, dtype)
+    theta = weights.value
+    out = {}
+    for role in which:
+        idx = getattr(roles, role)
+        sums = np.zeros(6)
+        for start in range(0, len(idx), chunk):
+            rows_c = idx[start:start + chunk]
+            Xc, yc = X[rows_c], block.y[rows_c]
+            sums += _metric_sums(spec, theta, Xc, yc)
+        out[role] = sums
+    yield out
+
+
+def _metric_sums(spec: ModelSpec, theta: np.ndarray, X: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """[n, loss_sum, correct, sse, y_sum, y2_sum] over the rows of X."""
+    out = models.decision(spec, theta, X)
+    loss, _ = models.head_loss(spec, out, y, need_grad=False)
+    if spec.is_classifier:
+        correct = float((models.labels_from_decision(spec, out) == y).sum())
+        return np.array([len(y), loss, correct, 0.0, 0.0, 0.0])
+    return np.array([len(y), loss, 0.0, loss, y.sum(), (y * y).sum()])
+
+
+def add_metrics(a: dict, b: dict) -> dict:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return {k: a[k] + b[k] for k in a}
