@@ -268,3 +268,25 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
 
 def dump_yaml(config: Config) -> str:
     return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m pipelines.config [--config F] [--set K=V ...] KEY ...`: print resolved values, one
+    per line (used by scripts/train.sh to find the table and lake before it starts Spark)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m pipelines.config")
+    p.add_argument("--config")
+    p.add_argument("--set", dest="sets", action="append", default=[])
+    p.add_argument("keys", nargs="+", help="dotted keys, e.g. data.table")
+    args = p.parse_args(argv)
+    values = load_config(args.config, args.sets).to_dict()
+    for key in args.keys:
+        node: Any = values
+        for part in key.split("."):
+            node = node[part]
+        print(node)
+
+
+if __name__ == "__main__":
+    main()

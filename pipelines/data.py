@@ -70,6 +70,28 @@ def check_schema(df: DataFrame, table: str) -> None:
                             f"expected {expected[column]}")
 
 
+def partition_keys(spark: SparkSession, partitions: int) -> list[int]:
+    """For each partition i, an integer that Spark's hash partitioning sends to partition i.
+
+    `repartition(n, col)` places a row by pmod(hash(col), n) (Murmur3, as SQL's hash()), so
+    repartitioning on these keys puts every row exactly where we chose, with no sampling pass."""
+    found: dict[int, int] = {}
+    for row in spark.range(0, 64 * partitions + 1024).selectExpr(
+            "cast(id as int) as k", f"pmod(hash(cast(id as int)), {partitions}) as p").collect():
+        found.setdefault(row.p, row.k)
+        if len(found) == partitions:
+            return [found[i] for i in range(partitions)]
+    raise RuntimeError(f"no hash keys found for {partitions} partitions")
+
+
+def place(spark: SparkSession, rows: DataFrame, partitions: int) -> DataFrame:
+    """Rows of shard s go to partition s mod P: whole shards per partition, sizes balanced to a
+    fraction of a shard (shards are a hash of the id, so about equally full)."""
+    keys = F.array(*[F.lit(k) for k in partition_keys(spark, partitions)])
+    target = F.element_at(keys, F.pmod(F.col("shard"), F.lit(partitions)) + 1)
+    return rows.withColumn("_part", target).repartition(partitions, "_part").drop("_part")
+
+
 def load_blocks(spark: SparkSession, lake_path: str, ref: lake.TableRef, partitions: int,
                 seed: int, validation_fraction: float) -> Blocks:
     """Read the table version once and build, cache and describe its blocks."""
@@ -83,7 +105,7 @@ def load_blocks(spark: SparkSession, lake_path: str, ref: lake.TableRef, partiti
         F.pmod(F.xxhash64("id"), F.lit(blocks.N_SHARDS)).cast("int").alias("shard"),
     ).filter(F.col("split").isin("train", "test"))
     key = f"{ref.name}-v{version}-{uuid.uuid4().hex[:12]}"
-    handles = (rows.repartition(partitions, "shard")
+    handles = (place(spark, rows, partitions)
                .mapInArrow(partial(blocks.build_partition, key=key), blocks.HANDLE_SCHEMA)
                .rdd.cache())
     try:

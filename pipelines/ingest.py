@@ -38,6 +38,8 @@ REJECTS_SUFFIX = "_rejects"
 # Rows without a `split` column: this fraction goes to `test`, chosen by a hash of the row id.
 DEFAULT_TEST_FRACTION = 0.2
 METADATA_KEY = "fedspark_ingest"
+# Options that change what a source becomes: a re-run with other values is not "unchanged".
+CONTENT_OPTIONS = ("label", "features", "features_prefix", "classes", "client_column")
 
 
 @dataclass(frozen=True)
@@ -146,27 +148,37 @@ def csv_columns(header: list[str], args: argparse.Namespace, source: str) -> Col
                    cell[args.client_column] if args.client_column else None)
 
 
-def parquet_frame(spark: SparkSession, path: str, args: argparse.Namespace) -> tuple[DataFrame, Columns]:
+def parquet_frame(spark: SparkSession, path: str, args: argparse.Namespace
+                  ) -> tuple[DataFrame, Columns, int | None]:
+    """Every row of a Parquet source with row_number and raw (as JSON); with an array `features`
+    column, `cells` holds the array and the returned width is the length rows must have."""
     df = spark.read.parquet(path)
     header = df.columns
     if args.label not in header:
         raise UserError(f"{path}: label column {args.label!r} not found; columns are {header}")
     extra = {"split", "id"} | ({args.client_column} if args.client_column else set())
     numbered = _numbered(df.withColumn("raw", F.to_json(F.struct(*[F.col(c) for c in header]))))
+    width = None
     if args.features is None and args.features_prefix is None and "features" in header and \
             isinstance(df.schema["features"].dataType, T.ArrayType):
-        features = [F.col("features")[i].cast("string") for i in range(_array_width(df))]
+        width = _array_width(df)
+        numbered = numbered.withColumn("cells", F.col("features").cast("array<string>"))
+        features = [F.get(F.col("cells"), i) for i in range(width)]
     else:
         cols = _feature_columns(header, args.label, args.features, args.features_prefix, extra, path)
+        numbered = numbered.withColumn("cells", F.array())
         features = [F.col(c).cast("string") for c in cols]
     return numbered, Columns(F.col(args.label).cast("string"), features,
                              F.col("split") if "split" in header else None,
-                             F.col(args.client_column).cast("string") if args.client_column else None)
+                             F.col(args.client_column).cast("string") if args.client_column else None
+                             ), width
 
 
 def _array_width(df: DataFrame) -> int:
-    row = df.select(F.max(F.size("features"))).first()
-    return int(row[0] or 0)
+    """The most common length of the `features` arrays: the one every row must have."""
+    row = (df.groupBy(F.size("features").alias("n")).count().filter("n >= 0")
+           .orderBy(F.desc("count"), F.desc("n")).first())
+    return int(row["n"]) if row else 0
 
 
 # --- validation ----------------------------------------------------------------------------------
@@ -175,8 +187,8 @@ def _as_float(text: Column) -> Column:
     return text.try_cast("float")
 
 
-def validate(rows: DataFrame, cols: Columns, n_columns: int | None, classes: int | None
-             ) -> tuple[DataFrame, DataFrame]:
+def validate(rows: DataFrame, cols: Columns, n_columns: int | None, classes: int | None,
+             unit: str = "columns") -> tuple[DataFrame, DataFrame]:
     """Split parsed rows into good rows (training schema) and rejects (row_number, raw, reason).
 
     The first failing rule names the reason: wrong width, a non-numeric or NaN feature (with its
@@ -189,9 +201,11 @@ def validate(rows: DataFrame, cols: Columns, n_columns: int | None, classes: int
             .when(F.isnan(feats[i]), F.format_string("feature %d is NaN", F.lit(i)))\
             .otherwise(bad_feature)
     if classes:
-        label = cols.label.try_cast("int")
-        label_bad = F.when(label.isNull(), F.format_string(
-            "label is not an integer: '%s'", F.coalesce(cols.label, F.lit(""))))\
+        number = cols.label.try_cast("double")
+        label = number.cast("int")
+        label_bad = F.when(number.isNull() | F.isnan(number) | (number != F.floor(number)),
+                           F.format_string("label is not an integer: '%s'",
+                                           F.coalesce(cols.label, F.lit(""))))\
             .when((label < 0) | (label >= classes), F.format_string(
                 "label %d outside the declared classes 0..%d", label, F.lit(classes - 1)))
     else:
@@ -203,8 +217,9 @@ def validate(rows: DataFrame, cols: Columns, n_columns: int | None, classes: int
         .otherwise(F.lit("train"))
     split_bad = F.when(~split.isin("train", "test") | split.isNull(), F.format_string(
         "split must be train or test, got '%s'", F.coalesce(split, F.lit(""))))
-    width_bad = F.when(F.size("cells") != n_columns, F.format_string(
-        "expected %d columns, got %d", F.lit(n_columns), F.size("cells"))) if n_columns else None
+    width_bad = F.when(F.col("cells").isNull(), F.lit(f"{unit} is null")).when(
+        F.size("cells") != n_columns, F.format_string(
+            f"expected %d {unit}, got %d", F.lit(n_columns), F.size("cells"))) if n_columns else None
     reasons = [r for r in (width_bad, label_bad, bad_feature, split_bad) if r is not None]
     checked = rows.withColumn("reason", F.coalesce(*reasons))
     good = checked.filter(F.col("reason").isNull()).select(
@@ -238,10 +253,14 @@ def write(df: DataFrame, path: str, metadata: dict) -> None:
 def ingest(spark: SparkSession, source: Source, table: str, lake_path: str,
            args: argparse.Namespace) -> dict:
     path = lake.table_path(lake_path, table)
+    rejects_path = lake.table_path(lake_path, table + REJECTS_SUFFIX)
     digest = checksum(source.path)
+    options = {k: getattr(args, k) for k in CONTENT_OPTIONS}
+    if lake.exists(spark, rejects_path):
+        last_ingest(spark, rejects_path)  # refuses a rejects table fedspark did not write
     if lake.exists(spark, path):
         previous = last_ingest(spark, path)
-        if previous.get("checksum") == digest:
+        if previous.get("checksum") == digest and previous.get("options") == options:
             version = lake.latest_version(spark, path)
             return {"table": table, "version": version, "skipped": True, "rows": previous["rows"],
                     "rejected": previous["rejected"], "source": f"{source.kind}:{source.path}",
@@ -252,23 +271,23 @@ def ingest(spark: SparkSession, source: Source, table: str, lake_path: str,
         rows, header = csv_frame(spark, source.path)
         good, bad = validate(rows, csv_columns(header, args, source.path), len(header), args.classes)
     else:
-        rows, cols = parquet_frame(spark, source.path, args)
-        good, bad = validate(rows.withColumn("cells", F.array()), cols, None, args.classes)
+        rows, cols, width = parquet_frame(spark, source.path, args)
+        good, bad = validate(rows, cols, width, args.classes, unit="feature values")
     good = good.cache()
     n_good = good.count()
     n_bad = 0
-    rejects_path = lake.table_path(lake_path, table + REJECTS_SUFFIX)
     if bad is not None:
         bad = bad.select(F.lit(f"{source.kind}:{source.path}").alias("source"), "row_number", "raw",
                          "reason").cache()
         n_bad = bad.count()
         if n_bad or lake.exists(spark, rejects_path):
-            write(bad, rejects_path, {"checksum": digest, "rows": n_bad, "rejected": 0})
+            write(bad, rejects_path, {"checksum": digest, "options": options, "rows": n_bad,
+                                      "rejected": 0})
     if n_good == 0:
         raise UserError(f"{source.path}: no valid rows ({n_bad} rejected; reasons in table "
                         f"{table}{REJECTS_SUFFIX})")
-    meta = {"checksum": digest, "source": f"{source.kind}:{source.path}", "rows": n_good,
-            "rejected": n_bad}
+    meta = {"checksum": digest, "options": options, "source": f"{source.kind}:{source.path}",
+            "rows": n_good, "rejected": n_bad}
     write(good, path, meta)
     return {"table": table, "version": lake.latest_version(spark, path), "skipped": False,
             "rows": n_good, "rejected": n_bad, "source": meta["source"], "checksum": digest}

@@ -30,16 +30,26 @@ def table_path(lake_path: str, name: str) -> str:
     return f"{lake_path.rstrip('/')}/{name}"
 
 
-def exists(spark: SparkSession, path: str) -> bool:
-    from delta.tables import DeltaTable
+def _commit_versions(spark: SparkSession, path: str) -> list[int]:
+    """Versions with a commit file in the table's _delta_log (any Hadoop URI), without a Spark job."""
+    jvm = spark.sparkContext._jvm
+    log = jvm.org.apache.hadoop.fs.Path(f"{path.rstrip('/')}/_delta_log")
+    fs = log.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
+    if not fs.exists(log):
+        return []
+    names = [status.getPath().getName() for status in fs.listStatus(log)]
+    return [int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit()]
 
-    return DeltaTable.isDeltaTable(spark, path)
+
+def exists(spark: SparkSession, path: str) -> bool:
+    return bool(_commit_versions(spark, path))
 
 
 def latest_version(spark: SparkSession, path: str) -> int:
-    from delta.tables import DeltaTable
-
-    return int(DeltaTable.forPath(spark, path).history(1).select("version").first()[0])
+    versions = _commit_versions(spark, path)
+    if not versions:
+        raise UserError(f"no Delta table at {path}")
+    return max(versions)
 
 
 def read(spark: SparkSession, lake_path: str, ref: TableRef) -> tuple[DataFrame, int]:

@@ -1,0 +1,63 @@
+"""spark-submit pipelines/evaluate.py --model RUN_DIR [--table NAME[@VERSION]] [--split test]
+
+Reload a saved model's weights and recompute its metrics on the executors from the table (by default
+the table and version the run trained on, with the run's lake path and partitions). It never echoes
+a stored number: change a weight and the result changes. Prints one JSON line.
+"""
+from __future__ import annotations
+
+if __package__ in (None, ""):  # run as a script by spark-submit: make the project importable
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse
+from pathlib import Path
+
+from pipelines import artifacts, lake
+from pipelines.cli import main_wrapper, print_summary
+from pipelines.config import load_config
+from pipelines.data import load_blocks
+from pipelines.errors import UserError
+from pipelines.session import build_session
+from pipelines.strategies import evaluate
+
+SPLITS = {"test": "test", "validation": "validation", "train": "train"}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[1])
+    p.add_argument("--model", required=True, metavar="RUN_DIR", help="a run directory")
+    p.add_argument("--table", help="NAME or NAME@VERSION (default: what the run trained on)")
+    p.add_argument("--split", default="test", choices=sorted(SPLITS))
+    return p.parse_args(argv)
+
+
+def main(argv: list[str]) -> None:
+    args = parse_args(argv)
+    run_dir = Path(args.model)
+    spec, theta, meta = artifacts.load_model(run_dir)
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        raise UserError(f"--model {run_dir}: not a run directory (no config.yaml)")
+    config = load_config(config_file)
+    ref = lake.TableRef.parse(args.table) if args.table else lake.TableRef(meta["table"], meta["version"])
+    spark = build_session("fedspark-evaluate", config.spark.conf)
+    data = load_blocks(spark, config.lake.path, ref, config.data.partitions, config.trainer.seed,
+                       config.data.validation_fraction)
+    if data.n_features != spec.layers[0]:
+        raise UserError(f"table {ref.name}@{data.version} has {data.n_features} features; the model "
+                        f"expects {spec.layers[0]}")
+    role = SPLITS[args.split]
+    metrics = evaluate(spark.sparkContext, data, spec, str(theta.dtype), theta, (role,)).get(role, {})
+    data.release()
+    if not metrics.get("rows"):
+        raise UserError(f"table {ref.name}@{data.version} has no {args.split} rows")
+    print_summary({"run_id": meta.get("run_id", run_dir.name), "table": ref.name,
+                   "version": data.version, "split": args.split,
+                   **{f"{args.split}_{k}": v for k, v in metrics.items()}})
+
+
+if __name__ == "__main__":
+    raise SystemExit(main_wrapper(main))

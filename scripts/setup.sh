@@ -1,0 +1,66 @@
+# Sourced by scripts/train.sh and scripts/test.sh: make the project runnable on a fresh machine.
+# Safe to run again: each step checks before it acts.
+#   - .venv with the project and its pinned dependencies (re-installed when pyproject.toml changes)
+#   - Debian's dataset-fashion-mnist when its IDX files are missing
+#   - Java for Spark
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${FEDSPARK_VENV:-$ROOT/.venv}"
+PYTHON="${PYTHON:-python3}"
+FASHION_MNIST_DIR="${FASHION_MNIST_DIR:-/usr/share/datasets/fashion-mnist}"
+
+say() { printf '[fedspark] %s\n' "$*" >&2; }
+
+ensure_java() {
+  if ! command -v java >/dev/null 2>&1; then
+    say "Java is required by Spark (17 or 21). Install it, e.g.: apt-get install -y openjdk-17-jre-headless"
+    exit 1
+  fi
+}
+
+ensure_venv() {
+  local stamp="$VENV/.fedspark-installed"
+  if [ ! -x "$VENV/bin/python" ]; then
+    say "creating $VENV"
+    "$PYTHON" -m venv "$VENV"
+  fi
+  if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
+    say "installing fedspark and its pinned dependencies into $VENV"
+    "$VENV/bin/pip" install --quiet --upgrade pip
+    "$VENV/bin/pip" install --quiet -e "$ROOT[dev]"
+    touch "$stamp"
+  fi
+  export PATH="$VENV/bin:$PATH"
+  export PYSPARK_PYTHON="$VENV/bin/python"
+  export PYSPARK_DRIVER_PYTHON="$VENV/bin/python"
+}
+
+ensure_fashion_mnist() {
+  if [ -f "$FASHION_MNIST_DIR/train-images-idx3-ubyte.gz" ]; then
+    return
+  fi
+  if command -v apt-get >/dev/null 2>&1; then
+    say "installing Debian's dataset-fashion-mnist (IDX files into $FASHION_MNIST_DIR)"
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get install -y dataset-fashion-mnist >/dev/null \
+      || { $sudo apt-get update >/dev/null && $sudo apt-get install -y dataset-fashion-mnist >/dev/null; }
+  fi
+  if [ ! -f "$FASHION_MNIST_DIR/train-images-idx3-ubyte.gz" ]; then
+    say "Fashion-MNIST not found in $FASHION_MNIST_DIR and apt-get could not install it."
+    say "Without apt: put the four IDX files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz,"
+    say "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) in a directory and set"
+    say "FASHION_MNIST_DIR=/that/directory."
+    exit 1
+  fi
+}
+
+# spark-submit with the Delta package and extensions (the JVM is started by spark-submit, so the
+# Delta jar must be given here; it is resolved from Maven Central once and cached under ~/.ivy2).
+spark_submit() {
+  local args
+  mapfile -t args < <("$VENV/bin/python" -c 'from pipelines.session import submit_args; print("\n".join(submit_args()))')
+  "$VENV/bin/spark-submit" "${SUBMIT_OPTS[@]}" "${args[@]}" "$@"
+}
+SUBMIT_OPTS=()

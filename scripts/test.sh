@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# scripts/test.sh [pytest args] — set up (venv, Fashion-MNIST) and run the whole test suite.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
+cd "$ROOT"
+ensure_java
+ensure_venv
+ensure_fashion_mnist
+exec python -m pytest "$@"

@@ -1,0 +1,78 @@
+"""Config loading: defaults, overrides, and errors that name the key and the allowed values."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from pipelines.config import ConfigError, load_config
+from tests.conftest import ROOT
+
+
+def test_defaults_and_sample_config():
+    c = load_config()
+    assert (c.model.kind, c.model.hidden, c.trainer.strategy) == ("mlp", [128], "local")
+    assert (c.trainer.epochs, c.trainer.batch_size, c.data.validation_fraction) == (5, 64, 0.2)
+    assert c.trainer.optimizer.eps == 1e-7 and c.lake.path == "./lake"
+
+
+def test_set_overrides_scalars_and_lists():
+    c = load_config(None, ["trainer.epochs=2", "model.hidden=[200,200]", "data.version=3",
+                           "spark.conf={spark.executor.memory: 2g}"])
+    assert c.trainer.epochs == 2 and c.model.hidden == [200, 200] and c.data.version == 3
+    assert c.spark.conf == {"spark.executor.memory": "2g"}
+
+
+def test_experiment_file_overrides_defaults(tmp_path):
+    f = tmp_path / "exp.yaml"
+    f.write_text("trainer:\n  strategy: sync\n  optimizer: {lr: 0.01}\n")
+    c = load_config(f)
+    assert c.trainer.strategy == "sync" and c.trainer.optimizer.lr == 0.01
+    assert c.trainer.optimizer.name == "adam"
+
+
+@pytest.mark.parametrize("item,needles", [
+    ("trainer.epoch=2", ["unknown key 'trainer.epoch'", "epochs", "batch_size"]),
+    ("trainer.epochs=abc", ["trainer.epochs", "integer", "'abc'"]),
+    ("trainer.epochs=0", ["trainer.epochs", "greater than or equal to 1"]),
+    ("trainer.optimizer.name=rmsprop", ["trainer.optimizer.name", "'adam', 'sgd' or 'momentum'"]),
+    ("data.validation_fraction=1.5", ["data.validation_fraction", "less than 1"]),
+    ("model.hidden=[0]", ["hidden layer sizes must be >= 1"]),
+    ("nosuch.key=1", ["unknown key 'nosuch'", "trainer"]),
+    ("trainer.epochs", ["expected KEY=VALUE"]),
+])
+def test_bad_values_name_the_key(item, needles):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [item])
+    for needle in needles:
+        assert needle in str(err.value)
+
+
+def test_cross_section_rules():
+    with pytest.raises(ConfigError, match="secure_aggregation"):
+        load_config(None, ["privacy.secure_aggregation=true", "robust.rule=median"])
+    with pytest.raises(ConfigError, match="poisson"):
+        load_config(None, ["privacy.dp=central"])
+    assert load_config(None, ["privacy.dp=central", "federated.sampling=poisson"]).privacy.dp == "central"
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found: .*nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--config", "/nonexistent/x.yaml"], "config file not found: /nonexistent/x.yaml"),
+    (["--set", "trainer.epoch=2"], "unknown key 'trainer.epoch'"),
+    (["--set", "trainer.strategy=federated"], "not available"),
+])
+def test_train_job_exits_2_on_bad_config(args, needle):
+    proc = subprocess.run([sys.executable, str(ROOT / "pipelines" / "train.py"), *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert needle in proc.stderr

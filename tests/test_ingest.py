@@ -1,0 +1,530 @@
+"""pipelines/ingest.py end to end: real Spark, real Delta, the job called in-process through
+main_wrapper exactly as spark-submit would call it. Every reference value is computed in the test
+from the bytes the test wrote, never by calling the code under test."""
+from __future__ import annotations
+
+import gzip
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipelines import ingest
+from pipelines.cli import main_wrapper
+
+TRAIN_IMAGES = "train-images-idx3-ubyte.gz"
+TRAIN_LABELS = "train-labels-idx1-ubyte.gz"
+TEST_IMAGES = "t10k-images-idx3-ubyte.gz"
+TEST_LABELS = "t10k-labels-idx1-ubyte.gz"
+IMAGES_MAGIC = 0x00000803
+LABELS_MAGIC = 0x00000801
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+def run(capsys, source: str, table: str, lake_dir: Path, *extra: str) -> tuple[int, str, str]:
+    """Run the ingest job in-process; the exit code and what it printed."""
+    capsys.readouterr()  # drop anything printed before
+    code = main_wrapper(ingest.main, ["--source", source, "--table", table,
+                                      "--set", f"lake.path={lake_dir}", *extra])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def summary_of(out: str) -> dict:
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert lines, "the job printed nothing on stdout"
+    summary = json.loads(lines[-1])
+    for key in ("table", "version", "skipped", "rows", "rejected"):
+        assert key in summary, f"summary lacks {key!r}: {summary}"
+    return summary
+
+
+def load(spark, lake_dir: Path, name: str, version: int | None = None):
+    reader = spark.read.format("delta")
+    if version is not None:
+        reader = reader.option("versionAsOf", version)
+    return reader.load(str(lake_dir / name))
+
+
+def commit_files(table_dir: Path) -> list[str]:
+    log = table_dir / "_delta_log"
+    return sorted(p.name for p in log.glob("*.json")) if log.is_dir() else []
+
+
+def history_count(spark, table_dir: Path) -> int:
+    from delta.tables import DeltaTable
+
+    return DeltaTable.forPath(spark, str(table_dir)).history().count()
+
+
+def idx_bytes(magic: int, shape: tuple[int, ...], data: bytes) -> bytes:
+    return struct.pack(">I", magic) + struct.pack(f">{len(shape)}I", *shape) + data
+
+
+def write_gz(path: Path, payload: bytes) -> None:
+    with gzip.open(path, "wb") as fh:
+        fh.write(payload)
+
+
+def make_idx_dir(root: Path, n_train: int = 6, n_test: int = 3, rows: int = 2, cols: int = 3,
+                 seed: int = 0) -> tuple[Path, dict]:
+    """Four gzipped IDX files with the standard names; returns the directory and the raw arrays."""
+    rng = np.random.default_rng(seed)
+    directory = root / "idx"
+    directory.mkdir()
+    data = {}
+    for split, n, img_name, lab_name in (("train", n_train, TRAIN_IMAGES, TRAIN_LABELS),
+                                         ("test", n_test, TEST_IMAGES, TEST_LABELS)):
+        images = rng.integers(0, 256, size=(n, rows, cols), dtype=np.uint8)
+        images.flat[0] = 0
+        images.flat[-1] = 255  # both ends of the scale appear
+        labels = rng.integers(0, 10, size=n, dtype=np.uint8)
+        write_gz(directory / img_name, idx_bytes(IMAGES_MAGIC, (n, rows, cols), images.tobytes()))
+        write_gz(directory / lab_name, idx_bytes(LABELS_MAGIC, (n,), labels.tobytes()))
+        data[split] = (images, labels)
+    return directory, data
+
+
+def write_text(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# --- 1. IDX --------------------------------------------------------------------------------------
+
+def test_idx_ingest_rows_ids_scaling_and_schema(spark, lake_dir, tmp_path, capsys):
+    directory, data = make_idx_dir(tmp_path)
+    code, out, err = run(capsys, f"idx:{directory}", "t", lake_dir, "--classes", "10")
+    assert code == 0, err
+
+    summary = summary_of(out)
+    assert summary["table"] == "t"
+    assert summary["version"] == 0
+    assert summary["skipped"] is False
+    assert summary["rows"] == 9
+    assert summary["rejected"] == 0
+
+    df = load(spark, lake_dir, "t")
+    types = dict(df.dtypes)
+    assert types["id"] == "bigint"
+    assert types["features"] == "array<float>"
+    assert types["label"] == "int"
+    assert types["split"] == "string"
+    assert set(df.columns) == {"id", "features", "label", "split"}
+
+    rows = sorted(df.collect(), key=lambda r: r.id)
+    assert [r.id for r in rows] == list(range(9))
+
+    train_images, train_labels = data["train"]
+    test_images, test_labels = data["test"]
+    images = np.concatenate([train_images, test_images]).reshape(9, -1)
+    labels = np.concatenate([train_labels, test_labels])
+    splits = ["train"] * 6 + ["test"] * 3
+    for i, row in enumerate(rows):
+        expected = images[i].astype(np.float64) / 255.0
+        got = np.asarray(row.features, dtype=np.float64)
+        assert got.shape == (6,)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-7)
+        assert row.label == int(labels[i])
+        assert row.split == splits[i]
+    all_features = np.array([r.features for r in rows])
+    assert all_features.min() == 0.0 and all_features.max() == 1.0
+    assert not (lake_dir / "t_rejects").exists()
+
+
+# --- 2. IDX errors -------------------------------------------------------------------------------
+
+def _assert_nothing_written(lake_dir: Path, name: str = "t") -> None:
+    assert not (lake_dir / name / "_delta_log").exists()
+    assert not (lake_dir / f"{name}_rejects" / "_delta_log").exists()
+
+
+@pytest.mark.parametrize("name, magic", [
+    (TRAIN_IMAGES, 0x00000801),   # labels magic on an images file
+    (TEST_LABELS, 0x00000803),    # images magic on a labels file
+    (TRAIN_LABELS, 0x12345678),   # not IDX at all
+])
+def test_idx_wrong_magic_is_exit_2_naming_the_file(spark, lake_dir, tmp_path, capsys, name, magic):
+    directory, data = make_idx_dir(tmp_path)
+    path = directory / name
+    with gzip.open(path, "rb") as fh:
+        payload = fh.read()
+    write_gz(path, struct.pack(">I", magic) + payload[4:])
+
+    code, out, err = run(capsys, f"idx:{directory}", "t", lake_dir)
+    assert code == 2, err
+    assert name in err
+    assert "magic" in err.lower()
+    _assert_nothing_written(lake_dir)
+
+
+@pytest.mark.parametrize("name", [TRAIN_IMAGES, TEST_IMAGES])
+def test_idx_truncated_images_is_exit_2_naming_the_file(spark, lake_dir, tmp_path, capsys, name):
+    directory, _ = make_idx_dir(tmp_path)
+    path = directory / name
+    with gzip.open(path, "rb") as fh:
+        payload = fh.read()
+    write_gz(path, payload[:-5])  # header still says n*2*3 bytes of pixels
+
+    code, out, err = run(capsys, f"idx:{directory}", "t", lake_dir)
+    assert code == 2, err
+    assert name in err
+    assert "truncated" in err.lower()
+    _assert_nothing_written(lake_dir)
+
+
+def test_idx_truncated_gzip_stream_is_exit_2_naming_the_file(spark, lake_dir, tmp_path, capsys):
+    directory, _ = make_idx_dir(tmp_path)
+    path = directory / TRAIN_IMAGES
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])  # the gzip stream itself ends early
+
+    code, out, err = run(capsys, f"idx:{directory}", "t", lake_dir)
+    assert code == 2, err
+    assert TRAIN_IMAGES in err
+    _assert_nothing_written(lake_dir)
+
+
+def test_idx_image_and_label_counts_differ_is_exit_2(spark, lake_dir, tmp_path, capsys):
+    directory, _ = make_idx_dir(tmp_path)
+    write_gz(directory / TRAIN_LABELS, idx_bytes(LABELS_MAGIC, (5,), bytes([1, 2, 3, 4, 5])))
+
+    code, out, err = run(capsys, f"idx:{directory}", "t", lake_dir)
+    assert code == 2, err
+    assert TRAIN_LABELS in err
+    assert "6" in err and "5" in err
+    _assert_nothing_written(lake_dir)
+
+
+def test_idx_missing_file_is_exit_2(spark, lake_dir, tmp_path, capsys):
+    directory, _ = make_idx_dir(tmp_path)
+    (directory / TEST_LABELS).unlink()
+
+    code, out, err = run(capsys, f"idx:{directory}", "t", lake_dir)
+    assert code == 2, err
+    assert "t10k-labels-idx1-ubyte" in err
+    _assert_nothing_written(lake_dir)
+
+
+# --- 3. CSV validation and rejects ---------------------------------------------------------------
+
+# (line as written, reason fragment) — None for a good row. Line numbers are 1-based, header = 1.
+CSV_LINES: list[tuple[str, str | None]] = [
+    ("label,f0,f1,f2", None),        # 1 header
+    ("0,0.1,0.2,0.3", None),         # 2 good
+    ("1,1.5,-2,3e2", None),          # 3 good
+    ("2,0.5,0.5", "columns"),        # 4 too few columns
+    ("1,0.1,0.2,0.3,0.4", "columns"),  # 5 too many columns
+    ("0,abc,0.2,0.3", "not a number"),  # 6 non-numeric feature
+    ("", None),                      # 7 blank line: skipped, but it still counts as a line
+    ("1,0.1,NaN,0.3", "NaN"),        # 8 NaN feature
+    ("7,0.1,0.2,0.3", "outside"),    # 9 label outside --classes 3
+    ("1.5,0.1,0.2,0.3", "integer"),  # 10 label not an integer
+    ("x,0.1,0.2,0.3", "integer"),    # 11 label not a number at all
+    ("2, 4 ,5,6", None),             # 12 good (cells are trimmed)
+]
+
+
+def test_csv_good_rows_land_and_every_bad_row_is_rejected(spark, lake_dir, tmp_path, capsys):
+    csv = write_text(tmp_path / "data.csv", [line for line, _ in CSV_LINES])
+    code, out, err = run(capsys, f"csv:{csv}", "t", lake_dir, "--label", "label", "--classes", "3")
+    assert code == 0, err
+
+    bad = {n: (line, why) for n, (line, why) in enumerate(CSV_LINES, start=1) if why}
+    good = [(2, 0, [0.1, 0.2, 0.3]), (3, 1, [1.5, -2.0, 300.0]), (12, 2, [4.0, 5.0, 6.0])]
+
+    summary = summary_of(out)
+    assert summary["table"] == "t"
+    assert summary["skipped"] is False
+    assert summary["rows"] == len(good)
+    assert summary["rejected"] == len(bad) == 7
+
+    df = load(spark, lake_dir, "t")
+    types = dict(df.dtypes)
+    assert types["id"] == "bigint" and types["features"] == "array<float>"
+    assert types["label"] == "int" and types["split"] == "string"
+    rows = df.collect()
+    assert len(rows) == len(good)
+    assert len({r.id for r in rows}) == len(rows)
+    got = sorted((r.label, [round(v, 5) for v in r.features]) for r in rows)
+    assert got == sorted((label, feats) for _, label, feats in good)
+    assert {r.split for r in rows} <= {"train", "test"}
+
+    rejects = load(spark, lake_dir, "t_rejects")
+    assert dict(rejects.dtypes) == {"source": "string", "row_number": "bigint", "raw": "string",
+                                    "reason": "string"}
+    by_line = {r.row_number: r for r in rejects.collect()}
+    assert sorted(by_line) == sorted(bad)
+    for n, (line, why) in bad.items():
+        r = by_line[n]
+        assert r.source == f"csv:{csv}"
+        assert r.raw == line
+        assert why.lower() in r.reason.lower(), (n, line, r.reason)
+    assert "abc" in by_line[6].reason
+    assert "7" in by_line[9].reason
+    assert "7 row(s) rejected" in out
+
+
+def test_csv_split_column_is_used(spark, lake_dir, tmp_path, capsys):
+    lines = ["label,f0,f1,split"]
+    expected = {}
+    for i in range(12):
+        split = "test" if i % 3 == 0 else "train"
+        lines.append(f"{i % 2},{i}.0,{-(i + 0.5)},{split}")
+        expected[(float(i), -(i + 0.5))] = split
+    lines.append("1,9.0,9.0,valid")  # not a split we know: rejected, not guessed
+    csv = write_text(tmp_path / "split.csv", lines)
+
+    code, out, err = run(capsys, f"csv:{csv}", "s", lake_dir, "--classes", "2")
+    assert code == 0, err
+    assert summary_of(out)["rejected"] == 1
+
+    df = load(spark, lake_dir, "s")
+    assert "split" in df.columns and len(df.columns) == 4
+    rows = df.collect()
+    assert len(rows) == 12
+    assert all(len(r.features) == 2 for r in rows)  # `split` is not a feature
+    assert {(r.features[0], r.features[1]): r.split for r in rows} == expected
+
+    reject = load(spark, lake_dir, "s_rejects").collect()
+    assert [(r.row_number, r.raw) for r in reject] == [(14, "1,9.0,9.0,valid")]
+    assert "split" in reject[0].reason
+
+
+def test_csv_without_split_column_assigns_train_and_test(spark, lake_dir, tmp_path, capsys):
+    n = 200
+    lines = ["label,f0,f1"] + [f"{i % 3},{i},{2 * i}" for i in range(n)]
+    csv = write_text(tmp_path / "nosplit.csv", lines)
+
+    code, out, err = run(capsys, f"csv:{csv}", "t", lake_dir, "--classes", "3")
+    assert code == 0, err
+    df = load(spark, lake_dir, "t")
+    counts = {r.split: r["count"] for r in df.groupBy("split").count().collect()}
+    assert set(counts) == {"train", "test"}
+    assert sum(counts.values()) == n
+    assert 0.05 * n <= counts["test"] <= 0.4 * n  # DEFAULT_TEST_FRACTION is 0.2
+    # every row keeps its own features: nothing duplicated or lost by the split
+    assert sorted(r.features[0] for r in df.collect()) == [float(i) for i in range(n)]
+
+
+def test_csv_with_only_bad_rows_is_exit_2_with_rejects(spark, lake_dir, tmp_path, capsys):
+    csv = write_text(tmp_path / "bad.csv", ["label,f0", "9,1.0", "0,abc"])
+    code, out, err = run(capsys, f"csv:{csv}", "t", lake_dir, "--classes", "3")
+    assert code == 2
+    assert str(csv) in err
+    assert not (lake_dir / "t" / "_delta_log").exists()
+    rejects = load(spark, lake_dir, "t_rejects").collect()
+    assert sorted(r.row_number for r in rejects) == [2, 3]
+
+
+def test_csv_unknown_label_column_is_exit_2(spark, lake_dir, tmp_path, capsys):
+    csv = write_text(tmp_path / "d.csv", ["y,f0", "0,1.0"])
+    code, out, err = run(capsys, f"csv:{csv}", "t", lake_dir, "--label", "label", "--classes", "2")
+    assert code == 2
+    assert "label" in err
+    _assert_nothing_written(lake_dir)
+
+
+# --- 4. idempotence and versions -----------------------------------------------------------------
+
+def test_reingest_unchanged_is_skipped_changed_writes_new_version(spark, lake_dir, tmp_path,
+                                                                  capsys):
+    csv = write_text(tmp_path / "d.csv", ["label,f0,f1", "0,1,2", "1,3,4", "2,5,6"])
+    table_dir = lake_dir / "t"
+
+    code, out, err = run(capsys, f"csv:{csv}", "t", lake_dir, "--classes", "3")
+    assert code == 0, err
+    first = summary_of(out)
+    assert first["skipped"] is False and first["version"] == 0 and first["rows"] == 3
+    commits = commit_files(table_dir)
+    assert history_count(spark, table_dir) == 1
+
+    code, out, err = run(capsys, f"csv:{csv}", "t", lake_dir, "--classes", "3")
+    assert code == 0, err
+    second = summary_of(out)
+    assert second["skipped"] is True
+    assert second["version"] == 0
+    assert second["rows"] == 3 and second["rejected"] == 0
+    assert commit_files(table_dir) == commits
+    assert history_count(spark, table_dir) == 1
+
+    write_text(csv, ["label,f0,f1", "2,10,20", "1,30,40"])
+    code, out, err = run(capsys, f"csv:{csv}", "t", lake_dir, "--classes", "3")
+    assert code == 0, err
+    third = summary_of(out)
+    assert third["skipped"] is False
+    assert third["version"] == 1
+    assert third["rows"] == 2
+    assert history_count(spark, table_dir) == 2
+    assert len(commit_files(table_dir)) == 2
+
+    latest = sorted((r.label, list(r.features)) for r in load(spark, lake_dir, "t").collect())
+    assert latest == [(1, [30.0, 40.0]), (2, [10.0, 20.0])]
+    v0 = sorted((r.label, list(r.features)) for r in load(spark, lake_dir, "t", 0).collect())
+    assert v0 == [(0, [1.0, 2.0]), (1, [3.0, 4.0]), (2, [5.0, 6.0])]
+
+
+def test_reingest_unchanged_idx_is_skipped(spark, lake_dir, tmp_path, capsys):
+    directory, _ = make_idx_dir(tmp_path)
+    assert run(capsys, f"idx:{directory}", "t", lake_dir)[0] == 0
+    code, out, err = run(capsys, f"idx:{directory}", "t", lake_dir)
+    assert code == 0, err
+    summary = summary_of(out)
+    assert summary["skipped"] is True and summary["version"] == 0 and summary["rows"] == 9
+    assert len(commit_files(lake_dir / "t")) == 1
+
+
+def test_reingest_same_source_with_different_options_is_not_skipped(spark, lake_dir, tmp_path,
+                                                                     capsys):
+    csv = write_text(tmp_path / "d.csv", ["label,f0", "0,1.0", "5,2.0"])
+    code, out, err = run(capsys, f"csv:{csv}", "t", lake_dir, "--classes", "3")
+    assert code == 0, err
+    assert summary_of(out)["rejected"] == 1  # label 5 is outside 0..2
+
+    code, out, err = run(capsys, f"csv:{csv}", "t", lake_dir, "--classes", "6")
+    assert code == 0, err
+    summary = summary_of(out)
+    assert summary["skipped"] is False
+    assert summary["rows"] == 2 and summary["rejected"] == 0
+    assert sorted(r.label for r in load(spark, lake_dir, "t").collect()) == [0, 5]
+
+
+# --- 5. safety -----------------------------------------------------------------------------------
+
+def _foreign_table(spark, path: Path):
+    spark.createDataFrame([(1, "keep"), (2, "me")], "k long, v string") \
+        .write.format("delta").save(str(path))
+
+
+def test_foreign_delta_table_is_refused_and_left_unchanged(spark, lake_dir, tmp_path, capsys):
+    _foreign_table(spark, lake_dir / "t")
+    commits = commit_files(lake_dir / "t")
+    csv = write_text(tmp_path / "d.csv", ["label,f0", "0,1.0", "1,2.0"])
+
+    code, out, err = run(capsys, f"csv:{csv}", "t", lake_dir, "--classes", "2")
+    assert code == 2, err
+    assert str(lake_dir / "t") in err
+    assert commit_files(lake_dir / "t") == commits
+    assert history_count(spark, lake_dir / "t") == 1
+    df = load(spark, lake_dir, "t")
+    assert df.columns == ["k", "v"]
+    assert sorted(tuple(r) for r in df.collect()) == [(1, "keep"), (2, "me")]
+
+
+def test_foreign_rejects_table_is_not_overwritten(spark, lake_dir, tmp_path, capsys):
+    _foreign_table(spark, lake_dir / "t_rejects")
+    commits = commit_files(lake_dir / "t_rejects")
+    csv = write_text(tmp_path / "d.csv", ["label,f0", "0,1.0", "5,2.0"])  # one bad row
+
+    code, out, err = run(capsys, f"csv:{csv}", "t", lake_dir, "--classes", "2")
+    assert commit_files(lake_dir / "t_rejects") == commits
+    assert load(spark, lake_dir, "t_rejects").columns == ["k", "v"]
+    assert code == 2, err
+
+
+# --- 6. parquet ----------------------------------------------------------------------------------
+
+def test_parquet_ingest_with_null_feature_rejected(spark, lake_dir, tmp_path, capsys):
+    import pandas as pd
+
+    path = tmp_path / "d.parquet"
+    pd.DataFrame({
+        "label": [0, 1, 1, 0],
+        "a": [0.5, None, 2.5, -1.0],
+        "b": [1, 2, 3, 4],
+        "ignored": [9.0, 9.0, 9.0, 9.0],
+    }).to_parquet(path, index=False)
+
+    code, out, err = run(capsys, f"parquet:{path}", "t", lake_dir, "--label", "label",
+                         "--features", "a,b", "--classes", "2")
+    assert code == 0, err
+    summary = summary_of(out)
+    assert summary["rows"] == 3 and summary["rejected"] == 1
+
+    df = load(spark, lake_dir, "t")
+    types = dict(df.dtypes)
+    assert types["features"] == "array<float>" and types["label"] == "int"
+    assert types["id"] == "bigint" and types["split"] == "string"
+    got = sorted((r.label, list(r.features)) for r in df.collect())
+    assert got == [(0, [-1.0, 4.0]), (0, [0.5, 1.0]), (1, [2.5, 3.0])]
+    assert len({r.id for r in df.collect()}) == 3
+
+    rejects = load(spark, lake_dir, "t_rejects").collect()
+    assert len(rejects) == 1
+    r = rejects[0]
+    assert r.source == f"parquet:{path}"
+    assert r.row_number == 2
+    assert "not a number" in r.reason
+    assert json.loads(r.raw)["label"] == 1
+
+
+def test_parquet_integral_double_labels_are_classes(spark, lake_dir, tmp_path, capsys):
+    import pandas as pd
+
+    path = tmp_path / "dbl.parquet"
+    pd.DataFrame({"label": [0.0, 1.0, 1.0, 0.5], "a": [1.0, 2.0, 3.0, 4.0]}) \
+        .to_parquet(path, index=False)
+    code, out, err = run(capsys, f"parquet:{path}", "t", lake_dir, "--features", "a",
+                         "--classes", "2")
+    assert code == 0, err
+    summary = summary_of(out)
+    assert summary["rows"] == 3 and summary["rejected"] == 1
+    got = sorted((r.features[0], r.label) for r in load(spark, lake_dir, "t").collect())
+    assert got == [(1.0, 0), (2.0, 1), (3.0, 1)]
+    (reject,) = load(spark, lake_dir, "t_rejects").collect()
+    assert reject.row_number == 4 and "integer" in reject.reason
+
+
+def test_parquet_ragged_feature_arrays_are_rejected_not_a_crash(spark, lake_dir, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "arr.parquet"
+    pq.write_table(pa.table({
+        "label": pa.array([0, 1, 1, 0], pa.int64()),
+        "features": pa.array([[1.0, 2.0], [3.0], None, [5.0, 6.0]], pa.list_(pa.float64())),
+    }), path)
+    code, out, err = run(capsys, f"parquet:{path}", "t", lake_dir, "--classes", "2")
+    assert code == 0, err
+    summary = summary_of(out)
+    assert summary["rows"] == 2 and summary["rejected"] == 2
+    got = sorted((r.label, list(r.features)) for r in load(spark, lake_dir, "t").collect())
+    assert got == [(0, [1.0, 2.0]), (0, [5.0, 6.0])]
+    assert sorted(r.row_number for r in load(spark, lake_dir, "t_rejects").collect()) == [2, 3]
+
+
+# --- 7. bad arguments ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("source", ["json:{p}", "{p}", "csv:", "csv:{p}/missing.csv",
+                                    "idx:{p}/no_such_dir"])
+def test_bad_source_is_exit_2(spark, lake_dir, tmp_path, capsys, source):
+    csv = write_text(tmp_path / "d.csv", ["label,f0", "0,1.0"])
+    text = source.format(p=csv if "missing" not in source and "no_such" not in source
+                         else tmp_path)
+    code, out, err = run(capsys, text, "t", lake_dir, "--classes", "2")
+    assert code == 2
+    assert "--source" in err
+    _assert_nothing_written(lake_dir)
+
+
+@pytest.mark.parametrize("extra", [
+    ["--classes", "1"],
+    ["--classes", "two"],
+    ["--table", "bad-name"],
+])
+def test_bad_arguments_are_exit_2(spark, lake_dir, tmp_path, capsys, extra):
+    csv = write_text(tmp_path / "d.csv", ["label,f0", "0,1.0"])
+    argv = ["--source", f"csv:{csv}", "--table", "t", "--set", f"lake.path={lake_dir}"]
+    capsys.readouterr()
+    code = main_wrapper(ingest.main, argv + extra)
+    assert code == 2
+    assert capsys.readouterr().err.strip()
+    assert not any(lake_dir.iterdir())
+
+
+def test_missing_required_argument_is_exit_2(capsys):
+    assert main_wrapper(ingest.main, ["--table", "t"]) == 2
+    assert "--source" in capsys.readouterr().err
