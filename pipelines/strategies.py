@@ -75,10 +75,12 @@ def metrics_from_sums(spec: ModelSpec, sums: np.ndarray) -> dict[str, float]:
 
 def _local_epoch(sc: SparkContext, data: Blocks, job: tasks.Job, settings: Settings,
                  state: TrainState) -> float:
-    """One epoch of local SGD, in as many averaging rounds as the largest partition needs; returns
-    the mean training loss over the epoch's local batches."""
-    loss_sum, batches, round_ = 0.0, 0, 0
-    while True:
+    """One epoch of local SGD in ceil(steps / average_every) averaging rounds (one when
+    average_every is unset); returns the mean training loss over the epoch's local batches."""
+    steps = tasks.steps_per_epoch(data.layout.n_train, job.batch_size)
+    every = settings.average_every or steps
+    loss_sum, batches = 0.0, 0
+    for round_ in range(-(-steps // every)):
         bc = sc.broadcast((state.theta, state.opt_state))
         try:
             task = tasks.LocalRound(job, state.epoch, round_, settings.average_every)
@@ -87,23 +89,18 @@ def _local_epoch(sc: SparkContext, data: Blocks, job: tasks.Job, settings: Setti
                                                                tasks.add_local, settings.depth)
         finally:
             bc.destroy()
-        if total is None:
-            break
-        n, theta_sum, state_sums, round_loss, round_batches, steps_left = total
+        n, theta_sum, state_sums, round_loss, round_batches = total
         state.theta = (theta_sum / n).astype(state.theta.dtype)
         state.opt_state = {k: (v / n).astype(state.theta.dtype) for k, v in state_sums.items()}
         loss_sum += round_loss
         batches += round_batches
-        round_ += 1
-        if steps_left == 0:
-            break
     return loss_sum / max(batches, 1)
 
 
 def _sync_epoch(sc: SparkContext, data: Blocks, job: tasks.Job, settings: Settings,
                 state: TrainState) -> float:
     """One epoch of synchronous mini-batch SGD; returns the mean of the batches' losses."""
-    steps = tasks.local_steps_per_epoch(data.layout.n_train, job.batch_size)
+    steps = tasks.steps_per_epoch(data.layout.n_train, job.batch_size)
     loss_sum = 0.0
     for batch in range(steps):
         bc = sc.broadcast(state.theta)

@@ -151,3 +151,37 @@ def test_validation_split_is_exact_and_seeded(table, tmp_path, capsys, spark):
         blocks = load_blocks(spark, str(lake), TableRef("small"), 3, seed, 0.2)
         assert (blocks.validation_rows, blocks.train_rows) == (round(0.2 * N), N - round(0.2 * N))
         blocks.release()
+
+
+def test_local_with_averaging_rounds_equals_reference(spark, table, tmp_path, capsys):
+    """Two partitions (rows of shard s live in partition s mod 2), averaging every 3 steps. The
+    batch size is global: with n_p of the n rows, step j of a partition takes its rows
+    [j*B*n_p // n, (j+1)*B*n_p // n), so both take ceil(n/B) steps an epoch. Weights and Adam
+    moments are averaged by partition size after each round."""
+    lake, X, y = table
+    B, H, epochs, seed, P = 16, 3, 2, 4, 2
+    _, theta = run(lake, tmp_path, capsys, *SOFTMAX, "trainer.strategy=local",
+                   f"trainer.batch_size={B}", f"trainer.epochs={epochs}", f"trainer.seed={seed}",
+                   f"data.partitions={P}", f"trainer.average_every={H}")
+    shards = np.array([r.shard for r in spark.read.format("delta").load(str(lake / "small"))
+                       .selectExpr("pmod(xxhash64(id), 1024) as shard").orderBy("shard").collect()])
+    parts = [np.flatnonzero(shards % P == p) for p in range(P)]
+    assert len(parts[0]) != len(parts[1])
+    size, steps = D * K + K, -(-N // B)
+    ref, m, v = np.zeros(size), np.zeros(size), np.zeros(size)
+    for e in range(epochs):
+        orders = [rows[np.random.default_rng([seed, 4, e, p]).permutation(len(rows))]
+                  for p, rows in enumerate(parts)]
+        for first in range(0, steps, H):
+            results = []
+            for order in orders:
+                n_p = len(order)
+                opt, th = Adam(size, 0.05), ref.copy()
+                opt.m, opt.v = m.copy(), v.copy()
+                for j in range(first, min(first + H, steps)):
+                    idx = order[j * B * n_p // N:min((j + 1) * B * n_p // N, n_p)]
+                    th = opt.step(th, softmax_grad(th, X[idx], y[idx]), e * steps + j + 1)
+                results.append((th, opt.m, opt.v))
+            w = [len(o) / N for o in orders]
+            ref, m, v = (sum(wi * r[k] for wi, r in zip(w, results)) for k in range(3))
+    assert np.abs(theta - ref).max() <= 1e-5

@@ -68,18 +68,30 @@ class LocalRound:
     every: int | None      # local steps per round; None = the partition's whole epoch
 
 
-def local_steps_per_epoch(n_rows: int, batch_size: int) -> int:
+def steps_per_epoch(n_rows: int, batch_size: int) -> int:
+    """Global mini-batch steps in an epoch over n_rows: the last batch may be partial."""
     return -(-n_rows // batch_size)
+
+
+def local_batch_bounds(step: int, n_part: int, n_total: int, batch_size: int) -> tuple[int, int]:
+    """Rows [start, stop) of this partition's walk for `step` of an epoch.
+
+    `batch_size` is the global batch, as in `sync` and tf.distribute: a partition holding n_part of
+    the n_total training rows takes its share, about batch_size * n_part / n_total rows a step, so
+    every partition takes the same number of steps per epoch. With one partition these are the
+    plain consecutive batches of batch_size rows."""
+    start = step * batch_size * n_part // n_total
+    stop = min((step + 1) * batch_size * n_part // n_total, n_part)
+    return start, stop
 
 
 def local_round(rows: Iterable[Any], task: LocalRound, weights: Any) -> Iterator[tuple]:
     """Run this partition's local mini-batch steps of one averaging round from the broadcast
     (theta, optimizer state). Each epoch the partition walks its training rows in an order drawn
-    from (seed, epoch, partition), `batch_size` rows a step.
+    from (seed, epoch, partition).
 
-    Yields (n, n*theta, {name: n*buffer}, loss_sum, batches, steps_left_in_epoch), n being this
-    partition's training rows, so the driver's sum divided by the total n is the sample-weighted
-    average. A partition whose epoch is already done yields nothing."""
+    Yields (n, n*theta, {name: n*buffer}, loss_sum, batches), n being this partition's training
+    rows, so the driver's sum divided by the total n is the sample-weighted average."""
     single_blas_thread()
     handle = _handle(rows)
     if handle is None:
@@ -89,22 +101,26 @@ def local_round(rows: Iterable[Any], task: LocalRound, weights: Any) -> Iterator
     block, roles, X = _placed(path, job.layout, job.dtype)
     train = roles.train[np.argsort(roles.train_index, kind="stable")]
     n = len(train)
-    per_epoch = local_steps_per_epoch(n, job.batch_size)
+    per_epoch = steps_per_epoch(job.layout.n_train, job.batch_size)
     first = task.round * task.every if task.every else 0
     last = min(first + task.every, per_epoch) if task.every else per_epoch
-    if first >= last:
+    if n == 0 or first >= last:
         return
     theta0, state0 = weights.value
     theta = theta0.copy()
     state = {k: v.copy() for k, v in state0.items()}
     order = train[rng(job.layout.seed, Stream.LOCAL_EPOCH, task.epoch, part).permutation(n)]
-    loss_sum = 0.0
+    loss_sum, batches = 0.0, 0
     for j in range(first, last):
-        rows_b = order[j * job.batch_size:(j + 1) * job.batch_size]
+        start, stop = local_batch_bounds(j, n, job.layout.n_train, job.batch_size)
+        if start == stop:
+            continue
+        rows_b = order[start:stop]
         loss, grad = models.loss_and_grad(job.spec, theta, X[rows_b], block.y[rows_b])
         job.optimizer.step(theta, grad, state, task.epoch * per_epoch + j + 1)
         loss_sum += loss
-    yield n, theta * n, {k: v * n for k, v in state.items()}, loss_sum, last - first, per_epoch - last
+        batches += 1
+    yield n, theta * n, {k: v * n for k, v in state.items()}, loss_sum, batches
 
 
 def add_local(a: tuple, b: tuple) -> tuple:
@@ -113,8 +129,7 @@ def add_local(a: tuple, b: tuple) -> tuple:
         return b
     if b is None:
         return a
-    return (a[0] + b[0], a[1] + b[1], {k: a[2][k] + b[2][k] for k in a[2]}, a[3] + b[3],
-            a[4] + b[4], max(a[5], b[5]))
+    return a[0] + b[0], a[1] + b[1], {k: a[2][k] + b[2][k] for k in a[2]}, a[3] + b[3], a[4] + b[4]
 
 
 # --- synchronous mini-batch SGD ------------------------------------------------------------------
@@ -129,7 +144,7 @@ def _sync_epoch_plan(path: str, job: Job, epoch: int) -> tuple[np.ndarray, np.nd
     position[rng(job.layout.seed, Stream.SYNC_EPOCH, epoch).permutation(n)] = np.arange(n)
     batch = position[roles.train_index] // job.batch_size
     order = np.argsort(batch, kind="stable")
-    bounds = np.searchsorted(batch[order], np.arange(local_steps_per_epoch(n, job.batch_size) + 1))
+    bounds = np.searchsorted(batch[order], np.arange(steps_per_epoch(n, job.batch_size) + 1))
     return roles.train[order], bounds
 
 
