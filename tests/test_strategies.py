@@ -100,7 +100,7 @@ def test_sync_partitions_are_uneven_and_do_not_change_the_result(spark, table, t
     sizes = sorted(h.rows for h in blocks.handles.collect())
     blocks.release()
     assert len(set(sizes)) > 1 and all(s % 17 for s in sizes), sizes
-    common = [*SOFTMAX, "trainer.strategy=sync", "trainer.batch_size=17", "trainer.epochs=2"]
+    common = [*SOFTMAX, "trainer.strategy=sync", "trainer.batch_size=17", "trainer.epochs=1"]
     thetas = [run(lake, tmp_path, capsys, *common, f"data.partitions={p}")[1] for p in (1, 3, 5)]
     assert np.abs(thetas[0] - thetas[1]).max() <= 1e-10
     assert np.abs(thetas[0] - thetas[2]).max() <= 1e-10
@@ -134,7 +134,7 @@ def test_local_averaging_period_changes_nothing_with_one_partition(table, tmp_pa
 def test_same_seed_same_weights_other_seed_other_weights(table, tmp_path, capsys):
     lake, _, _ = table
     common = ["model.kind=mlp", "model.hidden=[5]", "trainer.strategy=local", "trainer.epochs=2",
-              "trainer.batch_size=8", "data.partitions=3", "trainer.average_every=4"]
+              "trainer.batch_size=8", "data.partitions=3", "trainer.average_every=10"]
     _, a = run(lake, tmp_path, capsys, *common, "trainer.seed=1")
     _, b = run(lake, tmp_path, capsys, *common, "trainer.seed=1")
     _, c = run(lake, tmp_path, capsys, *common, "trainer.seed=2")

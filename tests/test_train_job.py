@@ -1,0 +1,169 @@
+"""The train and evaluate jobs end to end on small real Delta tables: the summary line, the run
+directory, evaluation from the stored weights, resume, regression, and scikit-learn as an oracle."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipelines import evaluate, train
+from pipelines.cli import main_wrapper
+from tests.conftest import write_table
+
+ALWAYS = {"run_id", "run_dir", "strategy", "model", "seed", "data", "batch_size", "epochs",
+          "test_loss", "train_seconds", "total_seconds", "model_path"}
+
+
+def blobs(n, d, k, seed, spread=1.0):
+    """Overlapping Gaussian classes: not separable, so logistic regression has one finite optimum."""
+    rng = np.random.default_rng(seed)
+    means = rng.normal(scale=spread, size=(k, d))
+    y = rng.integers(0, k, n)
+    X = means[y] + rng.normal(size=(n, d))
+    split = np.where(rng.random(n) < 0.2, "test", "train")
+    return X.astype(np.float32), y, split
+
+
+@pytest.fixture(scope="module")
+def lake(spark, tmp_path_factory):
+    path = tmp_path_factory.mktemp("lake")
+    X, y, split = blobs(10_000, 10, 4, seed=11)
+    write_table(spark, path, "blobs", X, y, split)
+    rng = np.random.default_rng(5)
+    Xr = rng.normal(size=(800, 5)).astype(np.float32)
+    yr = Xr @ np.array([1.5, -2.0, 0.5, 0.0, 3.0]) + 0.7 + 0.1 * rng.normal(size=800)
+    write_table(spark, path, "reg", Xr, yr, np.where(rng.random(800) < 0.25, "test", "train"))
+    return path
+
+
+def run_train(lake, runs, capsys, *sets, extra=()):
+    argv = ["--set", f"lake.path={lake}", "--set", f"runs.path={runs}", *extra]
+    for s in sets:
+        argv += ["--set", s]
+    capsys.readouterr()
+    code = main_wrapper(train.main, argv)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert code == 0, out
+    return json.loads(out[-1]), out
+
+
+BLOBS = ["data.table=blobs", "model.kind=softmax", "trainer.optimizer.lr=0.05", "trainer.epochs=3"]
+
+
+def test_summary_line_and_run_directory(lake, tmp_path, capsys):
+    summary, out = run_train(lake, tmp_path / "runs", capsys, *BLOBS, "model.kind=mlp",
+                             "model.hidden=[16,8]", "trainer.batch_size=32")
+    assert ALWAYS <= set(summary) and "test_accuracy" in summary
+    assert summary["model"] == {"kind": "mlp", "layers": [10, 16, 8, 4]}
+    data = summary["data"]
+    assert data["table"] == "blobs" and data["version"] == 0 and data["partitions"] == 2
+    assert data["train_rows"] + data["validation_rows"] + data["test_rows"] == 10_000
+    assert data["validation_rows"] == round(0.2 * (10_000 - data["test_rows"]))
+    assert (summary["epochs"], summary["batch_size"], summary["strategy"]) == (3, 32, "local")
+    assert 0.5 < summary["test_accuracy"] <= 1.0
+    assert [line.split()[1] for line in out if line.startswith("epoch ")] == ["1/3", "2/3", "3/3"]
+    assert "val_accuracy" in out[-2]
+    run_dir = Path(summary["run_dir"])
+    assert json.loads((run_dir / "summary.json").read_text()) == summary
+    assert (run_dir / "config.yaml").is_file()
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 3
+    assert summary["model_path"] == str(run_dir / "model")
+    spec = json.loads((run_dir / "model" / "spec.json").read_text())
+    assert spec["layers"] == [10, 16, 8, 4] and spec["table"] == "blobs"
+    with np.load(run_dir / "model" / "weights.npz", allow_pickle=False) as z:
+        assert z["theta"].shape == (10 * 16 + 16 + 16 * 8 + 8 + 8 * 4 + 4,)
+    assert 0 < summary["train_seconds"] < summary["total_seconds"]
+
+
+def test_evaluate_recomputes_from_the_stored_weights(lake, tmp_path, capsys):
+    summary, _ = run_train(lake, tmp_path / "runs", capsys, *BLOBS)
+    run_dir = summary["run_dir"]
+    assert main_wrapper(evaluate.main, ["--model", run_dir]) == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert first["test_accuracy"] == pytest.approx(summary["test_accuracy"], abs=1e-12)
+    assert first["test_rows"] == summary["data"]["test_rows"]
+
+    weights = Path(run_dir) / "model" / "weights.npz"
+    with np.load(weights, allow_pickle=False) as z:
+        theta = z["theta"].copy()
+    theta[-4] += 1000.0  # the bias of class 0: now every row is predicted as class 0
+    np.savez(weights, theta=theta)
+    assert main_wrapper(evaluate.main, ["--model", run_dir]) == 0
+    second = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert second["test_accuracy"] < first["test_accuracy"] - 0.3
+
+
+def test_evaluate_rejects_a_missing_model(tmp_path, capsys):
+    assert main_wrapper(evaluate.main, ["--model", str(tmp_path / "nope")]) == 2
+    assert "no saved model" in capsys.readouterr().err
+
+
+def test_softmax_regression_matches_scikit_learn(lake, tmp_path, capsys):
+    from sklearn.linear_model import LogisticRegression
+
+    X, y, split = blobs(10_000, 10, 4, seed=11)
+    train_rows, test_rows = split == "train", split == "test"
+    oracle = LogisticRegression(C=np.inf, max_iter=5000).fit(X[train_rows], y[train_rows])
+    expected = oracle.score(X[test_rows], y[test_rows])
+    summary, _ = run_train(lake, tmp_path / "runs", capsys, "data.table=blobs",
+                           "model.kind=softmax", "data.validation_fraction=0.0",
+                           "trainer.optimizer.lr=0.005", "trainer.epochs=20", "trainer.batch_size=256",
+                           "trainer.dtype=float64")
+    assert abs(summary["test_accuracy"] - expected) <= 0.005, (summary["test_accuracy"], expected)
+
+
+def test_linear_regression_reports_rmse_and_r2(lake, tmp_path, capsys):
+    summary, _ = run_train(lake, tmp_path / "runs", capsys, "data.table=reg", "model.kind=linear",
+                           "trainer.optimizer.lr=0.05", "trainer.epochs=10",
+                           "trainer.batch_size=16",
+                           "data.validation_fraction=0.0")
+    assert "test_accuracy" not in summary
+    assert summary["test_rmse"] == pytest.approx(0.1, abs=0.03)
+    assert summary["test_r2"] > 0.99
+
+
+def test_classifier_on_real_labels_is_a_clear_error(lake, tmp_path, capsys):
+    code = main_wrapper(train.main, ["--set", f"lake.path={lake}", "--set", f"runs.path={tmp_path}",
+                                     "--set", "data.table=reg", "--set", "model.kind=softmax"])
+    assert code == 2
+    assert "real-valued labels" in capsys.readouterr().err
+
+
+def test_missing_table_is_a_clear_error(lake, tmp_path, capsys):
+    code = main_wrapper(train.main, ["--set", f"lake.path={lake}", "--set", f"runs.path={tmp_path}",
+                                     "--set", "data.table=nosuch"])
+    assert code == 2
+    assert "table 'nosuch' not found" in capsys.readouterr().err
+
+
+def test_resume_continues_to_the_same_model(lake, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    sets = [*BLOBS, "trainer.epochs=3", "trainer.checkpoint_every=1"]
+    full, _ = run_train(lake, runs, capsys, *sets, extra=["--run-name", "nightly"])
+    run_dir = Path(full["run_dir"])
+    with np.load(run_dir / "model" / "weights.npz", allow_pickle=False) as z:
+        expected = z["theta"].copy()
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "epoch-0001.json", "epoch-0001.npz", "epoch-0002.json", "epoch-0002.npz"]
+
+    # as if the job died during epoch 2: only the first checkpoint survived
+    for name in ("summary.json", "epoch-0002.json", "epoch-0002.npz"):
+        (run_dir / name if name == "summary.json" else run_dir / "checkpoints" / name).unlink()
+    shutil.rmtree(run_dir / "model")
+    capsys.readouterr()
+    assert main_wrapper(train.main, ["--resume", str(run_dir)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"resuming {run_dir} after epoch 1")
+    assert [line.split()[1] for line in out if line.startswith("epoch ")] == ["2/3", "3/3"]
+    with np.load(run_dir / "model" / "weights.npz", allow_pickle=False) as z:
+        np.testing.assert_array_equal(z["theta"], expected)
+
+    # a scheduled re-run of a finished job trains nothing and reports the same run
+    again, out = run_train(lake, runs, capsys, *sets, extra=["--run-name", "nightly",
+                                                            "--resume-if-exists"])
+    assert again["run_id"] == "nightly" and not any(l.startswith("epoch ") for l in out)
+    assert main_wrapper(train.main, ["--set", f"lake.path={lake}", "--set", f"runs.path={runs}",
+                                     "--run-name", "nightly", *sum([["--set", s] for s in sets], [])]) == 2
