@@ -46,6 +46,8 @@ class Blocks:
         return self.layout.n_validation
 
     def release(self) -> None:
+        """Delete the block files on the executors and drop the cached handles."""
+        self.handles.mapPartitions(blocks.remove_partition).count()
         self.handles.unpersist()
 
 

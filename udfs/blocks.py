@@ -21,7 +21,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -118,9 +118,19 @@ def build_partition(batches: Iterator[pa.RecordBatch], key: str) -> Iterator[pa.
     })
 
 
-# Blocks loaded by this Python worker, by path. Spark reuses Python workers across tasks, so a block
-# is read from disk once per worker; entries of other datasets are dropped when a new one arrives.
+# What this Python worker holds in memory, by block path: the block, and values derived from it
+# (roles, a float64 copy, sync's batch plan). Spark reuses Python workers across tasks, so a block is
+# read from disk once per worker. Everything of other datasets is dropped when a new one arrives,
+# and `remove_partition` drops a dataset's files and memory when the driver releases it.
 _LOADED: dict[str, Block] = {}
+_DERIVED: dict[str, dict[Any, Any]] = {}
+_DERIVED_PER_BLOCK = 8
+
+
+def _forget(keep: Callable[[str], bool]) -> None:
+    for path in [p for p in _LOADED if not keep(p)]:
+        del _LOADED[path]
+        _DERIVED.pop(path, None)
 
 
 def load(path: str) -> Block:
@@ -131,11 +141,30 @@ def load(path: str) -> Block:
                 f"block {path} is not on this executor: the task ran away from the executor that "
                 "built it (raise spark.locality.wait), or the executor's files were removed")
         dataset = os.path.dirname(path)
-        for other in [p for p in _LOADED if os.path.dirname(p) != dataset]:
-            del _LOADED[other]
+        _forget(lambda p: os.path.dirname(p) == dataset)
         block = Block(*(np.load(os.path.join(path, f"{n}.npy"), allow_pickle=False) for n in ARRAYS))
         _LOADED[path] = block
     return block
+
+
+def derived(path: str, key: Any, compute: Callable[[Block], Any]) -> Any:
+    """`compute(block)` for the block at `path`, kept while the block is (the newest few per block)."""
+    block = load(path)
+    cache = _DERIVED.setdefault(path, {})
+    if key not in cache:
+        if len(cache) >= _DERIVED_PER_BLOCK:
+            del cache[next(iter(cache))]
+        cache[key] = compute(block)
+    return cache[key]
+
+
+def remove_partition(rows: Iterable[Any]) -> Iterator[int]:
+    """mapPartitions function: delete this partition's block files and forget the dataset here."""
+    for row in rows:
+        dataset = os.path.dirname(row.path)
+        _forget(lambda p: os.path.dirname(p) != dataset)
+        shutil.rmtree(row.path, ignore_errors=True)
+        yield 1
 
 
 @dataclass(frozen=True)

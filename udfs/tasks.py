@@ -7,7 +7,6 @@ broadcast (`.value` is read inside the task), never in a closure.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -30,12 +29,12 @@ def single_blas_thread() -> None:
         _THREADS_LIMITED = True
 
 
-@lru_cache(maxsize=8)
 def _placed(path: str, layout: blocks.Layout, dtype: str) -> tuple[blocks.Block, blocks.Roles, np.ndarray]:
     """The block at `path`, its row roles under `layout`, and X in the training dtype."""
     block = blocks.load(path)
-    X = block.X if dtype == "float32" else block.X.astype(dtype)
-    return block, blocks.roles(block, layout), X
+    roles = blocks.derived(path, ("roles", layout), lambda b: blocks.roles(b, layout))
+    X = block.X if dtype == "float32" else blocks.derived(path, dtype, lambda b: b.X.astype(dtype))
+    return block, roles, X
 
 
 def _handle(rows: Iterable[Any]) -> tuple[int, str] | None:
@@ -134,10 +133,14 @@ def add_local(a: tuple, b: tuple) -> tuple:
 
 # --- synchronous mini-batch SGD ------------------------------------------------------------------
 
-@lru_cache(maxsize=4)
 def _sync_epoch_plan(path: str, job: Job, epoch: int) -> tuple[np.ndarray, np.ndarray]:
     """This partition's train rows grouped by the global batch they fall in this epoch: the rows in
     batch order and the start of each batch (searchsorted bounds)."""
+    return blocks.derived(path, ("sync", job.layout, job.batch_size, epoch),
+                          lambda _: _batch_plan(path, job, epoch))
+
+
+def _batch_plan(path: str, job: Job, epoch: int) -> tuple[np.ndarray, np.ndarray]:
     _, roles, _ = _placed(path, job.layout, job.dtype)
     n = job.layout.n_train
     position = np.empty(n, dtype=np.int64)
