@@ -13,7 +13,7 @@ from functools import partial
 
 import numpy as np
 from pyspark import RDD
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, Row, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
@@ -86,49 +86,81 @@ def partition_keys(spark: SparkSession, partitions: int) -> list[int]:
     raise RuntimeError(f"no hash keys found for {partitions} partitions")
 
 
-def place(spark: SparkSession, rows: DataFrame, partitions: int) -> DataFrame:
-    """Rows of shard s go to partition s mod P: whole shards per partition, sizes balanced to a
-    fraction of a shard (shards are a hash of the id, so about equally full)."""
+def place(spark: SparkSession, rows: DataFrame, partitions: int, target: Column) -> DataFrame:
+    """Rows go to partition `target` (an int column in [0, partitions)), exactly."""
     keys = F.array(*[F.lit(k) for k in partition_keys(spark, partitions)])
-    target = F.element_at(keys, F.pmod(F.col("shard"), F.lit(partitions)) + 1)
-    return rows.withColumn("_part", target).repartition(partitions, "_part").drop("_part")
+    return (rows.withColumn("_part", F.element_at(keys, target + 1))
+            .repartition(partitions, "_part").drop("_part"))
 
 
-def load_blocks(spark: SparkSession, lake_path: str, ref: lake.TableRef, partitions: int,
-                seed: int, validation_fraction: float) -> Blocks:
-    """Read the table version once and build, cache and describe its blocks."""
+def read_rows(spark: SparkSession, lake_path: str, ref: lake.TableRef,
+              splits: tuple[str, ...] = ("train", "test"), extra: tuple[str, ...] = ()
+              ) -> tuple[DataFrame, int]:
+    """The table's rows of the given splits as (id, features, label, split, shard, *extra), and the
+    version read. `shard` fixes the global row order; see udfs/blocks.py."""
     df, version = lake.read(spark, lake_path, ref)
     check_schema(df, ref.name)
+    for column in extra:
+        if column not in df.columns:
+            raise UserError(f"table {ref.name!r} has no column {column!r}; its columns are "
+                            f"{df.columns}")
     rows = df.select(
         F.col("id").cast("long").alias("id"),
         F.col("features").cast("array<float>").alias("features"),
         F.col("label"),
         F.col("split"),
         F.pmod(F.xxhash64("id"), F.lit(blocks.N_SHARDS)).cast("int").alias("shard"),
-    ).filter(F.col("split").isin("train", "test"))
-    key = f"{ref.name}-v{version}-{uuid.uuid4().hex[:12]}"
-    handles = (place(spark, rows, partitions)
+        *[F.col(c) for c in extra],
+    ).filter(F.col("split").isin(*splits))
+    return rows, version
+
+
+def build(spark: SparkSession, rows: DataFrame, partitions: int, target: Column,
+          name: str) -> tuple[RDD, list[Row]]:
+    """Build one block per partition on the executors; the cached handles and their rows."""
+    key = f"{name}-{uuid.uuid4().hex[:12]}"
+    handles = (place(spark, rows, partitions, target)
                .mapInArrow(partial(blocks.build_partition, key=key), blocks.HANDLE_SCHEMA)
                .rdd.cache())
     try:
-        described = handles.collect()
+        return handles, handles.collect()
     except Exception as exc:  # noqa: BLE001 - surface a bad row as a user error
         if "BlockError" in str(exc):
             reason = str(exc).split("BlockError: ")[-1].splitlines()[0]
-            raise UserError(f"table {ref.name}@{version}: {reason}") from None
+            raise UserError(f"table {name}: {reason}") from None
         raise
+
+
+def shape(described: list[Row], name: str) -> tuple[int, int]:
+    """(features per row, classes) from the handles: classes = 1 + the largest label, 0 when the
+    labels are real numbers."""
+    widths = {h.width for h in described if h.rows}
+    if len(widths) != 1:
+        raise UserError(f"table {name}: features arrays have lengths {sorted(widths)} "
+                        "in different partitions; every row needs the same number")
+    if any(h.float_label for h in described):
+        return widths.pop(), 0
+    return widths.pop(), int(max(h.label_max for h in described if h.rows)) + 1
+
+
+def load_blocks(spark: SparkSession, lake_path: str, ref: lake.TableRef, partitions: int,
+                seed: int, validation_fraction: float,
+                splits: tuple[str, ...] = ("train", "test")) -> Blocks:
+    """Read the table version once and build, cache and describe its blocks: rows of shard s in
+    partition s mod P, so every shard lives in one partition."""
+    rows, version = read_rows(spark, lake_path, ref, splits)
+    name = f"{ref.name}@{version}"
+    handles, described = build(spark, rows, partitions, F.pmod(F.col("shard"), F.lit(partitions)),
+                               name)
+    if not described:
+        raise UserError(f"table {name} has no rows in split(s) {', '.join(splits)}")
     counts = sum((np.frombuffer(h.shard_counts, dtype=np.int64) for h in described),
                  np.zeros(blocks.N_SHARDS, dtype=np.int64))
     offsets = tuple(int(x) for x in np.concatenate(([0], np.cumsum(counts))))
     layout = blocks.Layout(offsets, seed, validation_fraction)
-    if layout.n_train < 1:
-        raise UserError(f"table {ref.name}@{version} has no training rows (split = 'train') left "
+    if "train" in splits and layout.n_train < 1:
+        raise UserError(f"table {name} has no training rows (split = 'train') left "
                         f"after holding out validation_fraction={validation_fraction}")
-    widths = {h.width for h in described if h.rows}
-    if len(widths) != 1:
-        raise UserError(f"table {ref.name}@{version}: features arrays have lengths {sorted(widths)} "
-                        "in different partitions; every row needs the same number")
-    float_labels = any(h.float_label for h in described)
-    n_classes = 0 if float_labels else int(max(h.label_max for h in described if h.rows)) + 1
-    return Blocks(handles, layout, ref.name, version, partitions, widths.pop(), n_classes,
+    n_features, n_classes = shape(described, name)
+    return Blocks(handles, layout, ref.name, version, partitions, n_features, n_classes,
                   sum(int(h.test_rows) for h in described))

@@ -26,7 +26,6 @@ import argparse
 import datetime
 import importlib.metadata
 import json
-import math
 import os
 import platform
 import subprocess
@@ -44,6 +43,7 @@ from udfs import models
 from udfs.blocks import validation_mask
 from udfs.models import ModelSpec
 from udfs.seeding import Stream, rng
+from udfs.tasks import steps_per_epoch  # global mini-batch steps, counted as the strategies do
 
 WAYS = ("numpy", "local", "sync", "mllib")
 VENV = Path(os.environ.get("FEDSPARK_VENV", ROOT / ".venv"))
@@ -70,12 +70,8 @@ def sample_config(lake_path: Path) -> Config:
 
 
 def mlp_spec(config: Config, n_features: int, n_classes: int) -> ModelSpec:
+    """The layers train.py builds for this config and data (784-128-10 for Fashion-MNIST)."""
     return ModelSpec.build(config.model.kind, n_features, n_classes, config.model.hidden)
-
-
-def steps_per_epoch(rows: int, batch_size: int) -> int:
-    """Global mini-batch steps over `rows` (the last batch may be partial), as the strategies count."""
-    return math.ceil(rows / batch_size)
 
 
 def held_out(n_train_split: int, config: Config) -> np.ndarray:
@@ -232,22 +228,26 @@ def run_mllib(config: Config, args: argparse.Namespace) -> dict[str, Any]:
     summary = spark_submit("mllib", str(Path(__file__).resolve()),
                            [MLLIB_JOB_FLAG, "--lake", str(config.lake.path),
                             "--mllib-iters", str(args.mllib_iters)])
+    summary["total_seconds"] = summary["wall_seconds"]  # spark-submit start to exit, as train.py's
     files = native_blas_files()
     summary["native_blas_files"] = files
     # what the JVM loaded decides; the file check stands in when the JVM could not be asked
-    known = not summary["jvm_blas"].startswith("unknown")
+    known = summary["jvm_blas"] != "unknown"
     summary["native_blas"] = "JNIBLAS" in summary["jvm_blas"] if known else bool(files)
     return summary
 
 
 def jvm_blas(spark: Any) -> str:
-    """The BLAS implementation MLlib's MLP uses for its matrix products (Spark's `nativeBLAS`, which
-    is the Java fallback when no native library loads)."""
-    jvm = spark.sparkContext._jvm
-    try:
-        return str(jvm.org.apache.spark.ml.linalg.BLAS.nativeBLAS().getClass().getName())
-    except Exception as exc:  # noqa: BLE001 - report rather than fail the benchmark
-        return f"unknown ({type(exc).__name__})"
+    """The BLAS class MLlib's MLP multiplies with. Spark's `BLAS.nativeBLAS` (not reachable from
+    py4j) is netlib's NativeBLAS when a system library loads and JavaBLAS otherwise; ask the same
+    two in the same order."""
+    netlib = spark.sparkContext._jvm.dev.ludovic.netlib.blas
+    for getter in (netlib.NativeBLAS.getInstance, netlib.JavaBLAS.getInstance):
+        try:
+            return str(getter().getClass().getName())
+        except Exception:  # noqa: BLE001 - no native library: try the Java one
+            continue
+    return "unknown"
 
 
 def mllib_job(args: argparse.Namespace) -> None:
@@ -346,16 +346,24 @@ def job_description(config: Config, args: argparse.Namespace) -> dict[str, Any]:
             "partitions": config.data.partitions, "mllib_max_iter": args.mllib_iters}
 
 
+def ratio(value: float | None, floor: float | None) -> float | None:
+    return round(value / floor, 2) if value is not None and floor else None
+
+
 def ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Each way's training seconds over the numpy floor's, with its test accuracy beside it."""
-    floor = results.get("numpy", {}).get("train_seconds")
+    """Each way's training seconds over the numpy floor's, with its test accuracy beside it. Per
+    step too where a step is the same global mini-batch (numpy, sync): that ratio still holds when
+    sync ran fewer epochs than the floor."""
+    floor = results.get("numpy", {})
     out = {}
     for way, r in results.items():
         if "train_seconds" not in r:
             continue
         out[way] = {"train_seconds": r["train_seconds"],
-                    "x_numpy": round(r["train_seconds"] / floor, 2) if floor else None,
+                    "x_numpy": ratio(r["train_seconds"], floor.get("train_seconds")),
                     "test_accuracy": r.get("test_accuracy")}
+        if "seconds_per_step" in r:
+            out[way]["x_numpy_per_step"] = ratio(r["seconds_per_step"], floor.get("seconds_per_step"))
     return out
 
 
@@ -387,18 +395,22 @@ def fmt(value: Any, spec: str) -> str:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    rows = ["| way | train s | x numpy | test accuracy | epochs / iters | ms per step | total s |",
+    rows = ["| way | train s | x numpy | test accuracy | epochs / iters | ms per step (x numpy) "
+            "| total s |",
             "|---|---:|---:|---:|---:|---:|---:|"]
     for way, r in report["results"].items():
         if "error" in r:
             rows.append(f"| {way} | failed: {r['error'].splitlines()[0]} | | | | | |")
             continue
-        ratio = report["ratios"].get(way, {})
+        rel = report["ratios"].get(way, {})
         length = r.get("epochs", f"{r.get('iterations')} it")
-        per_step = r.get("seconds_per_step")
-        rows.append(f"| {way} | {fmt(r['train_seconds'], '.2f')} | {fmt(ratio.get('x_numpy'), '.2f')} "
+        per_step = "-"
+        if "seconds_per_step" in r:
+            per_step = (f"{r['seconds_per_step'] * 1000:.2f} "
+                        f"({fmt(rel.get('x_numpy_per_step'), '.0f')}x)")
+        rows.append(f"| {way} | {fmt(r['train_seconds'], '.2f')} | {fmt(rel.get('x_numpy'), '.2f')} "
                     f"| {fmt(r.get('test_accuracy'), '.4f')} | {length} "
-                    f"| {fmt(per_step and per_step * 1000, '.2f')} | {fmt(r.get('total_seconds'), '.1f')} |")
+                    f"| {per_step} | {fmt(r.get('total_seconds'), '.1f')} |")
     return "\n".join(rows + [""] + [f"- {n}" for n in report["notes"]])
 
 

@@ -31,7 +31,7 @@ from udfs.seeding import Stream, rng
 N_SHARDS = 1024
 
 HANDLE_SCHEMA = ("part int, path string, rows long, test_rows long, width int, label_max double, "
-                 "float_label boolean, shard_counts binary")
+                 "float_label boolean, distinct_labels int, shard_counts binary")
 ARRAYS = ("X", "y", "id", "shard", "test")
 
 
@@ -114,6 +114,7 @@ def build_partition(batches: Iterator[pa.RecordBatch], key: str) -> Iterator[pa.
         "width": pa.array([block.X.shape[1]], pa.int32()),
         "label_max": pa.array([float(block.y.max())], pa.float64()),
         "float_label": pa.array([block.y.dtype.kind == "f"]),
+        "distinct_labels": pa.array([len(np.unique(block.y))], pa.int32()),
         "shard_counts": pa.array([counts.tobytes()], pa.binary()),
     })
 

@@ -15,6 +15,10 @@ class Stream(IntEnum):
     VALIDATION = 2
     SYNC_EPOCH = 3
     LOCAL_EPOCH = 4
+    PARTITION = 5
+    HOLDOUT = 6
+    SAMPLE = 7
+    CLIENT_EPOCH = 8
 
 
 def rng(seed: int, stream: Stream, *keys: int) -> np.random.Generator:

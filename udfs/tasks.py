@@ -37,7 +37,8 @@ def _placed(path: str, layout: blocks.Layout, dtype: str) -> tuple[blocks.Block,
     return block, roles, X
 
 
-def _handle(rows: Iterable[Any]) -> tuple[int, str] | None:
+def handle_of(rows: Iterable[Any]) -> tuple[int, str] | None:
+    """(partition, block path) of a partition's single handle row; None for an empty partition."""
     rows = list(rows)
     if not rows:
         return None
@@ -92,7 +93,7 @@ def local_round(rows: Iterable[Any], task: LocalRound, weights: Any) -> Iterator
     Yields (n, n*theta, {name: n*buffer}, loss_sum, batches), n being this partition's training
     rows, so the driver's sum divided by the total n is the sample-weighted average."""
     single_blas_thread()
-    handle = _handle(rows)
+    handle = handle_of(rows)
     if handle is None:
         return
     part, path = handle
@@ -157,7 +158,7 @@ def sync_gradient(rows: Iterable[Any], job: Job, epoch: int, batch: int, weights
     Yields (grad_sum, loss_sum, count); the driver's sum over partitions divided by count is the
     gradient of the global mini-batch, exactly as one machine would compute it."""
     single_blas_thread()
-    handle = _handle(rows)
+    handle = handle_of(rows)
     if handle is None:
         return
     _, path = handle
@@ -190,7 +191,7 @@ def evaluate(rows: Iterable[Any], spec: ModelSpec, layout: blocks.Layout, dtype:
 
     Yields {role: array[n, loss_sum, correct, sse, y_sum, y2_sum]}."""
     single_blas_thread()
-    handle = _handle(rows)
+    handle = handle_of(rows)
     if handle is None:
         return
     _, path = handle
