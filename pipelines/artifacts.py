@@ -5,7 +5,7 @@ metadata, each written to a temporary name and renamed into place so a reader ne
         config.yaml      the resolved configuration
         model/           weights.npz + spec.json
         metrics.jsonl    one record per epoch
-        checkpoints/     epoch-NNNN.npz + epoch-NNNN.json
+        checkpoints/     epoch-NNNN / round-NNNN .npz + .json
         summary.json     the summary line, written last: a run with it is finished
 """
 from __future__ import annotations
@@ -96,16 +96,17 @@ def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
         fh.write(json.dumps(record) + "\n")
 
 
-def save_checkpoint(run_dir: Path, epoch: int, arrays: dict[str, np.ndarray], meta: dict) -> None:
+def save_checkpoint(run_dir: Path, name: str, arrays: dict[str, np.ndarray], meta: dict) -> None:
+    """checkpoints/<name>.npz then <name>.json; names sort in training order (epoch-0003)."""
     ckpt = run_dir / "checkpoints"
     ckpt.mkdir(exist_ok=True)
-    atomic_write(ckpt / f"epoch-{epoch:04d}.npz", _npz_bytes(arrays))
+    atomic_write(ckpt / f"{name}.npz", _npz_bytes(arrays))
     # the JSON is written second: a checkpoint counts only once both files are there
-    atomic_write(ckpt / f"epoch-{epoch:04d}.json", json.dumps(meta).encode())
+    atomic_write(ckpt / f"{name}.json", json.dumps(meta).encode())
 
 
 def latest_checkpoint(run_dir: Path) -> tuple[dict[str, np.ndarray], dict] | None:
-    metas = sorted((run_dir / "checkpoints").glob("epoch-*.json"))
+    metas = sorted((run_dir / "checkpoints").glob("*.json"))
     if not metas:
         return None
     meta_file = metas[-1]

@@ -67,10 +67,8 @@ def _jvm_running() -> bool:
 def build_session(app_name: str, extra: dict[str, Any] | None = None) -> SparkSession:
     """Get or create the job's SparkSession with Delta enabled."""
     given = SparkConf()  # holds what spark-submit and spark-defaults.conf set
-    conf: dict[str, str] = dict(DEFAULTS)
+    conf: dict[str, str] = {**DEFAULTS, "spark.master": "local[*]"}
     conf.update({k: str(v) for k, v in (extra or {}).items()})
-    if not given.contains("spark.master"):
-        conf["spark.master"] = "local[*]"
     if not _jvm_running() and not given.contains("spark.jars.packages"):
         packages = os.environ.get("FEDSPARK_DELTA_PACKAGES", delta_package())
         if packages != "none":

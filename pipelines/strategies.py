@@ -56,7 +56,7 @@ def evaluate(sc: SparkContext, data: Blocks, spec: ModelSpec, dtype: str, theta:
     try:
         sums = data.handles.mapPartitions(
             partial(tasks.evaluate, spec=spec, layout=data.layout, dtype=dtype, which=which, weights=bc)
-        ).treeAggregate(None, tasks.add_metrics, tasks.add_metrics, depth)
+        ).treeAggregate(None, tasks.add, tasks.add, depth)
     finally:
         bc.destroy()
     return {role: metrics_from_sums(spec, sums[role]) for role in which} if sums else {}
@@ -85,8 +85,8 @@ def _local_epoch(sc: SparkContext, data: Blocks, job: tasks.Job, settings: Setti
         try:
             task = tasks.LocalRound(job, state.epoch, round_, settings.average_every)
             total = data.handles.mapPartitions(partial(tasks.local_round, task=task, weights=bc)
-                                               ).treeAggregate(None, tasks.add_local,
-                                                               tasks.add_local, settings.depth)
+                                               ).treeAggregate(None, tasks.add,
+                                                               tasks.add, settings.depth)
         finally:
             bc.destroy()
         n, theta_sum, state_sums, round_loss, round_batches = total
@@ -107,7 +107,7 @@ def _sync_epoch(sc: SparkContext, data: Blocks, job: tasks.Job, settings: Settin
         try:
             grad_sum, batch_loss, count = data.handles.mapPartitions(partial(
                 tasks.sync_gradient, job=job, epoch=state.epoch, batch=batch, weights=bc)
-            ).treeAggregate(None, tasks.add_sync, tasks.add_sync, settings.depth)
+            ).treeAggregate(None, tasks.add, tasks.add, settings.depth)
         finally:
             bc.destroy(blocking=False)
         state.step += 1

@@ -20,10 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from pipelines import artifacts, lake
+from pyspark.sql import SparkSession
+
+from pipelines import artifacts, federated, lake
 from pipelines.cli import main_wrapper, print_summary, process_start_time
 from pipelines.config import Config, ConfigError, dump_yaml, load_config
-from pipelines.data import Blocks, load_blocks
+from pipelines.data import load_blocks
 from pipelines.errors import UserError
 from pipelines.session import build_session
 from pipelines.strategies import Settings, TrainState, evaluate, train
@@ -32,7 +34,7 @@ from udfs.models import ModelSpec, init_params
 from udfs.optimizers import Optimizer
 from udfs.seeding import Stream, rng
 
-AVAILABLE = ("local", "sync")
+AVAILABLE = ("local", "sync", "federated")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -52,15 +54,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def model_spec(config: Config, data: Blocks) -> ModelSpec:
-    kind = config.model.kind
-    if kind != "linear" and data.n_classes == 0:
-        raise UserError(f"model.kind={kind} needs integer class labels, but table {data.table!r} "
+def model_spec(config: Config, n_features: int, n_classes: int) -> ModelSpec:
+    kind, table = config.model.kind, config.data.table
+    if kind != "linear" and n_classes == 0:
+        raise UserError(f"model.kind={kind} needs integer class labels, but table {table!r} "
                         "has real-valued labels; use model.kind=linear")
-    if kind == "logistic" and data.n_classes > 2:
-        raise UserError(f"model.kind=logistic is binary, but table {data.table!r} has "
-                        f"{data.n_classes} classes; use softmax or mlp")
-    return ModelSpec.build(kind, data.n_features, max(data.n_classes, 1), config.model.hidden)
+    if kind == "logistic" and n_classes > 2:
+        raise UserError(f"model.kind=logistic is binary, but table {table!r} has "
+                        f"{n_classes} classes; use softmax or mlp")
+    return ModelSpec.build(kind, n_features, max(n_classes, 1), config.model.hidden)
 
 
 def optimizer(config: Config) -> Optimizer:
@@ -68,22 +70,27 @@ def optimizer(config: Config) -> Optimizer:
     return Optimizer(o.name, o.lr, o.beta1, o.beta2, o.eps, o.momentum)
 
 
-def initial_state(config: Config, spec: ModelSpec, opt: Optimizer) -> TrainState:
-    theta = init_params(spec, rng(config.trainer.seed, Stream.INIT), config.model.init,
-                        np.dtype(config.trainer.dtype))
-    return TrainState(theta, opt.init_state(theta))
+def initial_theta(config: Config, spec: ModelSpec) -> np.ndarray:
+    return init_params(spec, rng(config.trainer.seed, Stream.INIT), config.model.init,
+                       np.dtype(config.trainer.dtype))
 
 
-def restore_state(run_dir: Path, fresh: TrainState) -> TrainState:
+def checkpoint(run_dir: Path, unit: str, number: int, theta: np.ndarray,
+               state: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+    arrays = {"theta": theta, **{f"state_{k}": v for k, v in state.items()}}
+    artifacts.save_checkpoint(run_dir, f"{unit}-{number:04d}", arrays, meta)
+
+
+def restore(run_dir: Path, n_params: int) -> tuple[np.ndarray, dict[str, np.ndarray], dict] | None:
+    """(theta, optimizer or server state, metadata) of the run's last checkpoint, if any."""
     found = artifacts.latest_checkpoint(run_dir)
     if found is None:
-        return fresh
+        return None
     arrays, meta = found
     theta = arrays.pop("theta")
-    if theta.shape != fresh.theta.shape:
-        raise UserError(f"{run_dir}: checkpoint has {theta.shape} parameters, the model {fresh.theta.shape}")
-    return TrainState(theta, {k.removeprefix("opt_"): v for k, v in arrays.items()},
-                      meta["epoch"], meta["step"], meta["history"])
+    if theta.shape != (n_params,):
+        raise UserError(f"{run_dir}: checkpoint has {theta.shape} parameters, the model {n_params}")
+    return theta, {k.removeprefix("state_"): v for k, v in arrays.items()}, meta
 
 
 def resolve_run(args: argparse.Namespace) -> tuple[Config, Path | None, bool]:
@@ -121,6 +128,136 @@ def progress_line(record: dict[str, Any], epochs: int) -> str:
     return "  ".join(parts)
 
 
+def open_run(config: Config, args: argparse.Namespace, run_dir: Path | None) -> Path:
+    """The run directory: the resumed one, or a new one holding the resolved config."""
+    if run_dir is not None:
+        return run_dir
+    label = Path(args.config).stem if args.config else "fashion_mnist"
+    run_dir = artifacts.new_run_dir(config.runs.path, args.run_name,
+                                    f"{label}-{config.trainer.strategy}-s{config.trainer.seed}")
+    artifacts.atomic_write(run_dir / "config.yaml", dump_yaml(config).encode())
+    return run_dir
+
+
+def log_step(run_dir: Path, record: dict[str, Any], line: str) -> None:
+    print(line, flush=True)
+    artifacts.append_metrics(run_dir, record)
+
+
+def train_data_parallel(spark: SparkSession, config: Config, args: argparse.Namespace,
+                        run_dir: Path | None, timings: dict[str, float]) -> tuple[dict, Path]:
+    """`local` and `sync`: returns the summary's strategy-specific part and the run directory."""
+    t = config.trainer
+    mark = time.perf_counter()
+    ref = lake.TableRef(config.data.table, config.data.version)
+    data = load_blocks(spark, config.lake.path, ref, config.data.partitions, t.seed,
+                       config.data.validation_fraction)
+    timings["blocks"] = time.perf_counter() - mark
+    spec = model_spec(config, data.n_features, data.n_classes)
+    opt = optimizer(config)
+    job = tasks.Job(spec, data.layout, t.dtype, t.batch_size, opt)
+    run_dir = open_run(config, args, run_dir)
+    theta = initial_theta(config, spec)
+    state = TrainState(theta, opt.init_state(theta))
+    restored = restore(run_dir, spec.n_params)
+    if restored:
+        theta, opt_state, meta = restored
+        state = TrainState(theta, opt_state, meta["epoch"], meta["step"], meta["history"])
+        print(f"resuming {run_dir} after epoch {state.epoch}", flush=True)
+
+    def on_epoch(s: TrainState, record: dict[str, Any]) -> None:
+        log_step(run_dir, record, progress_line(record, t.epochs))
+        if t.checkpoint_every and s.epoch % t.checkpoint_every == 0 and s.epoch < t.epochs:
+            checkpoint(run_dir, "epoch", s.epoch, s.theta, s.opt_state,
+                       {"epoch": s.epoch, "step": s.step, "history": s.history})
+
+    mark = time.perf_counter()
+    settings = Settings(t.strategy, t.epochs, t.average_every, t.aggregation_depth)
+    state = train(spark.sparkContext, data, job, settings, state, on_epoch)
+    timings["train"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    test = evaluate(spark.sparkContext, data, spec, t.dtype, state.theta, ("test",),
+                    t.aggregation_depth).get("test", {})
+    timings["evaluate"] = time.perf_counter() - mark
+    data.release()
+    finish_model(run_dir, config, spec, state.theta, data.table, data.version)
+    return {
+        "data": {"table": data.table, "version": data.version, "train_rows": data.train_rows,
+                 "validation_rows": data.validation_rows, "test_rows": data.test_rows,
+                 "partitions": data.partitions},
+        "epochs": t.epochs,
+        **summary_metrics(spec, test),
+        "model": {"kind": spec.kind, "layers": list(spec.layers)},
+    }, run_dir
+
+
+def round_line(record: dict[str, Any], rounds: int) -> str:
+    parts = [f"round {record['round']}/{rounds}", f"clients {record['reported']}/{record['clients']}"]
+    if "train_loss" in record:
+        parts.append(f"train_loss {record['train_loss']:.4f}")
+    if "test_accuracy" in record:
+        parts.append(f"test_accuracy {record['test_accuracy']:.4f}")
+    ca = record.get("client_accuracy") or {}
+    if ca:
+        parts.append(f"client_accuracy mean {ca['mean']:.4f} p10 {ca['p10']:.4f} min {ca['min']:.4f}")
+    if record["dropped"]:
+        parts.append(f"dropped {len(record['dropped'])}")
+    parts.append(f"{record['seconds']:.2f}s")
+    return "  ".join(parts)
+
+
+def train_federated(spark: SparkSession, config: Config, args: argparse.Namespace,
+                    run_dir: Path | None, timings: dict[str, float]) -> tuple[dict, Path]:
+    """`federated`: returns the summary's strategy-specific part and the run directory."""
+    t, fed = config.trainer, config.federated
+    mark = time.perf_counter()
+    clients, test = federated.prepare_clients(spark, config)
+    timings["blocks"] = time.perf_counter() - mark
+    print(federated.partition_report(clients), flush=True)
+    spec = model_spec(config, clients.n_features, clients.n_classes)
+    run_dir = open_run(config, args, run_dir)
+    theta = initial_theta(config, spec)
+    state = federated.FedState(theta, federated.server_rule(fed).init_state(theta))
+    restored = restore(run_dir, spec.n_params)
+    if restored:
+        theta, server_state, meta = restored
+        state = federated.FedState(theta, server_state, meta["round"], meta["history"],
+                                   meta["dropped"])
+        print(f"resuming {run_dir} after round {state.round}", flush=True)
+
+    def on_round(s: federated.FedState, record: dict[str, Any]) -> None:
+        log_step(run_dir, record, round_line(record, fed.rounds))
+        if t.checkpoint_every and s.round % t.checkpoint_every == 0 and s.round < fed.rounds:
+            checkpoint(run_dir, "round", s.round, s.theta, s.server_state,
+                       {"round": s.round, "history": s.history, "dropped": s.dropped})
+
+    mark = time.perf_counter()
+    state = federated.fit(spark.sparkContext, config, clients, test, spec, state, on_round)
+    timings["train"] = time.perf_counter() - mark
+    last = state.history[-1] if state.history else {}
+    test_metrics = {k.removeprefix("test_"): v for k, v in last.items() if k.startswith("test_")}
+    clients.release()
+    if test is not None:
+        test.release()
+    finish_model(run_dir, config, spec, state.theta, clients.table, clients.version)
+    return {
+        "data": {"table": clients.table, "version": clients.version,
+                 "train_rows": int(clients.sizes.sum()),
+                 "test_rows": test.test_rows if test is not None else 0,
+                 "partitions": clients.count},
+        **federated.summary_fields(config, clients, state),
+        **summary_metrics(spec, test_metrics),
+        "model": {"kind": spec.kind, "layers": list(spec.layers)},
+    }, run_dir
+
+
+def finish_model(run_dir: Path, config: Config, spec: ModelSpec, theta: np.ndarray, table: str,
+                 version: int) -> None:
+    artifacts.save_model(run_dir, spec, theta, {
+        "run_id": run_dir.name, "table": table, "version": version, "n_classes": spec.n_classes,
+        "strategy": config.trainer.strategy, "seed": config.trainer.seed})
+
+
 def main(argv: list[str]) -> None:
     started = process_start_time()
     args = parse_args(argv)
@@ -135,62 +272,21 @@ def main(argv: list[str]) -> None:
     timings: dict[str, float] = {}
     mark = time.perf_counter()
     spark = build_session("fedspark-train", config.spark.conf)
-    sc = spark.sparkContext
     timings["session"] = time.perf_counter() - mark
-
-    mark = time.perf_counter()
-    ref = lake.TableRef(config.data.table, config.data.version)
-    data = load_blocks(spark, config.lake.path, ref, config.data.partitions, t.seed,
-                       config.data.validation_fraction)
-    timings["blocks"] = time.perf_counter() - mark
-    spec = model_spec(config, data)
-    opt = optimizer(config)
-    job = tasks.Job(spec, data.layout, t.dtype, t.batch_size, opt)
-
-    if run_dir is None:
-        label = Path(args.config).stem if args.config else "fashion_mnist"
-        run_dir = artifacts.new_run_dir(config.runs.path, args.run_name,
-                                        f"{label}-{t.strategy}-s{t.seed}")
-        artifacts.atomic_write(run_dir / "config.yaml", dump_yaml(config).encode())
-    state = restore_state(run_dir, initial_state(config, spec, opt))
-    if state.epoch:
-        print(f"resuming {run_dir} after epoch {state.epoch}", flush=True)
-
-    def on_epoch(s: TrainState, record: dict[str, Any]) -> None:
-        print(progress_line(record, t.epochs), flush=True)
-        artifacts.append_metrics(run_dir, record)
-        if t.checkpoint_every and s.epoch % t.checkpoint_every == 0 and s.epoch < t.epochs:
-            arrays = {"theta": s.theta, **{f"opt_{k}": v for k, v in s.opt_state.items()}}
-            artifacts.save_checkpoint(run_dir, s.epoch, arrays,
-                                      {"epoch": s.epoch, "step": s.step, "history": s.history})
-
-    mark = time.perf_counter()
-    settings = Settings(t.strategy, t.epochs, t.average_every, t.aggregation_depth)
-    state = train(sc, data, job, settings, state, on_epoch)
-    timings["train"] = time.perf_counter() - mark
-
-    mark = time.perf_counter()
-    test = evaluate(sc, data, spec, t.dtype, state.theta, ("test",), t.aggregation_depth).get("test", {})
-    timings["evaluate"] = time.perf_counter() - mark
-    model_dir = artifacts.save_model(run_dir, spec, state.theta, {
-        "run_id": run_dir.name, "table": data.table, "version": data.version,
-        "n_classes": spec.n_classes, "strategy": t.strategy, "seed": t.seed})
-    data.release()
+    runner = train_federated if t.strategy == "federated" else train_data_parallel
+    part, run_dir = runner(spark, config, args, run_dir, timings)
     summary = {
         "run_id": run_dir.name,
         "run_dir": str(run_dir),
         "strategy": t.strategy,
-        "model": {"kind": spec.kind, "layers": list(spec.layers)},
+        "model": part.pop("model"),
         "seed": t.seed,
-        "data": {"table": data.table, "version": data.version, "train_rows": data.train_rows,
-                 "validation_rows": data.validation_rows, "test_rows": data.test_rows,
-                 "partitions": data.partitions},
-        "batch_size": t.batch_size,
-        "epochs": t.epochs,
-        **summary_metrics(spec, test),
+        "data": part.pop("data"),
+        "batch_size": config.federated.local_batch_size if t.strategy == "federated" else t.batch_size,
+        **part,
         "train_seconds": round(timings["train"], 3),
         "timings": {k: round(v, 3) for k, v in timings.items()},
-        "model_path": str(model_dir),
+        "model_path": str(run_dir / "model"),
     }
     summary["total_seconds"] = round(time.time() - started, 3)
     artifacts.atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2).encode())

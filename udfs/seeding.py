@@ -18,7 +18,6 @@ class Stream(IntEnum):
     PARTITION = 5
     HOLDOUT = 6
     SAMPLE = 7
-    CLIENT_EPOCH = 8
 
 
 def rng(seed: int, stream: Stream, *keys: int) -> np.random.Generator:

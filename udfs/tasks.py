@@ -123,15 +123,6 @@ def local_round(rows: Iterable[Any], task: LocalRound, weights: Any) -> Iterator
     yield n, theta * n, {k: v * n for k, v in state.items()}, loss_sum, batches
 
 
-def add_local(a: tuple, b: tuple) -> tuple:
-    """treeAggregate's combiner for local_round results."""
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return a[0] + b[0], a[1] + b[1], {k: a[2][k] + b[2][k] for k in a[2]}, a[3] + b[3], a[4] + b[4]
-
-
 # --- synchronous mini-batch SGD ------------------------------------------------------------------
 
 def _sync_epoch_plan(path: str, job: Job, epoch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -172,18 +163,7 @@ def sync_gradient(rows: Iterable[Any], job: Job, epoch: int, batch: int, weights
     yield grad * k, loss * k, k
 
 
-def add_sync(a: tuple, b: tuple) -> tuple:
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return a[0] + b[0], a[1] + b[1], a[2] + b[2]
-
-
 # --- evaluation ----------------------------------------------------------------------------------
-
-ROLES = ("train", "validation", "test")
-
 
 def evaluate(rows: Iterable[Any], spec: ModelSpec, layout: blocks.Layout, dtype: str,
              which: tuple[str, ...], weights: Any, chunk: int = 8192) -> Iterator[dict]:
@@ -204,12 +184,12 @@ def evaluate(rows: Iterable[Any], spec: ModelSpec, layout: blocks.Layout, dtype:
         for start in range(0, len(idx), chunk):
             rows_c = idx[start:start + chunk]
             Xc, yc = X[rows_c], block.y[rows_c]
-            sums += _metric_sums(spec, theta, Xc, yc)
+            sums += metric_sums(spec, theta, Xc, yc)
         out[role] = sums
     yield out
 
 
-def _metric_sums(spec: ModelSpec, theta: np.ndarray, X: np.ndarray, y: np.ndarray) -> np.ndarray:
+def metric_sums(spec: ModelSpec, theta: np.ndarray, X: np.ndarray, y: np.ndarray) -> np.ndarray:
     """[n, loss_sum, correct, sse, y_sum, y2_sum] over the rows of X."""
     out = models.decision(spec, theta, X)
     loss, _ = models.head_loss(spec, out, y, need_grad=False)
@@ -219,9 +199,15 @@ def _metric_sums(spec: ModelSpec, theta: np.ndarray, X: np.ndarray, y: np.ndarra
     return np.array([len(y), loss, 0.0, loss, y.sum(), (y * y).sum()])
 
 
-def add_metrics(a: dict, b: dict) -> dict:
+def add(a: Any, b: Any) -> Any:
+    """treeAggregate's combiner for every task here: the element-wise sum of nested tuples, dicts,
+    arrays and numbers, with None (an empty partition) as the empty sum."""
     if a is None:
         return b
     if b is None:
         return a
-    return {k: a[k] + b[k] for k in a}
+    if isinstance(a, dict):
+        return {k: add(a[k], b[k]) for k in a}
+    if isinstance(a, tuple):
+        return tuple(add(x, y) for x, y in zip(a, b))
+    return a + b

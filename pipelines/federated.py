@@ -1,0 +1,252 @@
+"""Federated training (driver side): partitions as private clients, rounds of sampled local training,
+server-side aggregation.
+
+Clients come from a column (`federated.partitioner: column`, one client per distinct value of
+`federated.client_column`) or from a partitioner over the train split (iid, dirichlet, shards,
+quantity; see pipelines/partitioners.py). Client i's rows are Spark partition i: no task ever holds
+two clients' rows, and a round runs one task per sampled client (SparkContext.runJob over just those
+partitions), so unsampled clients cost nothing. What a client's task returns is only its update,
+its sample count and its training loss (udfs/clients.py).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+from pyspark import RDD, SparkContext
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from pipelines import lake, partitioners
+from pipelines.aggregation import ServerRule, weighted_mean
+from pipelines.config import Config, FederatedSection
+from pipelines.data import Blocks, build, load_blocks, read_rows, shape
+from pipelines.errors import UserError
+from pipelines.strategies import evaluate
+from udfs import blocks, clients
+from udfs.models import ModelSpec
+from udfs.optimizers import Optimizer
+from udfs.seeding import Stream, rng
+
+
+@dataclass
+class Clients:
+    """One cached block per client (partition i = client i) and what the driver knows of them."""
+
+    handles: RDD
+    table: str
+    version: int
+    names: list[str]
+    sizes: np.ndarray          # training-table rows per client (before the local hold-out)
+    labels: np.ndarray         # distinct labels per client
+    n_features: int
+    n_classes: int
+
+    @property
+    def count(self) -> int:
+        return len(self.names)
+
+    def release(self) -> None:
+        self.handles.mapPartitions(blocks.remove_partition).count()
+        self.handles.unpersist()
+
+
+def _column_clients(rows: DataFrame, column: str, table: str) -> tuple[DataFrame, list[str]]:
+    nulls = rows.filter(F.col(column).isNull()).count()
+    if nulls:
+        raise UserError(f"table {table}: column {column!r} (federated.client_column) has {nulls} "
+                        "null value(s); every training row needs a client id")
+    names = sorted(r[0] for r in rows.select(F.col(column).cast("string")).distinct().collect())
+    index = rows.sparkSession.createDataFrame(
+        pa.table({"_name": pa.array(names), "client": pa.array(np.arange(len(names), dtype=np.int32))}))
+    joined = rows.join(F.broadcast(index), F.col(column).cast("string") == F.col("_name"))
+    return joined.drop("_name", column), names
+
+
+def _partitioned_clients(rows: DataFrame, fed: FederatedSection, seed: int,
+                         table: str) -> tuple[DataFrame, list[str]]:
+    """Assign clients on the driver from (id, label), in id order, then join the assignment."""
+    keys = rows.select("id", "label").orderBy("id").toArrow()
+    ids = keys.column("id").to_numpy()
+    labels = keys.column("label").to_numpy()
+    try:
+        client = partitioners.assign(fed.partitioner, labels, fed.clients, rng(seed, Stream.PARTITION),
+                                     fed.alpha, fed.shards_per_client)
+    except ValueError as exc:
+        raise UserError(f"federated.partitioner={fed.partitioner} on table {table}: {exc}") from None
+    assignment = rows.sparkSession.createDataFrame(
+        pa.table({"id": pa.array(ids), "client": pa.array(client.astype(np.int32))}))
+    names = [f"client-{i:05d}" for i in range(fed.clients)]
+    return rows.join(F.broadcast(assignment), "id"), names
+
+
+def prepare_clients(spark: SparkSession, config: Config) -> tuple[Clients, Blocks | None]:
+    """Client blocks from the train split, and blocks of the test split for global evaluation
+    (None when the table has no test rows)."""
+    fed = config.federated
+    ref = lake.TableRef(config.data.table, config.data.version)
+    extra = (fed.client_column,) if fed.partitioner == "column" else ()
+    rows, version = read_rows(spark, config.lake.path, ref, ("train",), extra)
+    name = f"{ref.name}@{version}"
+    if fed.partitioner == "column":
+        assigned, names = _column_clients(rows, fed.client_column, name)
+    else:
+        assigned, names = _partitioned_clients(rows, fed, config.trainer.seed, name)
+    if len(names) < fed.min_clients:
+        raise UserError(f"table {name} has {len(names)} client(s), fewer than "
+                        f"federated.min_clients={fed.min_clients}")
+    handles, described = build(spark, assigned, len(names), F.col("client"), name)
+    by_part = {int(h.part): h for h in described}
+    missing = [names[i] for i in range(len(names)) if i not in by_part]
+    if missing:
+        raise UserError(f"table {name}: client(s) {missing[:5]} have no training rows")
+    n_features, n_classes = shape(described, name)
+    sizes = np.array([by_part[i].rows for i in range(len(names))])
+    labels = np.array([by_part[i].distinct_labels for i in range(len(names))])
+    pinned = lake.TableRef(ref.name, version)
+    has_test = read_rows(spark, config.lake.path, pinned, ("test",))[0].limit(1).count() > 0
+    test = load_blocks(spark, config.lake.path, pinned, config.data.partitions, config.trainer.seed,
+                       0.0, ("test",)) if has_test else None
+    return Clients(handles, ref.name, version, names, sizes, labels, n_features, n_classes), test
+
+
+def partition_report(c: Clients) -> str:
+    """One line: how many clients, and rows and labels per client (min/median/max)."""
+    def stats(a: np.ndarray) -> str:
+        return f"{a.min()}/{int(np.median(a))}/{a.max()}"
+    return (f"clients {c.count}  rows per client (min/median/max) {stats(c.sizes)}  "
+            f"labels per client {stats(c.labels)}")
+
+
+def sample(fed: FederatedSection, round_: int, n_clients: int, seed: int) -> list[int]:
+    """The clients of a round: a fixed fraction (at least min_clients), or each client independently
+    with probability `fraction` (Poisson sampling, what privacy accountants assume)."""
+    gen = rng(seed, Stream.SAMPLE, round_)
+    if fed.sampling == "poisson":
+        return [int(i) for i in np.flatnonzero(gen.random(n_clients) < fed.fraction)]
+    m = min(n_clients, max(fed.min_clients, int(round(fed.fraction * n_clients))))
+    return sorted(int(i) for i in gen.choice(n_clients, size=m, replace=False))
+
+
+@dataclass
+class FedState:
+    theta: np.ndarray
+    server_state: dict[str, np.ndarray]
+    round: int = 0
+    history: list[dict] = field(default_factory=list)
+    dropped: int = 0
+
+
+RoundHook = Callable[[FedState, dict], None]
+
+
+def client_round(config: Config, spec: ModelSpec, round_: int) -> clients.ClientRound:
+    fed, t = config.federated, config.trainer
+    o = t.optimizer
+    fedsgd = fed.strategy == "fedsgd"
+    return clients.ClientRound(
+        spec=spec, dtype=t.dtype, split=clients.ClientSplit(t.seed, fed.holdout_fraction),
+        round=round_, local_epochs=1 if fedsgd else fed.local_epochs,
+        batch_size=None if fedsgd else fed.local_batch_size,
+        optimizer=Optimizer(o.name, o.lr, o.beta1, o.beta2, o.eps, o.momentum),
+        mu=fed.mu if fed.strategy == "fedprox" else 0.0)
+
+
+def server_rule(fed: FederatedSection) -> ServerRule:
+    return ServerRule(fed.strategy, fed.server_lr, fed.server_momentum, fed.tau)
+
+
+def run_round(sc: SparkContext, c: Clients, task: clients.ClientRound, theta: np.ndarray,
+              sampled: list[int], update: Callable = clients.client_update
+              ) -> tuple[list[dict], list[dict]]:
+    """Train the sampled clients, one task each; (reports, dropped) as the tasks returned them."""
+    bc = sc.broadcast(theta)
+    try:
+        results = sc.runJob(c.handles, partial(update, task=task, weights=bc), sampled)
+    finally:
+        bc.destroy()
+    reports = [r for r in results if "dropped" not in r]
+    return reports, [r for r in results if "dropped" in r]
+
+
+def federated_eval(sc: SparkContext, c: Clients, spec: ModelSpec, dtype: str, split: clients.ClientSplit,
+                   theta: np.ndarray) -> dict[str, float]:
+    """Each client's accuracy on its own hold-out: mean, 10th percentile and minimum."""
+    bc = sc.broadcast(theta)
+    try:
+        per_client = c.handles.mapPartitions(partial(
+            clients.client_evaluate, spec=spec, dtype=dtype, split=split, weights=bc)).collect()
+    finally:
+        bc.destroy()
+    if not per_client:
+        return {}
+    acc = np.array([sums[2] / sums[0] for _, sums in per_client])
+    return {"mean": float(acc.mean()), "p10": float(np.percentile(acc, 10)), "min": float(acc.min())}
+
+
+def fit(sc: SparkContext, config: Config, c: Clients, test: Blocks | None, spec: ModelSpec, state: FedState,
+        on_round: RoundHook) -> FedState:
+    """Run the remaining rounds; every eval_every rounds (and the last) evaluate globally and per
+    client, and hand each round's record to `on_round`."""
+    fed, t = config.federated, config.trainer
+    rule = server_rule(fed)
+    split = clients.ClientSplit(t.seed, fed.holdout_fraction)
+    while state.round < fed.rounds:
+        started = time.perf_counter()
+        r = state.round + 1
+        sampled = sample(fed, r, c.count, t.seed)
+        reports, dropped = run_round(sc, c, client_round(config, spec, r), state.theta, sampled) \
+            if sampled else ([], [])
+        if sampled and len(reports) < fed.min_clients:
+            reasons = "; ".join(f"{c.names[d['client']]}: {d['dropped']}" for d in dropped[:3])
+            raise RuntimeError(f"round {r}: only {len(reports)} of {len(sampled)} sampled clients "
+                               f"reported, fewer than federated.min_clients={fed.min_clients} "
+                               f"(dropped: {reasons})")
+        record: dict = {"round": r, "clients": len(sampled), "reported": len(reports),
+                        "dropped": [c.names[d["client"]] for d in dropped]}
+        if reports:
+            counts = [d["n"] for d in reports]
+            state.theta = rule.apply(state.theta, weighted_mean([d["update"] for d in reports], counts),
+                                     state.server_state)
+            record["train_loss"] = float(np.average([d["train_loss"] for d in reports], weights=counts))
+        state.dropped += len(dropped)
+        record["bytes_down"] = int(state.theta.nbytes * len(sampled))
+        record["bytes_up"] = int(sum(d["update"].nbytes for d in reports))
+        if r % fed.eval_every == 0 or r == fed.rounds:
+            if test is not None:
+                test_metrics = evaluate(sc, test, spec, t.dtype, state.theta, ("test",),
+                                        t.aggregation_depth).get("test", {})
+                record.update({f"test_{k}": v for k, v in test_metrics.items() if k != "rows"})
+            record["client_accuracy"] = federated_eval(sc, c, spec, t.dtype, split, state.theta)
+        record["seconds"] = time.perf_counter() - started
+        state.round = r
+        state.history.append(record)
+        on_round(state, record)
+    return state
+
+
+def summary_fields(config: Config, c: Clients, state: FedState) -> dict:
+    """What the summary line adds for a federated run (CONTRACT.md)."""
+    fed = config.federated
+    by_round = [[h["round"], h["test_accuracy"]] for h in state.history if "test_accuracy" in h]
+    target = fed.target_accuracy
+    reached = next((r for r, acc in by_round if target is not None and acc >= target), None)
+    last_clients = next((h["client_accuracy"] for h in reversed(state.history)
+                         if h.get("client_accuracy")), {})
+    return {
+        "rounds": fed.rounds,
+        "clients": c.count,
+        "sampled_per_round": float(np.mean([h["clients"] for h in state.history])) if state.history else 0.0,
+        "client_accuracy": last_clients,
+        "test_accuracy_by_round": by_round,
+        "target_accuracy": target,
+        "rounds_to_target": reached,
+        "dropped_clients": state.dropped,
+        "federated": {"strategy": fed.strategy, "partitioner": fed.partitioner,
+                      "sampling": fed.sampling, "fraction": fed.fraction,
+                      "local_epochs": fed.local_epochs, "local_batch_size": fed.local_batch_size},
+    }
