@@ -4,8 +4,5 @@
 # Set up (Java, venv, Fashion-MNIST) and benchmark the sample job; see scripts/bench_fashion_mnist.py.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
-cd "$ROOT"
-ensure_java
-ensure_venv
-ensure_fashion_mnist
+prepare_all
 exec python scripts/bench_fashion_mnist.py "$@"

@@ -64,3 +64,11 @@ spark_submit() {
   "$VENV/bin/spark-submit" "${SUBMIT_OPTS[@]}" "${args[@]}" "$@"
 }
 SUBMIT_OPTS=()
+
+# Everything a job on Fashion-MNIST needs, from the repository root.
+prepare_all() {
+  cd "$ROOT"
+  ensure_java
+  ensure_venv
+  ensure_fashion_mnist
+}

@@ -2,8 +2,5 @@
 # scripts/test.sh [pytest args] — set up (venv, Fashion-MNIST) and run the whole test suite.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
-cd "$ROOT"
-ensure_java
-ensure_venv
-ensure_fashion_mnist
+prepare_all
 exec python -m pytest "$@"
