@@ -23,7 +23,6 @@ from pyspark import SparkContext
 from pipelines.data import Blocks
 from udfs import tasks
 from udfs.models import ModelSpec
-from udfs.optimizers import Optimizer
 
 
 @dataclass

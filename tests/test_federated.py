@@ -261,8 +261,7 @@ for a, b in zip(sorted(clean, key=lambda r: r["client"]), sorted(retried, key=la
     np.testing.assert_array_equal(a["update"], b["update"])
 print("RETRY-OK")
 ''')
-    import cloudpickle  # noqa: F401  (the flaky function pickles by value from __main__)
-
+    # `flaky` lives in the script's __main__, so cloudpickle ships it by value to the executors
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600,
                           cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
