@@ -46,9 +46,13 @@ class Blocks:
         return self.layout.n_validation
 
     def release(self) -> None:
-        """Delete the block files on the executors and drop the cached handles."""
-        self.handles.mapPartitions(blocks.remove_partition).count()
-        self.handles.unpersist()
+        release(self.handles)
+
+
+def release(handles: RDD) -> None:
+    """Delete the blocks' files on the executors and drop the cached handles."""
+    handles.mapPartitions(blocks.remove_partition).count()
+    handles.unpersist()
 
 
 def check_schema(df: DataFrame, table: str) -> None:

@@ -24,12 +24,11 @@ from pyspark.sql import functions as F
 from pipelines import lake, partitioners
 from pipelines.aggregation import ServerRule, weighted_mean
 from pipelines.config import Config, FederatedSection
-from pipelines.data import Blocks, build, load_blocks, read_rows, shape
+from pipelines.data import Blocks, build, load_blocks, read_rows, release, shape
 from pipelines.errors import UserError
-from pipelines.strategies import evaluate
-from udfs import blocks, clients
+from pipelines.strategies import evaluate, optimizer_from
+from udfs import clients
 from udfs.models import ModelSpec
-from udfs.optimizers import Optimizer
 from udfs.seeding import Stream, rng
 
 
@@ -51,8 +50,7 @@ class Clients:
         return len(self.names)
 
     def release(self) -> None:
-        self.handles.mapPartitions(blocks.remove_partition).count()
-        self.handles.unpersist()
+        release(self.handles)
 
 
 def _column_clients(rows: DataFrame, column: str, table: str) -> tuple[DataFrame, list[str]]:
@@ -146,13 +144,12 @@ RoundHook = Callable[[FedState, dict], None]
 
 def client_round(config: Config, spec: ModelSpec, round_: int) -> clients.ClientRound:
     fed, t = config.federated, config.trainer
-    o = t.optimizer
     fedsgd = fed.strategy == "fedsgd"
     return clients.ClientRound(
         spec=spec, dtype=t.dtype, split=clients.ClientSplit(t.seed, fed.holdout_fraction),
         round=round_, local_epochs=1 if fedsgd else fed.local_epochs,
         batch_size=None if fedsgd else fed.local_batch_size,
-        optimizer=Optimizer(o.name, o.lr, o.beta1, o.beta2, o.eps, o.momentum),
+        optimizer=optimizer_from(config),
         mu=fed.mu if fed.strategy == "fedprox" else 0.0)
 
 

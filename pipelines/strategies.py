@@ -20,9 +20,11 @@ from typing import Callable
 import numpy as np
 from pyspark import SparkContext
 
+from pipelines.config import Config
 from pipelines.data import Blocks
 from udfs import tasks
 from udfs.models import ModelSpec
+from udfs.optimizers import Optimizer
 
 
 @dataclass
@@ -46,6 +48,13 @@ class Settings:
 
 
 EpochHook = Callable[[TrainState, dict], None]
+
+
+def optimizer_from(config: Config) -> Optimizer:
+    """The optimizer `trainer.optimizer` names: the driver's in `sync`, each partition's in
+    `local`, each client's in `federated`."""
+    o = config.trainer.optimizer
+    return Optimizer(o.name, o.lr, o.beta1, o.beta2, o.eps, o.momentum)
 
 
 def evaluate(sc: SparkContext, data: Blocks, spec: ModelSpec, dtype: str, theta: np.ndarray,

@@ -28,10 +28,9 @@ from pipelines.config import Config, ConfigError, dump_yaml, load_config
 from pipelines.data import load_blocks
 from pipelines.errors import UserError
 from pipelines.session import build_session
-from pipelines.strategies import Settings, TrainState, evaluate, train
+from pipelines.strategies import Settings, TrainState, evaluate, optimizer_from, train
 from udfs import tasks
 from udfs.models import ModelSpec, init_params
-from udfs.optimizers import Optimizer
 from udfs.seeding import Stream, rng
 
 AVAILABLE = ("local", "sync", "federated")
@@ -63,11 +62,6 @@ def model_spec(config: Config, n_features: int, n_classes: int) -> ModelSpec:
         raise UserError(f"model.kind=logistic is binary, but table {table!r} has "
                         f"{n_classes} classes; use softmax or mlp")
     return ModelSpec.build(kind, n_features, max(n_classes, 1), config.model.hidden)
-
-
-def optimizer(config: Config) -> Optimizer:
-    o = config.trainer.optimizer
-    return Optimizer(o.name, o.lr, o.beta1, o.beta2, o.eps, o.momentum)
 
 
 def initial_theta(config: Config, spec: ModelSpec) -> np.ndarray:
@@ -154,7 +148,7 @@ def train_data_parallel(spark: SparkSession, config: Config, args: argparse.Name
                        config.data.validation_fraction)
     timings["blocks"] = time.perf_counter() - mark
     spec = model_spec(config, data.n_features, data.n_classes)
-    opt = optimizer(config)
+    opt = optimizer_from(config)
     job = tasks.Job(spec, data.layout, t.dtype, t.batch_size, opt)
     run_dir = open_run(config, args, run_dir)
     theta = initial_theta(config, spec)

@@ -38,7 +38,7 @@ import numpy as np
 
 from pipelines import idx
 from pipelines.config import Config, load_config
-from pipelines.train import optimizer  # the Optimizer train.py builds from the same config
+from pipelines.strategies import optimizer_from  # the Optimizer the jobs build from the same config
 from udfs import models
 from udfs.blocks import validation_mask
 from udfs.models import ModelSpec
@@ -105,7 +105,7 @@ def run_numpy(config: Config, _: argparse.Namespace) -> dict[str, Any]:
     mask = held_out(len(y_all), config)
     X, y = X_all[~mask], y_all[~mask]
     spec = mlp_spec(config, X.shape[1], int(y_all.max()) + 1)
-    opt = optimizer(config)
+    opt = optimizer_from(config)
     theta = models.init_params(spec, rng(t.seed, Stream.INIT), config.model.init, np.dtype(t.dtype))
     state = opt.init_state(theta)
     steps = steps_per_epoch(len(y), t.batch_size)

@@ -99,7 +99,7 @@ def local_round(rows: Iterable[Any], task: LocalRound, weights: Any) -> Iterator
     part, path = handle
     job = task.job
     block, roles, X = _placed(path, job.layout, job.dtype)
-    train = roles.train[np.argsort(roles.train_index, kind="stable")]
+    train = roles.train  # already in global train-index order: blocks are sorted by (shard, id)
     n = len(train)
     per_epoch = steps_per_epoch(job.layout.n_train, job.batch_size)
     first = task.round * task.every if task.every else 0
