@@ -140,6 +140,7 @@ class FedState:
 
 
 RoundHook = Callable[[FedState, dict], None]
+StopRule = Callable[[dict], bool]
 
 
 def client_round(config: Config, spec: ModelSpec, round_: int) -> clients.ClientRound:
@@ -186,9 +187,13 @@ def federated_eval(sc: SparkContext, c: Clients, spec: ModelSpec, dtype: str, sp
 
 
 def fit(sc: SparkContext, config: Config, c: Clients, test: Blocks | None, spec: ModelSpec, state: FedState,
-        on_round: RoundHook) -> FedState:
+        on_round: RoundHook, until: StopRule | None = None, client_eval: bool = True) -> FedState:
     """Run the remaining rounds; every eval_every rounds (and the last) evaluate globally and per
-    client, and hand each round's record to `on_round`."""
+    client, and hand each round's record to `on_round`.
+
+    `until(record)` ends training early once it holds (the convergence benchmark stops at the
+    target); `client_eval=False` skips the per-client evaluation, one task per client, which costs
+    more than a round when only the global test accuracy is wanted."""
     fed, t = config.federated, config.trainer
     rule = server_rule(fed)
     split = clients.ClientSplit(t.seed, fed.holdout_fraction)
@@ -214,15 +219,21 @@ def fit(sc: SparkContext, config: Config, c: Clients, test: Blocks | None, spec:
         record["bytes_down"] = int(state.theta.nbytes * len(sampled))
         record["bytes_up"] = int(sum(d["update"].nbytes for d in reports))
         if r % fed.eval_every == 0 or r == fed.rounds:
+            evaluated = time.perf_counter()
             if test is not None:
                 test_metrics = evaluate(sc, test, spec, t.dtype, state.theta, ("test",),
                                         t.aggregation_depth).get("test", {})
                 record.update({f"test_{k}": v for k, v in test_metrics.items() if k != "rows"})
-            record["client_accuracy"] = federated_eval(sc, c, spec, t.dtype, split, state.theta)
+            if client_eval:
+                record["client_accuracy"] = federated_eval(sc, c, spec, t.dtype, split, state.theta)
+            record["eval_seconds"] = time.perf_counter() - evaluated
         record["seconds"] = time.perf_counter() - started
+        record["client_seconds"] = float(sum(d["seconds"] for d in reports))
         state.round = r
         state.history.append(record)
         on_round(state, record)
+        if until is not None and until(record):
+            break
     return state
 
 
@@ -235,7 +246,7 @@ def summary_fields(config: Config, c: Clients, state: FedState) -> dict:
     last_clients = next((h["client_accuracy"] for h in reversed(state.history)
                          if h.get("client_accuracy")), {})
     return {
-        "rounds": fed.rounds,
+        "rounds": state.round,
         "clients": c.count,
         "sampled_per_round": float(np.mean([h["clients"] for h in state.history])) if state.history else 0.0,
         "client_accuracy": last_clients,

@@ -19,15 +19,14 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a file (python or spark-submit): make the project importable
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, ROOT / "scripts"):  # run as a file (python or spark-submit): the project and
+    if str(_path) not in sys.path:       # scripts/benchlib.py must be importable
+        sys.path.insert(0, str(_path))
 
 import argparse
 import datetime
-import importlib.metadata
 import json
 import os
-import platform
 import subprocess
 import tempfile
 import time
@@ -45,6 +44,8 @@ from udfs.models import ModelSpec
 from udfs.seeding import Stream, rng
 from udfs.tasks import steps_per_epoch  # global mini-batch steps, counted as the strategies do
 
+from benchlib import log, machine, versions
+
 WAYS = ("numpy", "local", "sync", "mllib")
 VENV = Path(os.environ.get("FEDSPARK_VENV", ROOT / ".venv"))
 DATA_DIR = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
@@ -54,11 +55,6 @@ MLLIB_JOB_FLAG = "--mllib-job"  # internal: this file re-run under spark-submit 
 
 class BenchError(RuntimeError):
     """One way of the benchmark failed; the others still run and are reported."""
-
-
-def log(message: str) -> None:
-    """Progress goes to stderr so stdout holds only the JSON object and the table."""
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
 # --- the job being measured ----------------------------------------------------------------------
@@ -315,25 +311,6 @@ def mllib_job(args: argparse.Namespace) -> None:
 RUNNERS: dict[str, Callable[[Config, argparse.Namespace], dict[str, Any]]] = {
     "numpy": run_numpy, "local": partial(run_strategy, "local"), "sync": partial(run_strategy, "sync"),
     "mllib": run_mllib}
-
-
-def machine() -> dict[str, Any]:
-    """What the numbers depend on: CPU model, cores this process may use, memory."""
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text()
-                .splitlines() if line.startswith("model name")), platform.processor())
-    mem_kb = next((int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
-                   if line.startswith("MemTotal:")), 0)
-    return {"cpu": cpu, "nproc": len(os.sched_getaffinity(0)), "memory_gib": round(mem_kb / 2**20, 1),
-            "os": platform.platform()}
-
-
-def versions() -> dict[str, str]:
-    found = {"python": platform.python_version()}
-    for package in ("pyspark", "delta-spark", "numpy"):
-        found[package] = importlib.metadata.version(package)
-    java = subprocess.run(["java", "-version"], capture_output=True, text=True)
-    found["java"] = (java.stderr.splitlines() or ["?"])[0]
-    return found
 
 
 def job_description(config: Config, args: argparse.Namespace) -> dict[str, Any]:

@@ -65,6 +65,18 @@ spark_submit() {
 }
 SUBMIT_OPTS=()
 
+# Ingest Fashion-MNIST into <lake>/fashion_mnist unless that Delta table is already there.
+ensure_fashion_mnist_table() {
+  local lake_path="$1"
+  if [ -d "$lake_path/fashion_mnist/_delta_log" ]; then
+    return
+  fi
+  ensure_fashion_mnist
+  say "ingesting Fashion-MNIST into $lake_path/fashion_mnist"
+  spark_submit pipelines/ingest.py --source "idx:$FASHION_MNIST_DIR" --table fashion_mnist \
+    --set "lake.path=$lake_path"
+}
+
 # Everything a job on Fashion-MNIST needs, from the repository root.
 prepare_all() {
   cd "$ROOT"

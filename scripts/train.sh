@@ -26,11 +26,8 @@ ensure_venv
 # The config decides the table and lake; ingest Fashion-MNIST only when that table is missing.
 { read -r table; read -r lake_path; } < <(python -m pipelines.config "${cfg_args[@]}" \
   data.table lake.path 2>/dev/null || printf -- '-\n-\n')
-if [ "$table" = "fashion_mnist" ] && [ ! -d "$lake_path/fashion_mnist/_delta_log" ]; then
-  ensure_fashion_mnist
-  say "ingesting Fashion-MNIST into $lake_path/fashion_mnist"
-  ingest_sets=(--set "lake.path=$lake_path")
-  spark_submit pipelines/ingest.py --source "idx:$FASHION_MNIST_DIR" --table fashion_mnist "${ingest_sets[@]}"
+if [ "$table" = "fashion_mnist" ]; then
+  ensure_fashion_mnist_table "$lake_path"
 fi
 
 spark_submit pipelines/train.py "${train_args[@]}"

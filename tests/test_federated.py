@@ -128,9 +128,10 @@ def test_a_client_task_returns_only_an_update_a_count_and_scalars(spark, lake):
         sc.setJobGroup("", "")
         assert not dropped and len(reports) == len(sampled) == 4
         for r in reports:
-            assert set(r) == {"client", "n", "update", "train_loss"}
+            assert set(r) == {"client", "n", "update", "train_loss", "seconds"}
             assert isinstance(r["update"], np.ndarray) and r["update"].shape == (spec.n_params,)
-            assert isinstance(r["n"], int) and isinstance(r["train_loss"], float)
+            assert isinstance(r["n"], int)
+            assert isinstance(r["train_loss"], float) and isinstance(r["seconds"], float)
         assert sorted(r["client"] for r in reports) == sampled
         tracker = sc.statusTracker()
         jobs = tracker.getJobIdsForGroup("fed-round-test")

@@ -7,6 +7,7 @@ never trains and serves federated evaluation: how well the global model does for
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
@@ -50,9 +51,12 @@ class ClientRound:
     mu: float                # FedProx proximal weight; 0 = FedAvg
 
 
-def _train(task: ClientRound, client: int, theta0: np.ndarray, X: np.ndarray,
+def train_client(task: ClientRound, client: int, theta0: np.ndarray, X: np.ndarray,
            y: np.ndarray) -> tuple[np.ndarray, float, int]:
-    """E local epochs of mini-batch training from theta0; returns (theta, mean loss, steps)."""
+    """E local epochs of mini-batch training from theta0; returns (theta, mean loss, steps).
+
+    The whole of a client's numpy work: the benchmark times it in one process to measure what a
+    Spark round adds on top."""
     theta = theta0.copy()
     state = task.optimizer.init_state(theta)
     n = len(y)
@@ -77,7 +81,7 @@ def _train(task: ClientRound, client: int, theta0: np.ndarray, X: np.ndarray,
 def client_update(rows: Iterable[Any], task: ClientRound, weights: Any) -> Iterator[dict]:
     """Train this partition's client from the broadcast global weights.
 
-    Yields one record: {client, n, update, train_loss} or, when the client's own training fails (bad
+    Yields one record: {client, n, update, train_loss, seconds (of local training)} or, when the client's own training fails (bad
     rows, a numeric error), {client, dropped: reason} so the round can go on without it."""
     single_blas_thread()
     handle = handle_of(rows)
@@ -89,14 +93,17 @@ def client_update(rows: Iterable[Any], task: ClientRound, weights: Any) -> Itera
         train, _ = client_rows(path, client, task.split)
         X = block.X[train].astype(task.dtype, copy=False)
         theta0 = weights.value
-        theta, loss, _ = _train(task, client, theta0, X, block.y[train])
+        started = time.perf_counter()
+        theta, loss, _ = train_client(task, client, theta0, X, block.y[train])
+        seconds = time.perf_counter() - started
         update = theta - theta0
         if not (np.isfinite(update).all() and math.isfinite(loss)):
             raise FloatingPointError("the local update is not finite")
     except Exception as exc:  # noqa: BLE001 - a client's failure must not fail the round
         yield {"client": client, "dropped": f"{type(exc).__name__}: {str(exc)[:200]}"}
         return
-    yield {"client": client, "n": int(len(train)), "update": update, "train_loss": float(loss)}
+    yield {"client": client, "n": int(len(train)), "update": update, "train_loss": float(loss),
+           "seconds": seconds}
 
 
 def client_evaluate(rows: Iterable[Any], spec: ModelSpec, dtype: str, split: ClientSplit,

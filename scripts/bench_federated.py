@@ -1,0 +1,362 @@
+"""python scripts/bench_federated.py [--only overhead,iid,shards,dirichlet] [--lake DIR] [--out FILE]
+                                   [--fedavg-lrs 0.05,0.1,0.02] [--fedsgd-lrs 0.3,0.1,1.0]
+                                   [--fedsgd-rounds 1000] [--overhead-rounds N] [--master local[2]]
+
+Federated training on Fashion-MNIST, the 2NN (784-200-200-10) of McMahan et al. 2017, measured in
+one Spark session on this machine:
+
+  overhead   100 IID clients, C=0.1, E=5, B=10: the wall time of a round's Spark job next to the
+             same clients' local training (udfs.clients.train_client) run one after another in this
+             process with one BLAS thread, and the numpy time the tasks report themselves
+  iid        conf/fedavg_iid.yaml and conf/fedsgd_iid.yaml: rounds to 0.85 test accuracy for each
+             client learning rate of a grid (the configured one first; a later rate is stopped once
+             it has run as many rounds as the best so far, since it can no longer win)
+  shards     conf/fedavg_shards.yaml: 2 label-sorted shards per client, rounds to 0.80 within 500
+  dirichlet  conf/fed_dirichlet.yaml, 50 clients, alpha 0.1: FedAvg, FedProx and FedAdam to 0.80
+
+Each experiment stops at its target (FedState, pipelines.federated.fit's `until`) or its round cap.
+Per-client accuracy on the clients' own hold-outs is measured once, on the final model. One JSON
+object per finished experiment is appended to --out as it finishes (so a long run keeps what it has
+measured), and the markdown tables are printed at the end. Run it through
+scripts/bench_federated.sh, which sets up Java, the venv and the Fashion-MNIST table first.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+for _path in (ROOT, ROOT / "scripts"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+import argparse
+import datetime
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+from pyspark.sql import SparkSession
+from threadpoolctl import threadpool_limits
+
+from pipelines import federated, lake, partitioners
+from pipelines.aggregation import weighted_mean
+from pipelines.config import Config, load_config
+from pipelines.data import read_rows
+from pipelines.session import build_session
+from pipelines.train import initial_theta, model_spec
+from udfs.clients import ClientSplit, train_client
+from udfs.seeding import Stream, rng
+
+from benchlib import log, machine, versions
+
+PARTS = ("overhead", "iid", "shards", "dirichlet")
+
+
+@dataclass(frozen=True)
+class Experiment:
+    group: str          # the client split it shares with others (built once per group)
+    name: str
+    config: str         # file under conf/
+    sets: tuple[str, ...]
+    cap: int            # most rounds to run
+    lr_grid: bool = False
+
+
+def experiments(args: argparse.Namespace) -> list[Experiment]:
+    """What each part runs, in order; the grid's first rate is the configured one."""
+    out: list[Experiment] = []
+    if "iid" in args.only:
+        for lr in args.fedavg_lrs:
+            out.append(Experiment("iid", "fedavg", "fedavg_iid.yaml",
+                                  (f"trainer.optimizer.lr={lr}", "federated.eval_every=1"),
+                                  args.fedavg_rounds, lr_grid=True))
+        for lr in args.fedsgd_lrs:
+            out.append(Experiment("iid", "fedsgd", "fedsgd_iid.yaml",
+                                  (f"trainer.optimizer.lr={lr}", "federated.eval_every=10"),
+                                  args.fedsgd_rounds, lr_grid=True))
+    if "shards" in args.only:
+        out.append(Experiment("shards", "fedavg", "fedavg_shards.yaml", ("federated.eval_every=5",), 500))
+    if "dirichlet" in args.only:
+        for strategy in ("fedavg", "fedprox", "fedadam"):
+            out.append(Experiment("dirichlet", strategy, "fed_dirichlet.yaml",
+                                  (f"federated.strategy={strategy}", "federated.eval_every=5"), 300))
+    return out
+
+
+def experiment_config(e: Experiment, lake_path: str, rounds: int) -> Config:
+    return load_config(ROOT / "conf" / e.config,
+                       [f"lake.path={lake_path}", f"federated.rounds={rounds}", *e.sets])
+
+
+# --- convergence -------------------------------------------------------------------------------
+
+def converge(spark: SparkSession, config: Config, clients: federated.Clients, test: Any,
+             label: str) -> dict[str, Any]:
+    """Train until the config's target accuracy or its round cap; what the benchmark reports."""
+    sc = spark.sparkContext
+    spec = model_spec(config, clients.n_features, clients.n_classes)
+    fed, t = config.federated, config.trainer
+    theta = initial_theta(config, spec)
+    state = federated.FedState(theta, federated.server_rule(fed).init_state(theta))
+    target = fed.target_accuracy
+
+    def on_round(_: federated.FedState, record: dict) -> None:
+        if "test_accuracy" in record and record["round"] % (10 * fed.eval_every) == 0:
+            log(f"{label}: round {record['round']} test_accuracy {record['test_accuracy']:.4f}")
+
+    def reached(record: dict) -> bool:
+        return record.get("test_accuracy", -1.0) >= target
+
+    started = time.perf_counter()
+    state = federated.fit(sc, config, clients, test, spec, state, on_round, until=reached,
+                          client_eval=False)
+    wall = time.perf_counter() - started
+    history = state.history
+    evaluated = [h for h in history if "test_accuracy" in h]
+    first = next((h["round"] for h in evaluated if h["test_accuracy"] >= target), None)
+    split = ClientSplit(t.seed, fed.holdout_fraction)
+    by_client = federated.federated_eval(sc, clients, spec, t.dtype, split, state.theta)
+    train_seconds = [h["seconds"] - h.get("eval_seconds", 0.0) for h in history[1:]] or [0.0]
+    log(f"{label}: rounds_to_target {first} after {state.round} rounds, {wall:.0f} s")
+    return {
+        "rounds_run": state.round, "rounds_to_target": first, "target_accuracy": target,
+        "final_accuracy": evaluated[-1]["test_accuracy"] if evaluated else None,
+        "best_accuracy": max((h["test_accuracy"] for h in evaluated), default=None),
+        "seconds_per_round": round(statistics.median(train_seconds), 3),
+        "eval_seconds": round(statistics.median(h["eval_seconds"] for h in evaluated), 3)
+        if evaluated else None,
+        "client_numpy_seconds_per_round": round(statistics.median(
+            h["client_seconds"] for h in history), 3),
+        "client_accuracy": by_client, "dropped": state.dropped, "wall_seconds": round(wall, 1),
+    }
+
+
+def run_group(spark: SparkSession, group: list[Experiment], args: argparse.Namespace
+              ) -> Iterator[dict[str, Any]]:
+    """The experiments sharing one client split, with the split built once."""
+    base = experiment_config(group[0], args.lake, group[0].cap)
+    clients, test = federated.prepare_clients(spark, base)
+    report = federated.partition_report(clients)
+    log(f"{group[0].group}: {report}")
+    best: dict[str, int] = {}
+    try:
+        for e in group:
+            cap = min(e.cap, best.get(e.name, e.cap)) if e.lr_grid else e.cap
+            config = experiment_config(e, args.lake, cap)
+            label = f"{e.group}/{e.name} lr={config.trainer.optimizer.lr}"
+            try:
+                result = converge(spark, config, clients, test, label)
+            except RuntimeError as exc:  # e.g. a learning rate so high every client diverged
+                log(f"{label}: failed: {exc}")
+                result = {"rounds_run": None, "rounds_to_target": None, "failed": str(exc)[:300],
+                          "target_accuracy": config.federated.target_accuracy, "best_accuracy": None,
+                          "seconds_per_round": None, "client_numpy_seconds_per_round": None,
+                          "client_accuracy": None}
+            if e.lr_grid and result["rounds_to_target"] is not None:
+                best[e.name] = min(best.get(e.name, cap), result["rounds_to_target"])
+            fed = config.federated
+            yield {"group": e.group, "experiment": e.name, "config": f"conf/{e.config}",
+                   "sets": list(e.sets), "round_cap": cap, "partition_report": report,
+                   "max_labels_per_client": int(clients.labels.max()),
+                   "client_lr": config.trainer.optimizer.lr, "strategy": fed.strategy,
+                   "clients": clients.count, "fraction": fed.fraction, "mu": fed.mu,
+                   "server_lr": fed.server_lr, "tau": fed.tau, **result}
+    finally:
+        clients.release()
+        if test is not None:
+            test.release()
+
+
+# --- round overhead ----------------------------------------------------------------------------
+
+def client_arrays(spark: SparkSession, config: Config) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(X, y, client) of the train split in id order, clients assigned as prepare_clients does.
+    Read on the driver only to time the same training in one process."""
+    rows, _ = read_rows(spark, config.lake.path, lake.TableRef(config.data.table), ("train",))
+    table = rows.select("id", "features", "label").orderBy("id").toArrow()
+    y = table.column("label").to_numpy()
+    flat = table.column("features").combine_chunks().flatten().to_numpy()
+    X = flat.reshape(len(y), -1)
+    fed = config.federated
+    client = partitioners.assign(fed.partitioner, y, fed.clients, rng(config.trainer.seed, Stream.PARTITION),
+                                 fed.alpha, fed.shards_per_client)
+    return X, y, client
+
+
+def one_process(task: Any, theta: np.ndarray, sampled: list[int], data: tuple, split: ClientSplit) -> float:
+    """Seconds to train the sampled clients one after another here, each on as many rows as its
+    task trains (its rows less the same-size hold-out), with one BLAS thread as in the tasks."""
+    X, y, client = data
+    started = time.perf_counter()
+    with threadpool_limits(1):
+        for k in sampled:
+            rows = np.flatnonzero(client == k)
+            n_hold = int(round(split.holdout_fraction * len(rows))) if len(rows) > 1 else 0
+            keep = rows[rng(split.seed, Stream.HOLDOUT, k).permutation(len(rows))[n_hold:]]
+            train_client(task, k, theta, X[keep].astype(task.dtype), y[keep])
+    return time.perf_counter() - started
+
+
+def overhead(spark: SparkSession, args: argparse.Namespace) -> dict[str, Any]:
+    """Rounds of FedAvg on 100 IID clients: Spark round wall time, the tasks' own numpy time, and
+    the same training in one process. Round 1 (Python workers start, blocks load) is kept apart."""
+    config = experiment_config(Experiment("iid", "fedavg", "fedavg_iid.yaml", (), 1), args.lake, 1)
+    clients, test = federated.prepare_clients(spark, config)
+    spec = model_spec(config, clients.n_features, clients.n_classes)
+    data = client_arrays(spark, config)
+    fed, t = config.federated, config.trainer
+    split = ClientSplit(t.seed, fed.holdout_fraction)
+    rule = federated.server_rule(fed)
+    theta = initial_theta(config, spec)
+    server_state = rule.init_state(theta)
+    rows = []
+    try:
+        for r in range(1, args.overhead_rounds + 1):
+            sampled = federated.sample(fed, r, clients.count, t.seed)
+            task = federated.client_round(config, spec, r)
+            started = time.perf_counter()
+            reports, dropped = federated.run_round(spark.sparkContext, clients, task, theta, sampled)
+            wall = time.perf_counter() - started
+            local = one_process(task, theta, sampled, data, split)
+            rows.append({"round": r, "clients": len(sampled), "round_seconds": wall,
+                         "task_numpy_seconds": sum(d["seconds"] for d in reports),
+                         "one_process_seconds": local})
+            log(f"overhead: round {r} spark {wall:.2f} s, tasks' numpy "
+                f"{rows[-1]['task_numpy_seconds']:.2f} s, one process {local:.2f} s")
+            theta = rule.apply(theta, weighted_mean([d["update"] for d in reports],
+                                                    [d["n"] for d in reports]), server_state)
+    finally:
+        clients.release()
+        if test is not None:
+            test.release()
+    steady = rows[1:] or rows
+
+    def med(key: str) -> float:
+        return round(statistics.median(row[key] for row in steady), 3)
+
+    slots = spark.sparkContext.defaultParallelism
+    result = {"rounds": len(rows), "clients_per_round": rows[0]["clients"], "task_slots": slots,
+              "first_round_seconds": round(rows[0]["round_seconds"], 3),
+              "round_seconds": med("round_seconds"), "task_numpy_seconds": med("task_numpy_seconds"),
+              "one_process_seconds": med("one_process_seconds"), "per_round": rows}
+    # the round's cost beyond the numpy work, with that work spread ideally over the task slots
+    result["overhead_seconds"] = round(result["round_seconds"] - result["one_process_seconds"] / slots, 3)
+    return result
+
+
+# --- report ------------------------------------------------------------------------------------
+
+def fmt(value: Any, spec: str = "") -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = []
+    o = report.get("overhead")
+    if o:
+        lines += ["| clients/round | task slots | Spark round s | tasks' numpy s (sum) | one process s | "
+                  "overhead s | first round s |", "|---|---|---|---|---|---|---|",
+                  f"| {o['clients_per_round']} | {o['task_slots']} | {o['round_seconds']} | "
+                  f"{o['task_numpy_seconds']} | {o['one_process_seconds']} | {o['overhead_seconds']} | "
+                  f"{o['first_round_seconds']} |", ""]
+    runs = report.get("experiments", [])
+    if runs:
+        lines += ["| split | strategy | client lr | target | rounds to target | rounds run | best acc | "
+                  "s/round (train) | clients' numpy s/round | client acc mean/p10/min |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in runs:
+            ca = r["client_accuracy"] or {}
+            cas = "/".join(f"{ca[k]:.3f}" for k in ("mean", "p10", "min")) if ca else "—"
+            lines.append(f"| {r['group']} | {r['strategy']} | {r['client_lr']} | {r['target_accuracy']} | "
+                         f"{fmt(r['rounds_to_target'])} | {r['rounds_run']} | {fmt(r['best_accuracy'], '.4f')} | "
+                         f"{r['seconds_per_round']} | {r['client_numpy_seconds_per_round']} | {cas} |")
+    return "\n".join(lines)
+
+
+def ratio_fedavg_fedsgd(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Best FedSGD rounds over best FedAvg rounds on the IID split (None while either is missing)."""
+    def best(name: str) -> int | None:
+        found = [r["rounds_to_target"] for r in runs if r["group"] == "iid" and r["experiment"] == name
+                 and r["rounds_to_target"] is not None]
+        return min(found) if found else None
+    fedavg, fedsgd = best("fedavg"), best("fedsgd")
+    if fedavg is None:
+        return None
+    return {"fedavg_rounds": fedavg, "fedsgd_rounds": fedsgd,
+            "fedsgd_over_fedavg": round(fedsgd / fedavg, 1) if fedsgd else None}
+
+
+def append(out: Path | None, record: dict[str, Any]) -> None:
+    if out is not None:
+        with out.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def floats(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"learning rates must be positive, got {text!r}")
+    return values
+
+
+def parts(text: str) -> list[str]:
+    chosen = [p for p in text.split(",") if p]
+    unknown = sorted(set(chosen) - set(PARTS))
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(f"unknown part(s) {unknown}; choose from {','.join(PARTS)}")
+    return chosen
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bench_federated.py", description=__doc__.split("\n\n")[1])
+    p.add_argument("--only", type=parts, default=list(PARTS), help=f"parts to run ({','.join(PARTS)})")
+    p.add_argument("--lake", default=str(ROOT / "lake"), help="lake.path holding fashion_mnist")
+    p.add_argument("--out", type=Path, help="append one JSON object per finished experiment here")
+    p.add_argument("--fedavg-lrs", type=floats, default=[0.05, 0.1, 0.02])
+    p.add_argument("--fedsgd-lrs", type=floats, default=[0.3, 0.1, 1.0])
+    p.add_argument("--fedavg-rounds", type=positive, default=100)
+    p.add_argument("--fedsgd-rounds", type=positive, default=1000)
+    p.add_argument("--overhead-rounds", type=positive, default=10)
+    p.add_argument("--master", default="local[2]")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    spark = build_session("fedspark-bench-federated", {"spark.master": args.master})
+    spark.sparkContext.setLogLevel("ERROR")
+    report: dict[str, Any] = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                              "machine": machine(), "versions": versions(), "master": args.master}
+    append(args.out, {"kind": "header", **report})
+    if "overhead" in args.only:
+        report["overhead"] = overhead(spark, args)
+        append(args.out, {"kind": "overhead", **report["overhead"]})
+    report["experiments"] = []
+    todo = experiments(args)
+    for group in dict.fromkeys(e.group for e in todo):
+        for record in run_group(spark, [e for e in todo if e.group == group], args):
+            report["experiments"].append(record)
+            append(args.out, {"kind": "experiment", **record})
+    report["iid_ratio"] = ratio_fedavg_fedsgd(report["experiments"])
+    spark.stop()
+    print(json.dumps(report))
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
