@@ -3,10 +3,13 @@ client's task returns, one task per sampled client, retried tasks, resume, parti
 input."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
-import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -202,27 +205,102 @@ def test_server_rules():
     np.testing.assert_allclose(step, 0.1 * mm / (np.sqrt(vv) + 1e-3), rtol=1e-6)
 
 
-def test_resume_after_a_crash_ends_at_the_same_weights(lake, tmp_path, capsys):
-    sets = [*SOFTMAX, "data.table=fed", "federated.clients=6", "federated.fraction=0.5",
-            "federated.rounds=4", "federated.local_epochs=1", "federated.local_batch_size=8",
-            "trainer.checkpoint_every=1", "federated.strategy=fedadam", "federated.server_lr=0.1"]
-    full, expected, lines = run(lake, tmp_path, capsys, *sets, extra=["--run-name", "fed"])
-    assert full["rounds"] == 4 and full["clients"] == 6 and full["sampled_per_round"] == 3
-    assert [r for r, _ in full["test_accuracy_by_round"]] == [1, 2, 3, 4]
-    assert set(full["client_accuracy"]) == {"mean", "p10", "min"}
-    assert lines[0].startswith("clients 6")
-    run_dir = Path(full["run_dir"])
-    # died while writing the checkpoint of round 3: only round 2's is whole
-    (run_dir / "summary.json").unlink()
-    shutil.rmtree(run_dir / "model")
-    (run_dir / "checkpoints" / "round-0003.json").unlink()
-    (run_dir / "checkpoints" / "round-0003.npz").rename(run_dir / "checkpoints" / ".round-0003.npz.tmp-1")
+RESUMABLE = [*SOFTMAX, "data.table=fed", "federated.clients=6", "federated.fraction=0.5",
+             "federated.rounds=5", "federated.local_epochs=1", "federated.local_batch_size=8",
+             "trainer.checkpoint_every=1", "federated.strategy=fedadam", "federated.server_lr=0.1"]
+
+
+def _start_run(lake: Path, runs: Path, name: str, prelude: str = "") -> subprocess.Popen:
+    """pipelines/train.py in its own process (its own JVM), so it can be SIGKILLed; `prelude` runs
+    first in that process."""
+    argv = ["--run-name", name, "--set", f"lake.path={lake}", "--set", f"runs.path={runs}",
+            "--set", "trainer.strategy=federated", "--set", "trainer.dtype=float64"]
+    for s in RESUMABLE:
+        argv += ["--set", s]
+    script = (f"import sys\nsys.path.insert(0, {str(ROOT)!r})\n{prelude}\n"
+              f"from pipelines import train\nfrom pipelines.cli import main_wrapper\n"
+              f"raise SystemExit(main_wrapper(train.main, {argv!r}))\n")
+    return subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _resume(run_dir: Path, capsys) -> tuple[list[str], np.ndarray]:
     capsys.readouterr()
     assert main_wrapper(train.main, ["--resume", str(run_dir)]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[1].startswith(f"resuming {run_dir} after round 2")
     with np.load(run_dir / "model" / "weights.npz", allow_pickle=False) as z:
-        np.testing.assert_array_equal(z["theta"], expected)
+        return out, z["theta"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(lake, tmp_path_factory):
+    """The resumable run, start to end in this process: (summary, final weights, printed lines)."""
+    runs = tmp_path_factory.mktemp("whole")
+    argv = ["--run-name", "whole", "--set", f"lake.path={lake}", "--set", f"runs.path={runs}",
+            "--set", "trainer.strategy=federated", "--set", "trainer.dtype=float64"]
+    for s in RESUMABLE:
+        argv += ["--set", s]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main_wrapper(train.main, argv) == 0
+    lines = out.getvalue().strip().splitlines()
+    summary = json.loads(lines[-1])
+    with np.load(f"{summary['model_path']}/weights.npz", allow_pickle=False) as z:
+        return summary, z["theta"], lines
+
+
+def test_federated_summary_and_report(uninterrupted):
+    full, _, lines = uninterrupted
+    assert full["rounds"] == 5 and full["clients"] == 6 and full["sampled_per_round"] == 3
+    assert [r for r, _ in full["test_accuracy_by_round"]] == list(range(1, 6))
+    assert set(full["client_accuracy"]) == {"mean", "p10", "min"}
+    assert lines[0].startswith("clients 6")
+
+
+@pytest.mark.slow  # a JVM of its own, killed, then a resume
+def test_a_run_killed_after_a_round_resumes_to_the_same_weights(lake, tmp_path, capsys, uninterrupted):
+    _, expected, _ = uninterrupted
+    runs = tmp_path / "runs"
+    proc = _start_run(lake, runs, "killed")
+    marker = runs / "killed" / "checkpoints" / "round-0001.json"
+    while not marker.exists():
+        assert proc.poll() is None, f"the run ended before round 1: {proc.communicate()[1][-2000:]}"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (runs / "killed" / "summary.json").exists(), "killed too late to test a resume"
+    out, theta = _resume(runs / "killed", capsys)
+    assert any(line.startswith(f"resuming {runs / 'killed'} after round") for line in out)
+    np.testing.assert_array_equal(theta, expected)
+
+
+@pytest.mark.slow  # a JVM of its own, killed, then a resume
+def test_a_run_killed_while_writing_a_checkpoint_resumes_to_the_same_weights(lake, tmp_path, capsys,
+                                                                           uninterrupted):
+    _, expected, _ = uninterrupted
+    # the process SIGKILLs itself half-way through writing round 3's checkpoint weights
+    prelude = """
+import os, signal
+from pipelines import artifacts
+_write = artifacts.atomic_write
+def dying_write(path, data):
+    if path.name == "round-0003.npz":
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_bytes(data[: len(data) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+    _write(path, data)
+artifacts.atomic_write = dying_write
+"""
+    runs = tmp_path / "runs"
+    proc = _start_run(lake, runs, "torn", prelude)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == -signal.SIGKILL, err[-2000:]
+    assert sorted(p.name for p in (runs / "torn" / "checkpoints").glob("*.json")) == \
+        ["round-0001.json", "round-0002.json"]
+    out, theta = _resume(runs / "torn", capsys)
+    assert f"resuming {runs / 'torn'} after round 2" in out
+    np.testing.assert_array_equal(theta, expected)
 
 
 def test_a_failing_first_task_attempt_changes_nothing(lake, tmp_path):
