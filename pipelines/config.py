@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipelines.errors import UserError
+from pipelines.robust import NEEDS_INDIVIDUAL_UPDATES
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 DEFAULT_FILE = CONF_DIR / "default.yaml"
@@ -151,8 +152,7 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _cross_section_rules(self) -> "Config":
-        hiding = {"median", "trimmed_mean", "krum", "multi_krum"}
-        if self.privacy.secure_aggregation and self.robust.rule in hiding:
+        if self.privacy.secure_aggregation and self.robust.rule in NEEDS_INDIVIDUAL_UPDATES:
             raise ValueError(
                 f"robust.rule={self.robust.rule!r} needs individual updates, which "
                 "privacy.secure_aggregation hides; use rule mean or norm_bound, or turn secure "
@@ -160,6 +160,13 @@ class Config(_Section):
         if self.privacy.dp == "central" and self.federated.sampling != "poisson":
             raise ValueError("privacy.dp=central requires federated.sampling=poisson "
                              "(the privacy accountant assumes Poisson client sampling)")
+        if self.privacy.dp == "central" and self.robust.rule != "mean":
+            raise ValueError(f"privacy.dp=central adds its noise to the plain sum of the clipped "
+                             f"updates; robust.rule={self.robust.rule!r} cannot be combined with it "
+                             "(use rule mean)")
+        if self.privacy.adaptive_clip and self.privacy.dp != "central":
+            raise ValueError("privacy.adaptive_clip needs privacy.dp=central (the clients' "
+                             "within-clip bits are only private inside the noisy central count)")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -21,14 +21,16 @@ from pyspark import RDD, SparkContext
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from pipelines import lake, partitioners
-from pipelines.aggregation import ServerRule, weighted_mean
-from pipelines.config import Config, FederatedSection
+from pipelines import lake, partitioners, privacy, robust
+from pipelines.aggregation import ServerRule
+from pipelines.config import Config, ConfigError, FederatedSection
 from pipelines.data import Blocks, build, load_blocks, read_rows, release, shape
 from pipelines.errors import UserError
 from pipelines.strategies import evaluate, optimizer_from
 from udfs import clients
+from udfs.attacks import Attack, malicious_clients
 from udfs.models import ModelSpec
+from udfs.privacy import Release
 from udfs.seeding import Stream, rng
 
 
@@ -137,13 +139,21 @@ class FedState:
     round: int = 0
     history: list[dict] = field(default_factory=list)
     dropped: int = 0
+    stopped: str | None = None   # why training ended before federated.rounds, if it did
+
+
+def initial_state(config: Config, theta: np.ndarray, n_clients: int) -> FedState:
+    """Round 0: the server rule's state and, under DP, the clipping bound."""
+    server = server_rule(config.federated).init_state(theta)
+    return FedState(theta, {**server, **privacy.Dp.from_config(config, n_clients).init_state()})
 
 
 RoundHook = Callable[[FedState, dict], None]
 StopRule = Callable[[dict], bool]
 
 
-def client_round(config: Config, spec: ModelSpec, round_: int) -> clients.ClientRound:
+def client_round(config: Config, spec: ModelSpec, round_: int, release: Release = Release(),
+                 attack: Attack = Attack("none", 0.0, frozenset())) -> clients.ClientRound:
     fed, t = config.federated, config.trainer
     fedsgd = fed.strategy == "fedsgd"
     return clients.ClientRound(
@@ -151,7 +161,49 @@ def client_round(config: Config, spec: ModelSpec, round_: int) -> clients.Client
         round=round_, local_epochs=1 if fedsgd else fed.local_epochs,
         batch_size=None if fedsgd else fed.local_batch_size,
         optimizer=optimizer_from(config),
-        mu=fed.mu if fed.strategy == "fedprox" else 0.0)
+        mu=fed.mu if fed.strategy == "fedprox" else 0.0, release=release, attack=attack)
+
+
+def attack_from(config: Config, n_clients: int) -> Attack:
+    a = config.robust.attack
+    return Attack(a.kind, a.scale, malicious_clients(config.trainer.seed, n_clients, a.fraction)
+                  if a.kind != "none" else frozenset())
+
+
+def expected_per_round(fed: FederatedSection, n_clients: int) -> float:
+    if fed.sampling == "poisson":
+        return fed.fraction * n_clients
+    return min(n_clients, max(fed.min_clients, int(round(fed.fraction * n_clients))))
+
+
+def check_setup(config: Config, n_clients: int) -> None:
+    """What the config alone cannot check: settings that depend on how many clients there are."""
+    per_round = expected_per_round(config.federated, n_clients)
+    r = config.robust
+    if r.rule in ("krum", "multi_krum"):
+        f = robust.byzantine_count(r.byzantine, r.attack.fraction, per_round)
+        if per_round <= 2 * f + 2:
+            raise ConfigError(
+                f"robust.rule={r.rule} assumes more than 2f+2 clients per round; with f={f} "
+                f"Byzantine clients (robust.byzantine, or robust.attack.fraction={r.attack.fraction} "
+                f"of the {per_round:g} sampled) it needs more than {2 * f + 2}; sample more "
+                "clients (federated.fraction) or lower f")
+    privacy.Dp.from_config(config, n_clients).check_startable()
+
+
+def combine(config: Config, dp: privacy.Dp, reports: list[dict], state: "FedState",
+            round_: int, per_round: float) -> np.ndarray:
+    """The round's aggregate update from what the clients reported: DP's noisy average, or the
+    robust rule (the sample-weighted mean by default)."""
+    updates = [d["update"] for d in reports]
+    r, seed = config.robust, config.trainer.seed
+    if dp.mode == "central":
+        total = np.sum(np.stack(updates), axis=0, dtype=np.float64)
+        aggregate = dp.noisy_mean(total, state.server_state, seed, round_)
+        dp.adapt_clip(sum(bool(d.get("within_clip")) for d in reports), state.server_state, seed, round_)
+        return aggregate
+    f = robust.byzantine_count(r.byzantine, r.attack.fraction, per_round)
+    return robust.aggregate(r.rule, updates, [d["n"] for d in reports], r.trim_fraction, f)
 
 
 def server_rule(fed: FederatedSection) -> ServerRule:
@@ -196,13 +248,20 @@ def fit(sc: SparkContext, config: Config, c: Clients, test: Blocks | None, spec:
     more than a round when only the global test accuracy is wanted."""
     fed, t = config.federated, config.trainer
     rule = server_rule(fed)
+    dp = privacy.Dp.from_config(config, c.count)
+    attack = attack_from(config, c.count)
+    per_round = expected_per_round(fed, c.count)
     split = clients.ClientSplit(t.seed, fed.holdout_fraction)
     while state.round < fed.rounds:
         started = time.perf_counter()
         r = state.round + 1
+        if not dp.may_run(r):
+            state.stopped = (f"privacy budget: round {r} would take epsilon to "
+                             f"{dp.epsilon_after(r):.3f} > privacy.target_epsilon={dp.target_epsilon}")
+            break
         sampled = sample(fed, r, c.count, t.seed)
-        reports, dropped = run_round(sc, c, client_round(config, spec, r), state.theta, sampled) \
-            if sampled else ([], [])
+        task = client_round(config, spec, r, dp.release(state.server_state, None), attack)
+        reports, dropped = run_round(sc, c, task, state.theta, sampled) if sampled else ([], [])
         if sampled and len(reports) < fed.min_clients:
             reasons = "; ".join(f"{c.names[d['client']]}: {d['dropped']}" for d in dropped[:3])
             raise RuntimeError(f"round {r}: only {len(reports)} of {len(sampled)} sampled clients "
@@ -211,14 +270,18 @@ def fit(sc: SparkContext, config: Config, c: Clients, test: Blocks | None, spec:
         record: dict = {"round": r, "clients": len(sampled), "reported": len(reports),
                         "dropped": [c.names[d["client"]] for d in dropped]}
         if reports:
-            counts = [d["n"] for d in reports]
-            state.theta = rule.apply(state.theta, weighted_mean([d["update"] for d in reports], counts),
+            state.theta = rule.apply(state.theta, combine(config, dp, reports, state, r, per_round),
                                      state.server_state)
-            record["train_loss"] = float(np.average([d["train_loss"] for d in reports], weights=counts))
+            record["train_loss"] = float(np.average([d["train_loss"] for d in reports],
+                                                    weights=[d["n"] for d in reports]))
+        if dp.enabled:
+            record["epsilon"] = dp.epsilon_after(r)
+            record["clip"] = float(state.server_state["clip"][0])
         state.dropped += len(dropped)
         record["bytes_down"] = int(state.theta.nbytes * len(sampled))
         record["bytes_up"] = int(sum(d["update"].nbytes for d in reports))
-        if r % fed.eval_every == 0 or r == fed.rounds:
+        last = r == fed.rounds or not dp.may_run(r + 1)
+        if r % fed.eval_every == 0 or last:
             evaluated = time.perf_counter()
             if test is not None:
                 test_metrics = evaluate(sc, test, spec, t.dtype, state.theta, ("test",),
@@ -245,7 +308,7 @@ def summary_fields(config: Config, c: Clients, state: FedState) -> dict:
     reached = next((r for r, acc in by_round if target is not None and acc >= target), None)
     last_clients = next((h["client_accuracy"] for h in reversed(state.history)
                          if h.get("client_accuracy")), {})
-    return {
+    out = {
         "rounds": state.round,
         "clients": c.count,
         "sampled_per_round": float(np.mean([h["clients"] for h in state.history])) if state.history else 0.0,
@@ -254,7 +317,16 @@ def summary_fields(config: Config, c: Clients, state: FedState) -> dict:
         "target_accuracy": target,
         "rounds_to_target": reached,
         "dropped_clients": state.dropped,
+        **({"stopped": state.stopped} if state.stopped else {}),
         "federated": {"strategy": fed.strategy, "partitioner": fed.partitioner,
                       "sampling": fed.sampling, "fraction": fed.fraction,
                       "local_epochs": fed.local_epochs, "local_batch_size": fed.local_batch_size},
     }
+    p, r = config.privacy, config.robust
+    if p.dp != "none" or p.secure_aggregation:
+        dp = privacy.Dp.from_config(config, c.count)
+        out["privacy"] = dp.summary(state.round, state.server_state, p.secure_aggregation)
+    if r.rule != "mean" or r.attack.kind != "none":
+        out["robustness"] = {"rule": r.rule, "attack": r.attack.kind,
+                             "malicious_fraction": r.attack.fraction}
+    return out

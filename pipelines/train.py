@@ -194,6 +194,8 @@ def round_line(record: dict[str, Any], rounds: int) -> str:
     ca = record.get("client_accuracy") or {}
     if ca:
         parts.append(f"client_accuracy mean {ca['mean']:.4f} p10 {ca['p10']:.4f} min {ca['min']:.4f}")
+    if "epsilon" in record:
+        parts.append(f"epsilon {record['epsilon']:.3f}")
     if record["dropped"]:
         parts.append(f"dropped {len(record['dropped'])}")
     parts.append(f"{record['seconds']:.2f}s")
@@ -208,10 +210,10 @@ def train_federated(spark: SparkSession, config: Config, args: argparse.Namespac
     clients, test = federated.prepare_clients(spark, config)
     timings["blocks"] = time.perf_counter() - mark
     print(federated.partition_report(clients), flush=True)
+    federated.check_setup(config, clients.count)
     spec = model_spec(config, clients.n_features, clients.n_classes)
     run_dir = open_run(config, args, run_dir)
-    theta = initial_theta(config, spec)
-    state = federated.FedState(theta, federated.server_rule(fed).init_state(theta))
+    state = federated.initial_state(config, initial_theta(config, spec), clients.count)
     restored = restore(run_dir, spec.n_params)
     if restored:
         theta, server_state, meta = restored

@@ -100,8 +100,7 @@ def converge(spark: SparkSession, config: Config, clients: federated.Clients, te
     sc = spark.sparkContext
     spec = model_spec(config, clients.n_features, clients.n_classes)
     fed, t = config.federated, config.trainer
-    theta = initial_theta(config, spec)
-    state = federated.FedState(theta, federated.server_rule(fed).init_state(theta))
+    state = federated.initial_state(config, initial_theta(config, spec), clients.count)
     target = fed.target_accuracy
 
     def on_round(_: federated.FedState, record: dict) -> None:

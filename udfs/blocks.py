@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 
+from udfs import worker
 from udfs.seeding import Stream, rng
 
 N_SHARDS = 1024
@@ -98,6 +99,7 @@ def build_partition(batches: Iterator[pa.RecordBatch], key: str) -> Iterator[pa.
     and return one handle row: where it is, its size and labels, and train-split rows per shard."""
     from pyspark import SparkFiles, TaskContext
 
+    worker.prepare()
     part = TaskContext.get().partitionId()
     batches = [b for b in batches if b.num_rows]
     if not batches:

@@ -13,11 +13,13 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from udfs import blocks, models
+from udfs import blocks, models, worker
+from udfs.attacks import Attack
 from udfs.models import ModelSpec
 from udfs.optimizers import Optimizer
+from udfs.privacy import Release
 from udfs.seeding import Stream, rng
-from udfs.tasks import handle_of, metric_sums, single_blas_thread
+from udfs.tasks import handle_of, metric_sums
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,8 @@ class ClientRound:
     batch_size: int | None   # None: the whole local data set in one batch (FedSGD)
     optimizer: Optimizer
     mu: float                # FedProx proximal weight; 0 = FedAvg
+    release: Release = Release()
+    attack: Attack = Attack("none", 0.0, frozenset())
 
 
 def train_client(task: ClientRound, client: int, theta0: np.ndarray, X: np.ndarray,
@@ -81,9 +85,11 @@ def train_client(task: ClientRound, client: int, theta0: np.ndarray, X: np.ndarr
 def client_update(rows: Iterable[Any], task: ClientRound, weights: Any) -> Iterator[dict]:
     """Train this partition's client from the broadcast global weights.
 
-    Yields one record: {client, n, update, train_loss, seconds (of local training)} or, when the client's own training fails (bad
-    rows, a numeric error), {client, dropped: reason} so the round can go on without it."""
-    single_blas_thread()
+    Yields one record: {client, n, update, train_loss, seconds (of local training)}, plus
+    `within_clip` under adaptive clipping, or, when the client's own training fails (bad rows, a
+    numeric error), {client, dropped: reason} so the round can go on without it. The update is
+    released as `task.release` says (clipped, noised); a simulated attacker then tampers with it."""
+    worker.prepare()
     handle = handle_of(rows)
     if handle is None:
         return
@@ -92,24 +98,28 @@ def client_update(rows: Iterable[Any], task: ClientRound, weights: Any) -> Itera
         block = blocks.load(path)
         train, _ = client_rows(path, client, task.split)
         X = block.X[train].astype(task.dtype, copy=False)
+        y = task.attack.labels(client, block.y[train], task.spec.n_classes)
         theta0 = weights.value
         started = time.perf_counter()
-        theta, loss, _ = train_client(task, client, theta0, X, block.y[train])
+        theta, loss, _ = train_client(task, client, theta0, X, y)
         seconds = time.perf_counter() - started
         update = theta - theta0
         if not (np.isfinite(update).all() and math.isfinite(loss)):
             raise FloatingPointError("the local update is not finite")
+        seed = task.split.seed
+        update, extra = task.release.apply(update, seed, task.round, client)
+        update = task.attack.tamper(client, update, seed, task.round)
     except Exception as exc:  # noqa: BLE001 - a client's failure must not fail the round
         yield {"client": client, "dropped": f"{type(exc).__name__}: {str(exc)[:200]}"}
         return
     yield {"client": client, "n": int(len(train)), "update": update, "train_loss": float(loss),
-           "seconds": seconds}
+           "seconds": seconds, **extra}
 
 
 def client_evaluate(rows: Iterable[Any], spec: ModelSpec, dtype: str, split: ClientSplit,
                     weights: Any) -> Iterator[tuple[int, np.ndarray]]:
     """The global model on this client's hold-out: (client, [n, loss_sum, correct, ...])."""
-    single_blas_thread()
+    worker.prepare()
     handle = handle_of(rows)
     if handle is None:
         return

@@ -18,6 +18,9 @@ class Stream(IntEnum):
     PARTITION = 5
     HOLDOUT = 6
     SAMPLE = 7
+    ATTACK = 8
+    DP_NOISE = 9
+    CLIENT_NOISE = 10
 
 
 def rng(seed: int, stream: Stream, *keys: int) -> np.random.Generator:

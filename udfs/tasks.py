@@ -11,22 +11,10 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from udfs import blocks, models
+from udfs import blocks, models, worker
 from udfs.models import ModelSpec
 from udfs.optimizers import Optimizer
 from udfs.seeding import Stream, rng
-
-_THREADS_LIMITED = False
-
-
-def single_blas_thread() -> None:
-    """One BLAS thread per task: the task is the unit of parallelism (set once per worker)."""
-    global _THREADS_LIMITED
-    if not _THREADS_LIMITED:
-        from threadpoolctl import threadpool_limits
-
-        threadpool_limits(1)
-        _THREADS_LIMITED = True
 
 
 def _placed(path: str, layout: blocks.Layout, dtype: str) -> tuple[blocks.Block, blocks.Roles, np.ndarray]:
@@ -92,7 +80,7 @@ def local_round(rows: Iterable[Any], task: LocalRound, weights: Any) -> Iterator
 
     Yields (n, n*theta, {name: n*buffer}, loss_sum, batches), n being this partition's training
     rows, so the driver's sum divided by the total n is the sample-weighted average."""
-    single_blas_thread()
+    worker.prepare()
     handle = handle_of(rows)
     if handle is None:
         return
@@ -148,7 +136,7 @@ def sync_gradient(rows: Iterable[Any], job: Job, epoch: int, batch: int, weights
 
     Yields (grad_sum, loss_sum, count); the driver's sum over partitions divided by count is the
     gradient of the global mini-batch, exactly as one machine would compute it."""
-    single_blas_thread()
+    worker.prepare()
     handle = handle_of(rows)
     if handle is None:
         return
@@ -170,7 +158,7 @@ def evaluate(rows: Iterable[Any], spec: ModelSpec, layout: blocks.Layout, dtype:
     """Sums from which the driver computes loss and accuracy (or RMSE and R^2) per role.
 
     Yields {role: array[n, loss_sum, correct, sse, y_sum, y2_sum]}."""
-    single_blas_thread()
+    worker.prepare()
     handle = handle_of(rows)
     if handle is None:
         return

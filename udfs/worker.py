@@ -1,0 +1,42 @@
+"""Once per Python worker process: settings every task of ours wants, made on its first task.
+
+* One BLAS thread: the Spark task is the unit of parallelism.
+* Spark's own archives stop being re-read on every task. PySpark's worker calls
+  importlib.invalidate_caches() before each task, and on Python 3.11 every zipimporter then re-reads
+  its archive's whole directory. The workers' PYTHONPATH holds pyspark.zip (1,220 entries) and the
+  spark-core jar (5,264 entries, no Python in it), and each package imported from pyspark.zip has an
+  importer of its own: measured here, that was 50-150 ms of every task, most of a round's overhead
+  (docs/BENCHMARKS.md). The archives do not change while the application runs, so the importers
+  that exist after the first task keep the directories they read; archives added later
+  (SparkContext.addPyFile) are untouched and behave as before.
+"""
+from __future__ import annotations
+
+import sys
+import zipimport
+
+_PREPARED = False
+
+
+class _StaticZipImporter(zipimport.zipimporter):
+    """A zipimporter for an archive that never changes while the worker lives."""
+
+    def invalidate_caches(self) -> None:
+        pass
+
+
+def _freeze_zip_importers() -> None:
+    for key, finder in list(sys.path_importer_cache.items()):
+        if type(finder) is zipimport.zipimporter:
+            sys.path_importer_cache[key] = _StaticZipImporter(key)
+
+
+def prepare() -> None:
+    global _PREPARED
+    if _PREPARED:
+        return
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)
+    _freeze_zip_importers()
+    _PREPARED = True
