@@ -21,7 +21,7 @@ from pyspark import RDD, SparkContext
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from pipelines import lake, partitioners, privacy, robust
+from pipelines import lake, partitioners, privacy, robust, secagg, secure_round
 from pipelines.aggregation import ServerRule
 from pipelines.config import Config, ConfigError, FederatedSection
 from pipelines.data import Blocks, build, load_blocks, read_rows, release, shape
@@ -188,7 +188,36 @@ def check_setup(config: Config, n_clients: int) -> None:
                 f"Byzantine clients (robust.byzantine, or robust.attack.fraction={r.attack.fraction} "
                 f"of the {per_round:g} sampled) it needs more than {2 * f + 2}; sample more "
                 "clients (federated.fraction) or lower f")
+    p = config.privacy
+    if p.secure_aggregation:
+        try:
+            secagg.threshold(int(per_round), p.secagg_threshold)
+        except ValueError as exc:
+            raise ConfigError(f"privacy.secagg_threshold={p.secagg_threshold} with {per_round:g} "
+                              f"clients per round: {exc}") from None
     privacy.Dp.from_config(config, n_clients).check_startable()
+
+
+def train_clients(sc: SparkContext, config: Config, c: Clients, task: clients.ClientRound,
+                  state: "FedState", sampled: list[int], dp: privacy.Dp, per_round: float
+                  ) -> tuple[list[dict], list[dict], np.ndarray | None, int]:
+    """Run the round's client training: (reports, dropped, aggregate update or None when nobody
+    reported, bytes the clients sent up). Under secure aggregation the driver only learns sums."""
+    if not sampled:
+        return [], [], None, 0
+    p, r, seed = config.privacy, task.round, config.trainer.seed
+    if not p.secure_aggregation:
+        reports, dropped = run_round(sc, c, task, state.theta, sampled)
+        aggregate = combine(config, dp, reports, state, r, per_round) if reports else None
+        return reports, dropped, aggregate, int(sum(d["update"].nbytes for d in reports))
+    res = secure_round.run_secure_round(sc, c, task, state.theta, sampled, p.secagg_threshold,
+                                        p.ring_bits, task.release.clip, weighted=dp.mode != "central")
+    if dp.mode == "central":
+        aggregate = dp.noisy_mean(res.weighted_sum, state.server_state, seed, r)
+        dp.adapt_clip(res.within_clip, state.server_state, seed, r)
+    else:
+        aggregate = res.weighted_sum / res.weight_sum
+    return res.reports, res.dropped, aggregate, res.bytes_up
 
 
 def combine(config: Config, dp: privacy.Dp, reports: list[dict], state: "FedState",
@@ -260,8 +289,10 @@ def fit(sc: SparkContext, config: Config, c: Clients, test: Blocks | None, spec:
                              f"{dp.epsilon_after(r):.3f} > privacy.target_epsilon={dp.target_epsilon}")
             break
         sampled = sample(fed, r, c.count, t.seed)
-        task = client_round(config, spec, r, dp.release(state.server_state, None), attack)
-        reports, dropped = run_round(sc, c, task, state.theta, sampled) if sampled else ([], [])
+        clip = config.privacy.clip if config.privacy.secure_aggregation else None
+        task = client_round(config, spec, r, dp.release(state.server_state, clip), attack)
+        reports, dropped, aggregate, bytes_up = train_clients(sc, config, c, task, state, sampled, dp,
+                                                              per_round)
         if sampled and len(reports) < fed.min_clients:
             reasons = "; ".join(f"{c.names[d['client']]}: {d['dropped']}" for d in dropped[:3])
             raise RuntimeError(f"round {r}: only {len(reports)} of {len(sampled)} sampled clients "
@@ -269,9 +300,8 @@ def fit(sc: SparkContext, config: Config, c: Clients, test: Blocks | None, spec:
                                f"(dropped: {reasons})")
         record: dict = {"round": r, "clients": len(sampled), "reported": len(reports),
                         "dropped": [c.names[d["client"]] for d in dropped]}
-        if reports:
-            state.theta = rule.apply(state.theta, combine(config, dp, reports, state, r, per_round),
-                                     state.server_state)
+        if aggregate is not None:
+            state.theta = rule.apply(state.theta, aggregate, state.server_state)
             record["train_loss"] = float(np.average([d["train_loss"] for d in reports],
                                                     weights=[d["n"] for d in reports]))
         if dp.enabled:
@@ -279,7 +309,7 @@ def fit(sc: SparkContext, config: Config, c: Clients, test: Blocks | None, spec:
             record["clip"] = float(state.server_state["clip"][0])
         state.dropped += len(dropped)
         record["bytes_down"] = int(state.theta.nbytes * len(sampled))
-        record["bytes_up"] = int(sum(d["update"].nbytes for d in reports))
+        record["bytes_up"] = bytes_up
         last = r == fed.rounds or not dp.may_run(r + 1)
         if r % fed.eval_every == 0 or last:
             evaluated = time.perf_counter()

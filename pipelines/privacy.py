@@ -120,7 +120,7 @@ class Dp:
                                                            total.shape)
         return (total + noise) / self.expected_clients
 
-    def adapt_clip(self, within: int, state: dict[str, np.ndarray], seed: int, round_: int) -> None:
+    def adapt_clip(self, within: float, state: dict[str, np.ndarray], seed: int, round_: int) -> None:
         """Adaptive clipping: move C towards the target quantile of the clients' update norms."""
         if not (self.enabled and self.adaptive):
             return

@@ -35,7 +35,6 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipelines import idx
 from pipelines.config import Config, load_config
 from pipelines.strategies import optimizer_from  # the Optimizer the jobs build from the same config
 from udfs import models
@@ -44,11 +43,10 @@ from udfs.models import ModelSpec
 from udfs.seeding import Stream, rng
 from udfs.tasks import steps_per_epoch  # global mini-batch steps, counted as the strategies do
 
-from benchlib import log, machine, versions
+from benchlib import DATA_DIR, load_split, log, machine, versions
 
 WAYS = ("numpy", "local", "sync", "mllib")
 VENV = Path(os.environ.get("FEDSPARK_VENV", ROOT / ".venv"))
-DATA_DIR = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 BLAS_DIR = Path("/usr/lib/x86_64-linux-gnu")
 MLLIB_JOB_FLAG = "--mllib-job"  # internal: this file re-run under spark-submit as the MLlib job
 
@@ -79,12 +77,6 @@ def held_out(n_train_split: int, config: Config) -> np.ndarray:
 
 
 # --- 1. numpy floor ------------------------------------------------------------------------------
-
-def load_split(split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Pixels scaled to [0, 1] as float32, as pipelines/ingest.py writes them to the table."""
-    images, labels = idx.read_split(DATA_DIR, split)
-    return images.astype(np.float32) / np.float32(255.0), labels.astype(np.int32)
-
 
 def accuracy(spec: ModelSpec, theta: np.ndarray, X: np.ndarray, y: np.ndarray) -> float:
     return float((models.predict(spec, theta, X) == y).mean())

@@ -42,16 +42,15 @@ import numpy as np
 from pyspark.sql import SparkSession
 from threadpoolctl import threadpool_limits
 
-from pipelines import federated, lake, partitioners
+from pipelines import federated, partitioners
 from pipelines.aggregation import weighted_mean
 from pipelines.config import Config, load_config
-from pipelines.data import read_rows
 from pipelines.session import build_session
 from pipelines.train import initial_theta, model_spec
 from udfs.clients import ClientSplit, train_client
 from udfs.seeding import Stream, rng
 
-from benchlib import log, machine, versions
+from benchlib import load_split, log, machine, versions
 
 PARTS = ("overhead", "iid", "shards", "dirichlet")
 
@@ -172,18 +171,14 @@ def run_group(spark: SparkSession, group: list[Experiment], args: argparse.Names
 
 # --- round overhead ----------------------------------------------------------------------------
 
-def client_arrays(spark: SparkSession, config: Config) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def client_arrays(config: Config) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(X, y, client) of the train split in id order, clients assigned as prepare_clients does.
-    Read on the driver only to time the same training in one process."""
-    rows, _ = read_rows(spark, config.lake.path, lake.TableRef(config.data.table), ("train",))
-    table = rows.select("id", "features", "label").orderBy("id").toArrow()
-    y = table.column("label").to_numpy()
-    flat = table.column("features").combine_chunks().flatten().to_numpy()
-    X = flat.reshape(len(y), -1)
+    Read from the IDX files only to time the same training in one process."""
+    X, y = load_split("train")
     fed = config.federated
     client = partitioners.assign(fed.partitioner, y, fed.clients, rng(config.trainer.seed, Stream.PARTITION),
                                  fed.alpha, fed.shards_per_client)
-    return X, y, client
+    return X.reshape(len(y), -1), y, client
 
 
 def one_process(task: Any, theta: np.ndarray, sampled: list[int], data: tuple, split: ClientSplit) -> float:
@@ -206,7 +201,7 @@ def overhead(spark: SparkSession, args: argparse.Namespace) -> dict[str, Any]:
     config = experiment_config(Experiment("iid", "fedavg", "fedavg_iid.yaml", (), 1), args.lake, 1)
     clients, test = federated.prepare_clients(spark, config)
     spec = model_spec(config, clients.n_features, clients.n_classes)
-    data = client_arrays(spark, config)
+    data = client_arrays(config)
     fed, t = config.federated, config.trainer
     split = ClientSplit(t.seed, fed.holdout_fraction)
     rule = federated.server_rule(fed)

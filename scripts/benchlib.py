@@ -10,6 +10,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from pipelines import idx
+
+DATA_DIR = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+
 
 def log(message: str) -> None:
     """Progress goes to stderr so stdout holds only the JSON object and the table."""
@@ -33,3 +39,10 @@ def versions() -> dict[str, str]:
     java = subprocess.run(["java", "-version"], capture_output=True, text=True)
     found["java"] = (java.stderr.splitlines() or ["?"])[0]
     return found
+
+
+def load_split(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Fashion-MNIST pixels scaled to [0, 1] as float32, as pipelines/ingest.py writes them to the
+    table (row i of the train split is id i there)."""
+    images, labels = idx.read_split(DATA_DIR, split)
+    return images.astype(np.float32) / np.float32(255.0), labels.astype(np.int32)

@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from udfs import worker
+from udfs.secagg import SECRET_BYTES
 from udfs.seeding import Stream, rng
 
 N_SHARDS = 1024
@@ -34,6 +35,7 @@ N_SHARDS = 1024
 HANDLE_SCHEMA = ("part int, path string, rows long, test_rows long, width int, label_max double, "
                  "float_label boolean, distinct_labels int, shard_counts binary")
 ARRAYS = ("X", "y", "id", "shard", "test")
+SECRET_FILE = "secret.key"
 
 
 class BlockError(ValueError):
@@ -90,8 +92,23 @@ def save(block: Block, path: str) -> None:
     os.makedirs(tmp)
     for name in ARRAYS:
         np.save(os.path.join(tmp, f"{name}.npy"), getattr(block, name), allow_pickle=False)
+    _write_secret(os.path.join(tmp, SECRET_FILE))
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
+
+
+def _write_secret(path: str) -> None:
+    """The partition's own secret for secure aggregation: OS entropy, never derived from the run
+    seed, readable only by this user and only ever read by this partition's tasks."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(os.urandom(SECRET_BYTES))
+
+
+def secret(path: str) -> bytes:
+    """The secret of the block at `path` (see _write_secret)."""
+    with open(os.path.join(path, SECRET_FILE), "rb") as fh:
+        return fh.read()
 
 
 def build_partition(batches: Iterator[pa.RecordBatch], key: str) -> Iterator[pa.RecordBatch]:

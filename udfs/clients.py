@@ -82,38 +82,49 @@ def train_client(task: ClientRound, client: int, theta0: np.ndarray, X: np.ndarr
     return theta, loss_sum / max(step, 1), step
 
 
-def client_update(rows: Iterable[Any], task: ClientRound, weights: Any) -> Iterator[dict]:
-    """Train this partition's client from the broadcast global weights.
+def local_update(path: str, client: int, task: ClientRound, theta0: np.ndarray) -> dict:
+    """Train the client at `path` from theta0 and release its update as `task.release` says
+    (clipped, noised); a simulated attacker then tampers with it. Raises when training fails.
 
-    Yields one record: {client, n, update, train_loss, seconds (of local training)}, plus
-    `within_clip` under adaptive clipping, or, when the client's own training fails (bad rows, a
-    numeric error), {client, dropped: reason} so the round can go on without it. The update is
-    released as `task.release` says (clipped, noised); a simulated attacker then tampers with it."""
+    Returns {client, n, update, train_loss, seconds (of local training)}, plus `within_clip` under
+    adaptive clipping."""
+    block = blocks.load(path)
+    train, _ = client_rows(path, client, task.split)
+    X = block.X[train].astype(task.dtype, copy=False)
+    y = task.attack.labels(client, block.y[train], task.spec.n_classes)
+    started = time.perf_counter()
+    theta, loss, _ = train_client(task, client, theta0, X, y)
+    seconds = time.perf_counter() - started
+    update = theta - theta0
+    if not (np.isfinite(update).all() and math.isfinite(loss)):
+        raise FloatingPointError("the local update is not finite")
+    seed = task.split.seed
+    update, extra = task.release.apply(update, seed, task.round, client)
+    update = task.attack.tamper(client, update, seed, task.round)
+    return {"client": client, "n": int(len(train)), "update": update, "train_loss": float(loss),
+            "seconds": seconds, **extra}
+
+
+def dropped(client: int, exc: Exception) -> dict:
+    """What a client whose own work failed reports instead, so the round can go on without it."""
+    return {"client": client, "dropped": f"{type(exc).__name__}: {str(exc)[:200]}"}
+
+
+def client_update(rows: Iterable[Any], task: ClientRound, weights: Any) -> Iterator[dict]:
+    """Train this partition's client from the broadcast global weights; yields its local_update
+    record, or a `dropped` record when the client's own training fails (bad rows, a numeric
+    error)."""
     worker.prepare()
     handle = handle_of(rows)
     if handle is None:
         return
     client, path = handle
     try:
-        block = blocks.load(path)
-        train, _ = client_rows(path, client, task.split)
-        X = block.X[train].astype(task.dtype, copy=False)
-        y = task.attack.labels(client, block.y[train], task.spec.n_classes)
-        theta0 = weights.value
-        started = time.perf_counter()
-        theta, loss, _ = train_client(task, client, theta0, X, y)
-        seconds = time.perf_counter() - started
-        update = theta - theta0
-        if not (np.isfinite(update).all() and math.isfinite(loss)):
-            raise FloatingPointError("the local update is not finite")
-        seed = task.split.seed
-        update, extra = task.release.apply(update, seed, task.round, client)
-        update = task.attack.tamper(client, update, seed, task.round)
+        report = local_update(path, client, task, weights.value)
     except Exception as exc:  # noqa: BLE001 - a client's failure must not fail the round
-        yield {"client": client, "dropped": f"{type(exc).__name__}: {str(exc)[:200]}"}
+        yield dropped(client, exc)
         return
-    yield {"client": client, "n": int(len(train)), "update": update, "train_loss": float(loss),
-           "seconds": seconds, **extra}
+    yield report
 
 
 def client_evaluate(rows: Iterable[Any], spec: ModelSpec, dtype: str, split: ClientSplit,
