@@ -1,0 +1,309 @@
+"""Private and robust federated training: robust rules against independent references, simulated
+attacks, DP-FedAvg's clipping, noise and accounting (checked against dp-accounting itself), and
+secure aggregation rounds on real Spark partitions, including what the driver gets to see."""
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import dp_accounting
+import numpy as np
+import pytest
+from dp_accounting import rdp
+from scipy import stats
+
+from pipelines import federated, privacy, robust, secure_round, train
+from pipelines.cli import main_wrapper
+from pipelines.config import config_from_dict
+from tests.conftest import write_table
+from udfs import attacks, secagg, secure_clients
+from udfs.privacy import Release
+
+N, D, K = 400, 6, 3
+
+
+@pytest.fixture(scope="module")
+def lake(spark, tmp_path_factory):
+    path = tmp_path_factory.mktemp("privlake")
+    rng = np.random.default_rng(11)
+    X = rng.normal(size=(N, D)).astype(np.float32)
+    y = (X[:, :K] + 0.2 * rng.normal(size=(N, K))).argmax(axis=1)
+    write_table(spark, path, "priv", X, y, np.where(np.arange(N) % 4 == 0, "test", "train"))
+    return path
+
+
+def _config(lake: Path, **sections):
+    base = {"lake": {"path": str(lake)}, "data": {"table": "priv"},
+            "model": {"kind": "softmax", "init": "zeros"},
+            "trainer": {"strategy": "federated", "dtype": "float64",
+                        "optimizer": {"name": "sgd", "lr": 0.5}},
+            "federated": {"clients": 10, "fraction": 1.0, "local_epochs": 1, "local_batch_size": 16,
+                          "rounds": 2}}
+    for key, value in sections.items():
+        base[key] = {**base.get(key, {}), **value}
+    return config_from_dict(base)
+
+
+# --- robust rules --------------------------------------------------------------------------------
+
+def _updates(seed=0, n=9, d=5):
+    return np.random.default_rng(seed).normal(size=(n, d))
+
+
+def test_median_and_trimmed_mean_match_independent_references():
+    U = _updates()
+    med = robust.aggregate("median", list(U), [1] * 9, 0.0, 0)
+    for j in range(U.shape[1]):
+        assert med[j] == statistics.median(U[:, j])
+    trimmed = robust.aggregate("trimmed_mean", list(U), [1] * 9, 0.25, 0)
+    np.testing.assert_allclose(trimmed, stats.trim_mean(U, 0.25, axis=0), rtol=1e-12)
+
+
+def test_krum_and_multi_krum_match_a_brute_force_reference():
+    U, f = _updates(1, n=8), 2
+    scores = []
+    for i in range(len(U)):
+        d = sorted(float(np.sum((U[i] - U[j]) ** 2)) for j in range(len(U)) if j != i)
+        scores.append(sum(d[:len(U) - f - 2]))
+    best = int(np.argmin(scores))
+    np.testing.assert_allclose(robust.aggregate("krum", list(U), [1] * 8, 0.0, f), U[best])
+    chosen = sorted(range(len(U)), key=lambda i: scores[i])[:len(U) - f]
+    counts = list(range(1, 9))
+    expected = sum(counts[i] * U[i] for i in chosen) / sum(counts[i] for i in chosen)
+    np.testing.assert_allclose(robust.aggregate("multi_krum", list(U), counts, 0.0, f), expected)
+
+
+def test_norm_bound_scales_large_updates_to_the_median_norm():
+    U = np.array([[3.0, 4.0], [0.6, 0.8], [0.0, 1.0]])  # norms 5, 1, 1
+    out = robust.aggregate("norm_bound", list(U), [1, 1, 1], 0.0, 0)
+    np.testing.assert_allclose(out, (np.array([0.6, 0.8]) + U[1] + U[2]) / 3)
+
+
+def test_robust_rules_resist_sign_flipped_updates_that_wreck_the_mean():
+    rng = np.random.default_rng(2)
+    honest = 1.0 + 0.1 * rng.normal(size=(8, 50))
+    bad = -10 * honest[:2]
+    U, counts = list(np.vstack([honest, bad])), [10] * 10
+    assert np.linalg.norm(robust.aggregate("mean", U, counts, 0, 0) - 1.0) > 10
+    for rule, trim in (("median", 0.0), ("trimmed_mean", 0.2), ("multi_krum", 0.0), ("krum", 0.0)):
+        assert np.linalg.norm(robust.aggregate(rule, U, counts, trim, 2) - 1.0) < 1.0, rule
+
+
+def test_attacks_pick_a_seeded_share_of_clients_and_tamper_as_named():
+    bad = attacks.malicious_clients(0, 50, 0.2)
+    assert len(bad) == 10 and bad == attacks.malicious_clients(0, 50, 0.2)
+    assert bad != attacks.malicious_clients(1, 50, 0.2)
+    u, victim = np.ones(4, np.float32), next(iter(bad))
+    honest = next(i for i in range(50) if i not in bad)
+    flip = attacks.Attack("sign_flip", 10.0, bad)
+    np.testing.assert_array_equal(flip.tamper(victim, u, 0, 1), -10 * u)
+    np.testing.assert_array_equal(flip.tamper(honest, u, 0, 1), u)
+    np.testing.assert_array_equal(attacks.Attack("scale", 3.0, bad).tamper(victim, u, 0, 1), 3 * u)
+    noise = attacks.Attack("noise", 2.0, bad).tamper(victim, np.zeros(20000), 0, 1)
+    assert abs(noise.std() - 2.0) < 0.05
+    labels = attacks.Attack("label_flip", 0.0, bad).labels(victim, np.array([0, 1, 2]), 3)
+    np.testing.assert_array_equal(labels, [2, 1, 0])
+
+
+# --- differential privacy ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("q,z,rounds", [(0.1, 1.0, 100), (0.2, 0.8, 30), (0.05, 2.0, 1000)])
+def test_epsilon_matches_dp_accounting(q, z, rounds):
+    accountant = rdp.RdpAccountant()
+    accountant.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), rounds)
+    assert privacy.epsilon(q, z, rounds, 1e-5) == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
+
+
+def test_central_noise_on_the_sum_has_std_z_times_clip(lake):
+    config = _config(lake, privacy={"dp": "central", "noise_multiplier": 1.5, "clip": 0.7},
+                     federated={"sampling": "poisson", "fraction": 0.3})
+    dp = privacy.Dp.from_config(config, 10)
+    state = dp.init_state()
+    draws = np.concatenate([dp.noisy_mean(np.zeros(2000), state, 0, r) * dp.expected_clients
+                            for r in range(1, 51)])
+    assert abs(draws.std() - 1.5 * 0.7) < 0.01 and abs(draws.mean()) < 0.01
+
+
+def test_dp_clients_send_updates_clipped_to_the_bound(spark, lake):
+    config = _config(lake, privacy={"dp": "central", "clip": 0.05}, federated={"sampling": "poisson"})
+    c, test = federated.prepare_clients(spark, config)
+    try:
+        spec = train.model_spec(config, c.n_features, c.n_classes)
+        dp = privacy.Dp.from_config(config, c.count)
+        task = federated.client_round(config, spec, 1, dp.release(dp.init_state(), None))
+        reports, _ = federated.run_round(spark.sparkContext, c, task, np.zeros(spec.n_params),
+                                         list(range(c.count)))
+        norms = [np.linalg.norm(r["update"]) for r in reports]
+        assert len(norms) == 10 and max(norms) <= 0.05 + 1e-12
+        assert min(norms) > 0.049  # the bound binds: these updates were longer
+    finally:
+        c.release()
+        test.release()
+
+
+def _run(lake, tmp_path, capsys, *sets):
+    argv = ["--set", f"lake.path={lake}", "--set", f"runs.path={tmp_path}", "--set", "data.table=priv",
+            "--set", "trainer.strategy=federated", "--set", "federated.clients=10",
+            "--set", "model.kind=softmax", "--set", "trainer.optimizer.name=sgd",
+            "--set", "trainer.optimizer.lr=0.5", "--set", "federated.local_epochs=1",
+            "--set", "trainer.dtype=float64"]
+    for s in sets:
+        argv += ["--set", s]
+    capsys.readouterr()
+    code = main_wrapper(train.main, argv)
+    out = capsys.readouterr()
+    return code, out
+
+
+def test_target_epsilon_stops_before_the_budget_is_crossed(lake, tmp_path, capsys):
+    q, z = 0.5, 1.0
+
+    def eps(r):
+        acc = rdp.RdpAccountant()
+        acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), r)
+        return acc.get_epsilon(1e-5)
+
+    target = (eps(3) + eps(4)) / 2
+    code, out = _run(lake, tmp_path, capsys, "privacy.dp=central", "federated.sampling=poisson",
+                     f"federated.fraction={q}", f"privacy.noise_multiplier={z}", "federated.rounds=10",
+                     f"privacy.target_epsilon={target}", "privacy.adaptive_clip=true",
+                     "federated.eval_every=5")
+    assert code == 0, out.err[-2000:]
+    summary = json.loads(out.out.strip().splitlines()[-1])
+    assert summary["rounds"] == 3 and "privacy budget" in summary["stopped"]
+    p = summary["privacy"]
+    assert p["epsilon"] == pytest.approx(eps(3), rel=1e-9) and p["epsilon"] <= target
+    assert p["dp"] == "central" and p["delta"] == 1e-5 and p["noise_multiplier"] == z
+    assert p["clip"] != 1.0  # adaptive clipping moved it
+    assert summary["test_accuracy"] is not None  # the final model was evaluated
+
+
+@pytest.mark.parametrize("sets,needle", [
+    (["privacy.dp=central", "federated.sampling=poisson", "privacy.noise_multiplier=0.3",
+      "privacy.target_epsilon=0.01"], "privacy.target_epsilon=0.01 cannot be met"),
+    (["robust.rule=krum", "federated.fraction=0.5", "robust.attack.kind=sign_flip",
+      "robust.attack.fraction=0.3"], "more than 2f+2"),
+    (["privacy.secure_aggregation=true", "robust.rule=trimmed_mean"], "robust.rule='trimmed_mean'"),
+    (["privacy.dp=central"], "federated.sampling=poisson"),
+    (["privacy.adaptive_clip=true"], "privacy.adaptive_clip needs privacy.dp=central"),
+    (["privacy.secure_aggregation=true", "federated.fraction=0.1", "federated.min_clients=1"],
+     "privacy.secagg_threshold"),
+])
+def test_bad_privacy_and_robustness_settings_stop_before_training(lake, tmp_path, capsys, sets, needle):
+    code, out = _run(lake, tmp_path, capsys, *sets)
+    assert code == 2 and needle in out.err, out.err[-1500:]
+    assert "round 1/" not in out.out
+
+
+def test_a_sign_flip_attack_breaks_fedavg_but_not_the_median(lake, tmp_path, capsys):
+    attack = ["robust.attack.kind=sign_flip", "robust.attack.fraction=0.2", "robust.attack.scale=10",
+              "federated.rounds=5", "federated.fraction=1.0"]
+    results = {}
+    for name, sets in (("clean", ["federated.rounds=5", "federated.fraction=1.0"]),
+                       ("mean", attack), ("median", [*attack, "robust.rule=median"])):
+        code, out = _run(lake, tmp_path / name, capsys, *sets)
+        assert code == 0, out.err[-2000:]
+        results[name] = json.loads(out.out.strip().splitlines()[-1])
+    assert results["median"]["robustness"] == {"rule": "median", "attack": "sign_flip",
+                                               "malicious_fraction": 0.2}
+    clean = results["clean"]["test_accuracy"]
+    assert clean > 0.8
+    assert results["mean"]["test_accuracy"] < clean - 0.2
+    assert results["median"]["test_accuracy"] > clean - 0.05
+
+
+# --- secure aggregation --------------------------------------------------------------------------
+
+def _secure(spark, lake, phases=secure_round.Phases(), clip=100.0, hidden=None):
+    model = {"kind": "mlp", "hidden": hidden, "init": "glorot_uniform"} if hidden else {}
+    config = _config(lake, privacy={"secure_aggregation": True, "clip": clip}, model=model)
+    c, test = federated.prepare_clients(spark, config)
+    spec = train.model_spec(config, c.n_features, c.n_classes)
+    theta = train.initial_theta(config, spec)
+    task = federated.client_round(config, spec, 1, Release(clip=clip))
+    try:
+        plain, _ = federated.run_round(spark.sparkContext, c, task, theta, list(range(c.count)))
+        secure = secure_round.run_secure_round(spark.sparkContext, c, task, theta, list(range(c.count)),
+                                               config.privacy.secagg_threshold, config.privacy.ring_bits,
+                                               clip, weighted=True, phases=phases)
+    finally:
+        c.release()
+        test.release()
+    return plain, secure
+
+
+def _weighted_sum(reports, clients):
+    return sum(r["n"] * r["update"] for r in reports if r["client"] in clients)
+
+
+def test_secure_sum_equals_the_plain_weighted_sum(spark, lake):
+    plain, secure = _secure(spark, lake)
+    assert not secure.dropped and len(secure.reports) == 10
+    expected = _weighted_sum(plain, set(range(10)))
+    err = np.linalg.norm(secure.weighted_sum - expected) / np.linalg.norm(expected)
+    assert err < 1e-6
+    assert secure.weight_sum == sum(r["n"] for r in plain)
+    assert set(secure.reports[0]) == {"client", "n", "train_loss", "seconds"}
+
+
+def _dropping_after_masking(victims):
+    def step(rows, task, weights, masking):
+        for report in secure_clients.masked_update(rows, task, weights, masking):
+            if report["client"] in victims:
+                yield {"client": report["client"], "dropped": "simulated loss after masking"}
+            else:
+                yield report
+    return step
+
+
+@pytest.mark.parametrize("victims", [{3}, {0, 5, 9}])
+def test_secure_sum_is_exact_when_clients_drop_after_masking(spark, lake, victims):
+    plain, secure = _secure(spark, lake, secure_round.Phases(masked_update=_dropping_after_masking(victims)))
+    survivors = set(range(10)) - victims
+    assert {r["client"] for r in secure.reports} == survivors
+    expected = _weighted_sum(plain, survivors)
+    assert np.linalg.norm(secure.weighted_sum - expected) / np.linalg.norm(expected) < 1e-6
+
+
+def test_secure_round_below_the_threshold_fails_clearly(spark, lake):
+    with pytest.raises(secagg.SecAggError, match="below the threshold t=7"):
+        _secure(spark, lake, secure_round.Phases(masked_update=_dropping_after_masking({0, 1, 2, 3})))
+
+
+def test_the_driver_sees_only_uniform_masked_vectors_it_cannot_unmask(spark, lake):
+    plain, first = _secure(spark, lake, hidden=[128])
+    _, second = _secure(spark, lake, hidden=[128])  # same round, seed and data; new client secrets
+    by_client = {r["client"]: r for r in plain}
+    masked = np.concatenate([d["masked"][:-2] for d in first.received["masked"]])
+    inputs = np.concatenate([
+        secagg.encode(secure_clients.encoded_input(by_client[d["client"]], True), first.scale)[:-2]
+        for d in first.received["masked"]])
+    assert len(masked) > 10000
+    top = (masked >> np.uint64(56)).astype(np.int64)
+    assert stats.chisquare(np.bincount(top, minlength=256)).pvalue > 1e-4
+    assert abs(np.corrcoef(masked.view(np.int64).astype(float), inputs.view(np.int64).astype(float))[0, 1]) < 0.05
+    # fresh OS-entropy secrets: different keys and masks, the same sum
+    assert first.received["keys"] != second.received["keys"]
+    for a, b in zip(first.received["masked"], second.received["masked"]):
+        assert not np.array_equal(a["masked"], b["masked"])
+    np.testing.assert_array_equal(first.weighted_sum, second.weighted_sum)
+    # the run seed does not give the driver any client's keys
+    for guess in (bytes(32), (0).to_bytes(32, "big"), b"\x00" * 31 + b"\x01"):
+        assert secagg.advertise(guess, 1) not in first.received["keys"].values()
+    # with nobody dropped, the driver asked only for self-mask shares, never a mask key
+    assert all(kind == "b" for answer in first.received["answers"].values() for kind, _ in answer.values())
+
+
+def test_fedavg_with_and_without_secure_aggregation_end_at_the_same_weights(lake, tmp_path, capsys):
+    weights = {}
+    for name, sets in (("plain", []), ("secure", ["privacy.secure_aggregation=true", "privacy.clip=100"])):
+        code, out = _run(lake, tmp_path / name, capsys, "federated.rounds=3", "federated.fraction=0.5",
+                         "model.init=zeros", *sets)
+        assert code == 0, out.err[-2000:]
+        summary = json.loads(out.out.strip().splitlines()[-1])
+        with np.load(Path(summary["model_path"]) / "weights.npz", allow_pickle=False) as z:
+            weights[name] = z["theta"]
+    assert summary["privacy"]["secure_aggregation"] is True
+    err = np.linalg.norm(weights["secure"] - weights["plain"]) / np.linalg.norm(weights["plain"])
+    assert err < 1e-6
