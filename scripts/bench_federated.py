@@ -1,5 +1,5 @@
-"""python scripts/bench_federated.py [--only overhead,iid,shards,dirichlet] [--lake DIR] [--out FILE]
-                                   [--fedavg-lrs 0.05,0.1,0.02] [--fedsgd-lrs 0.3,0.1,1.0]
+"""python scripts/bench_federated.py [--only overhead,iid,shards,dirichlet,robust,dp,secagg] [--lake DIR]
+                                   [--out FILE] [--fedavg-lrs 0.05,0.1,0.02] [--fedsgd-lrs 0.3,0.1,1.0]
                                    [--fedsgd-rounds 1000] [--overhead-rounds N] [--master local[2]]
 
 Federated training on Fashion-MNIST, the 2NN (784-200-200-10) of McMahan et al. 2017, measured in
@@ -13,6 +13,10 @@ one Spark session on this machine:
              it has run as many rounds as the best so far, since it can no longer win)
   shards     conf/fedavg_shards.yaml: 2 label-sorted shards per client, rounds to 0.80 within 500
   dirichlet  conf/fed_dirichlet.yaml, 50 clients, alpha 0.1: FedAvg, FedProx and FedAdam to 0.80
+  robust     conf/fed_robust.yaml, 50 clients, C=0.2, 20% sending -10x their update: the clean run,
+             then FedAvg (mean), median, trimmed mean and Multi-Krum under attack, 40 rounds each
+  dp         conf/fed_dp.yaml: no DP, then DP-FedAvg at noise multipliers spending epsilon ~8, 3, 1
+  secagg     conf/fedavg_iid.yaml for 20 rounds without and with secure aggregation
 
 Each experiment stops at its target (FedState, pipelines.federated.fit's `until`) or its round cap.
 Per-client accuracy on the clients' own hold-outs is measured once, on the final model. One JSON
@@ -52,7 +56,10 @@ from udfs.seeding import Stream, rng
 
 from benchlib import load_split, log, machine, versions
 
-PARTS = ("overhead", "iid", "shards", "dirichlet")
+PARTS = ("overhead", "iid", "shards", "dirichlet", "robust", "dp", "secagg")
+# noise multipliers that spend epsilon of about 8, 3 and 1 at delta 1e-5 in conf/fed_dp.yaml's 30
+# rounds of Poisson sampling with q = 0.1 (the run reports the epsilon it actually spent)
+DP_NOISE = (0.78, 1.3, 2.6)
 
 
 @dataclass(frozen=True)
@@ -83,6 +90,19 @@ def experiments(args: argparse.Namespace) -> list[Experiment]:
         for strategy in ("fedavg", "fedprox", "fedadam"):
             out.append(Experiment("dirichlet", strategy, "fed_dirichlet.yaml",
                                   (f"federated.strategy={strategy}", "federated.eval_every=5"), 300))
+    if "robust" in args.only:
+        out.append(Experiment("robust", "clean", "fed_robust.yaml", ("robust.attack.kind=none",), 40))
+        for rule in ("mean", "median", "trimmed_mean", "multi_krum"):
+            out.append(Experiment("robust", rule, "fed_robust.yaml", (f"robust.rule={rule}",), 40))
+    if "dp" in args.only:
+        out.append(Experiment("dp", "no-dp", "fed_dp.yaml", ("privacy.dp=none", "privacy.adaptive_clip=false"), 30))
+        for z in DP_NOISE:
+            out.append(Experiment("dp", f"z={z}", "fed_dp.yaml", (f"privacy.noise_multiplier={z}",), 30))
+    if "secagg" in args.only:
+        fixed = ("federated.target_accuracy=null", "federated.eval_every=5", "privacy.clip=1000")
+        out.append(Experiment("secagg", "plain", "fedavg_iid.yaml", fixed, 20))
+        out.append(Experiment("secagg", "secure", "fedavg_iid.yaml",
+                              (*fixed, "privacy.secure_aggregation=true"), 20))
     return out
 
 
@@ -110,12 +130,13 @@ def converge(spark: SparkSession, config: Config, clients: federated.Clients, te
         return record.get("test_accuracy", -1.0) >= target
 
     started = time.perf_counter()
-    state = federated.fit(sc, config, clients, test, spec, state, on_round, until=reached,
-                          client_eval=False)
+    state = federated.fit(sc, config, clients, test, spec, state, on_round,
+                          until=reached if target is not None else None, client_eval=False)
     wall = time.perf_counter() - started
     history = state.history
     evaluated = [h for h in history if "test_accuracy" in h]
-    first = next((h["round"] for h in evaluated if h["test_accuracy"] >= target), None)
+    first = next((h["round"] for h in evaluated if target is not None and h["test_accuracy"] >= target),
+                 None)
     split = ClientSplit(t.seed, fed.holdout_fraction)
     by_client = federated.federated_eval(sc, clients, spec, t.dtype, split, state.theta)
     train_seconds = [h["seconds"] - h.get("eval_seconds", 0.0) for h in history[1:]] or [0.0]
@@ -130,6 +151,7 @@ def converge(spark: SparkSession, config: Config, clients: federated.Clients, te
         "client_numpy_seconds_per_round": round(statistics.median(
             h["client_seconds"] for h in history), 3),
         "client_accuracy": by_client, "dropped": state.dropped, "wall_seconds": round(wall, 1),
+        "epsilon": history[-1].get("epsilon") if history else None,
     }
 
 
@@ -259,15 +281,17 @@ def markdown(report: dict[str, Any]) -> str:
                   f"{o['first_round_seconds']} |", ""]
     runs = report.get("experiments", [])
     if runs:
-        lines += ["| split | strategy | client lr | target | rounds to target | rounds run | best acc | "
-                  "s/round (train) | clients' numpy s/round | client acc mean/p10/min |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["| part | run | strategy | client lr | target | rounds to target | rounds run | "
+                  "final acc | best acc | epsilon | s/round (train) | clients' numpy s/round | "
+                  "client acc mean/p10/min |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in runs:
             ca = r["client_accuracy"] or {}
             cas = "/".join(f"{ca[k]:.3f}" for k in ("mean", "p10", "min")) if ca else "—"
-            lines.append(f"| {r['group']} | {r['strategy']} | {r['client_lr']} | {r['target_accuracy']} | "
-                         f"{fmt(r['rounds_to_target'])} | {r['rounds_run']} | {fmt(r['best_accuracy'], '.4f')} | "
-                         f"{r['seconds_per_round']} | {r['client_numpy_seconds_per_round']} | {cas} |")
+            lines.append(f"| {r['group']} | {r['experiment']} | {r['strategy']} | {r['client_lr']} | "
+                         f"{fmt(r['target_accuracy'])} | {fmt(r['rounds_to_target'])} | {fmt(r['rounds_run'])} | "
+                         f"{fmt(r.get('final_accuracy'), '.4f')} | {fmt(r['best_accuracy'], '.4f')} | "
+                         f"{fmt(r.get('epsilon'), '.2f')} | {fmt(r['seconds_per_round'])} | "
+                         f"{fmt(r['client_numpy_seconds_per_round'])} | {cas} |")
     return "\n".join(lines)
 
 
