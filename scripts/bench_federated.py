@@ -315,6 +315,8 @@ def append(out: Path | None, record: dict[str, Any]) -> None:
 
 
 def floats(text: str) -> list[float]:
+    if text == "none":  # skip that grid
+        return []
     try:
         values = [float(v) for v in text.split(",") if v]
     except ValueError:
