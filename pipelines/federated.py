@@ -128,7 +128,7 @@ def sample(fed: FederatedSection, round_: int, n_clients: int, seed: int) -> lis
     gen = rng(seed, Stream.SAMPLE, round_)
     if fed.sampling == "poisson":
         return [int(i) for i in np.flatnonzero(gen.random(n_clients) < fed.fraction)]
-    m = min(n_clients, max(fed.min_clients, int(round(fed.fraction * n_clients))))
+    m = int(expected_per_round(fed, n_clients))
     return sorted(int(i) for i in gen.choice(n_clients, size=m, replace=False))
 
 
@@ -170,6 +170,17 @@ def attack_from(config: Config, n_clients: int) -> Attack:
                   if a.kind != "none" else frozenset())
 
 
+def smallest_round(config: Config) -> int:
+    """Fewer sampled clients than this and a (Poisson) round cannot run: min_clients, 2 for secure
+    aggregation's threshold, 3 for Krum."""
+    needed = config.federated.min_clients
+    if config.privacy.secure_aggregation:
+        needed = max(needed, 2)
+    if config.robust.rule in ("krum", "multi_krum"):
+        needed = max(needed, 3)
+    return needed
+
+
 def expected_per_round(fed: FederatedSection, n_clients: int) -> float:
     if fed.sampling == "poisson":
         return fed.fraction * n_clients
@@ -199,7 +210,7 @@ def check_setup(config: Config, n_clients: int) -> None:
 
 
 def train_clients(sc: SparkContext, config: Config, c: Clients, task: clients.ClientRound,
-                  state: "FedState", sampled: list[int], dp: privacy.Dp, per_round: float
+                  state: FedState, sampled: list[int], dp: privacy.Dp, per_round: float
                   ) -> tuple[list[dict], list[dict], np.ndarray | None, int]:
     """Run the round's client training: (reports, dropped, aggregate update or None when nobody
     reported, bytes the clients sent up). Under secure aggregation the driver only learns sums."""
@@ -211,7 +222,7 @@ def train_clients(sc: SparkContext, config: Config, c: Clients, task: clients.Cl
         aggregate = combine(config, dp, reports, state, r, per_round) if reports else None
         return reports, dropped, aggregate, int(sum(d["update"].nbytes for d in reports))
     res = secure_round.run_secure_round(sc, c, task, state.theta, sampled, p.secagg_threshold,
-                                        p.ring_bits, task.release.clip, weighted=dp.mode != "central")
+                                        p.ring_bits, weighted=dp.mode != "central")
     if dp.mode == "central":
         aggregate = dp.noisy_mean(res.weighted_sum, state.server_state, seed, r)
         dp.adapt_clip(res.within_clip, state.server_state, seed, r)
@@ -220,7 +231,7 @@ def train_clients(sc: SparkContext, config: Config, c: Clients, task: clients.Cl
     return res.reports, res.dropped, aggregate, res.bytes_up
 
 
-def combine(config: Config, dp: privacy.Dp, reports: list[dict], state: "FedState",
+def combine(config: Config, dp: privacy.Dp, reports: list[dict], state: FedState,
             round_: int, per_round: float) -> np.ndarray:
     """The round's aggregate update from what the clients reported: DP's noisy average, or the
     robust rule (the sample-weighted mean by default)."""
@@ -229,10 +240,12 @@ def combine(config: Config, dp: privacy.Dp, reports: list[dict], state: "FedStat
     if dp.mode == "central":
         total = np.sum(np.stack(updates), axis=0, dtype=np.float64)
         aggregate = dp.noisy_mean(total, state.server_state, seed, round_)
-        dp.adapt_clip(sum(bool(d.get("within_clip")) for d in reports), state.server_state, seed, round_)
+        centred = sum(float(bool(d.get("within_clip"))) - 0.5 for d in reports)
+        dp.adapt_clip(centred, state.server_state, seed, round_)
         return aggregate
     f = robust.byzantine_count(r.byzantine, r.attack.fraction, per_round)
-    return robust.aggregate(r.rule, updates, [d["n"] for d in reports], r.trim_fraction, f)
+    return robust.aggregate(r.rule, updates, [d["n"] for d in reports], r.trim_fraction, f,
+                            config.privacy.clip)
 
 
 def server_rule(fed: FederatedSection) -> ServerRule:
@@ -289,6 +302,11 @@ def fit(sc: SparkContext, config: Config, c: Clients, test: Blocks | None, spec:
                              f"{dp.epsilon_after(r):.3f} > privacy.target_epsilon={dp.target_epsilon}")
             break
         sampled = sample(fed, r, c.count, t.seed)
+        record: dict = {"round": r, "clients": len(sampled)}
+        if fed.sampling == "poisson" and len(sampled) < smallest_round(config):
+            # data-independent: skipping reveals only the sample size; DP still counts the round
+            record["skipped"] = f"{len(sampled)} client(s) sampled, fewer than a round needs"
+            sampled = []
         clip = config.privacy.clip if config.privacy.secure_aggregation else None
         task = client_round(config, spec, r, dp.release(state.server_state, clip), attack)
         reports, dropped, aggregate, bytes_up = train_clients(sc, config, c, task, state, sampled, dp,
@@ -298,12 +316,12 @@ def fit(sc: SparkContext, config: Config, c: Clients, test: Blocks | None, spec:
             raise RuntimeError(f"round {r}: only {len(reports)} of {len(sampled)} sampled clients "
                                f"reported, fewer than federated.min_clients={fed.min_clients} "
                                f"(dropped: {reasons})")
-        record: dict = {"round": r, "clients": len(sampled), "reported": len(reports),
-                        "dropped": [c.names[d["client"]] for d in dropped]}
+        record.update({"reported": len(reports), "dropped": [c.names[d["client"]] for d in dropped]})
         if aggregate is not None:
             state.theta = rule.apply(state.theta, aggregate, state.server_state)
-            record["train_loss"] = float(np.average([d["train_loss"] for d in reports],
-                                                    weights=[d["n"] for d in reports]))
+            if not dp.enabled:  # per-client statistics are outside the DP accounting
+                record["train_loss"] = float(np.average([d["train_loss"] for d in reports],
+                                                        weights=[d["n"] for d in reports]))
         if dp.enabled:
             record["epsilon"] = dp.epsilon_after(r)
             record["clip"] = float(state.server_state["clip"][0])
@@ -317,7 +335,7 @@ def fit(sc: SparkContext, config: Config, c: Clients, test: Blocks | None, spec:
                 test_metrics = evaluate(sc, test, spec, t.dtype, state.theta, ("test",),
                                         t.aggregation_depth).get("test", {})
                 record.update({f"test_{k}": v for k, v in test_metrics.items() if k != "rows"})
-            if client_eval:
+            if client_eval and not dp.enabled:
                 record["client_accuracy"] = federated_eval(sc, c, spec, t.dtype, split, state.theta)
             record["eval_seconds"] = time.perf_counter() - evaluated
         record["seconds"] = time.perf_counter() - started

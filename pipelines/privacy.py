@@ -4,17 +4,24 @@ clipping (Andrew et al. 2021) and the privacy accountant.
 Central DP: every sampled client clips its update to L2 norm C (udfs/privacy.py); the driver adds
 Gaussian noise with std z*C to their sum and divides by the expected number of clients q*N (a fixed
 denominator, so one client's presence changes the average by at most C/(qN)). With adaptive
-clipping each client also says whether its norm was within C; the driver estimates that fraction
-with Gaussian noise of std sigma_b and moves C geometrically towards the target quantile,
-C <- C * exp(-eta * (fraction - quantile)). The two noises together are one Gaussian mechanism with
-noise multiplier z: the update noise uses z_delta = (z^-2 - (2 sigma_b)^-2)^(-1/2).
+clipping each client also sends b - 1/2, where b says whether its norm was within C (centred, so
+one client moves the sum by at most 1/2); the driver estimates the fraction within the clip as
+(sum + N(0, sigma_b^2)) / (qN) + 1/2 and moves C geometrically towards the target quantile,
+C <- C * exp(-eta * (fraction - quantile)). The two releases together are one Gaussian mechanism
+with noise multiplier z when the update noise uses z_delta = (z^-2 - (2 sigma_b)^-2)^(-1/2).
+sigma_b = qN/20 as in the paper, but at least z: below that z_delta would blow up (2 sigma_b must
+exceed z), and at sigma_b = z the update noise is only 15% above z.
 
-Local DP: each client adds its own noise with std z*C before the update leaves its task.
+Local DP: each client adds its own noise with std z*C before the update leaves its task. The driver
+sees every participant's noisy update, so sampling does not amplify privacy, and a client's clipped
+update can move by 2C when its data change: epsilon is that of R rounds of the Gaussian mechanism
+with noise multiplier z/2, no subsampling (a client that takes part in every round).
 
-Accounting: Google's dp-accounting (Renyi DP) for R rounds of the Poisson-subsampled Gaussian
-mechanism with sampling rate q = federated.fraction and noise multiplier z. The noise is drawn from
-(run seed, round): the model stays reproducible, so the run seed must be kept as secret as the data
-for the guarantee to hold against someone who sees the model.
+Accounting: Google's dp-accounting (Renyi DP); central DP is R rounds of the Poisson-subsampled
+Gaussian mechanism with sampling rate q = federated.fraction and noise multiplier z. A round that
+samples too few clients to run is still counted. The noise is drawn from (run seed, round): the model
+stays reproducible, so the run seed must be kept as secret as the data for the guarantee to hold
+against someone who sees the model.
 """
 from __future__ import annotations
 
@@ -75,7 +82,7 @@ class Dp:
 
     @property
     def count_noise(self) -> float:
-        """sigma_b, the std of the noise on the count of clients within the clip."""
+        """sigma_b, the std of the noise on the centred count of clients within the clip."""
         return max(self.expected_clients / 20.0, self.z)
 
     @property
@@ -96,7 +103,11 @@ class Dp:
         return Release(clip=c, noise_std=noise, report_clipped=self.adaptive)
 
     def epsilon_after(self, rounds: int) -> float | None:
-        return epsilon(self.q, self.z, rounds, self.delta) if self.enabled else None
+        if not self.enabled:
+            return None
+        if self.mode == "local":
+            return epsilon(1.0, self.z / 2, rounds, self.delta)
+        return epsilon(self.q, self.z, rounds, self.delta)
 
     def may_run(self, round_: int) -> bool:
         """False once running this round would take epsilon past the target."""
@@ -120,16 +131,20 @@ class Dp:
                                                            total.shape)
         return (total + noise) / self.expected_clients
 
-    def adapt_clip(self, within: float, state: dict[str, np.ndarray], seed: int, round_: int) -> None:
-        """Adaptive clipping: move C towards the target quantile of the clients' update norms."""
+    def adapt_clip(self, centred_within: float, state: dict[str, np.ndarray], seed: int,
+                   round_: int) -> None:
+        """Adaptive clipping: move C towards the target quantile of the clients' update norms, from
+        the sum over clients of (within the clip) - 1/2."""
         if not (self.enabled and self.adaptive):
             return
         noise = rng(seed, Stream.DP_NOISE, round_, 1).normal(0.0, self.count_noise)
-        fraction = (within + noise) / self.expected_clients
+        fraction = (centred_within + noise) / self.expected_clients + 0.5
         state["clip"] = state["clip"] * math.exp(-CLIP_LEARNING_RATE * (fraction - self.quantile))
 
     def summary(self, rounds: int, state: dict[str, np.ndarray], secure_aggregation: bool) -> dict:
+        """The summary's `privacy` part; `clip` is the last round's bound (secure aggregation alone
+        clips to the configured one)."""
+        clip = float(state["clip"][0]) if self.enabled else (self.clip if secure_aggregation else None)
         return {"secure_aggregation": secure_aggregation, "dp": self.mode,
                 "epsilon": self.epsilon_after(rounds), "delta": self.delta if self.enabled else None,
-                "noise_multiplier": self.z if self.enabled else None,
-                "clip": float(state["clip"][0]) if self.enabled else None}
+                "noise_multiplier": self.z if self.enabled else None, "clip": clip}

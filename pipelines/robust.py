@@ -6,11 +6,12 @@ the round's aggregate update, which the server rule (pipelines/aggregation.py) t
 * trimmed_mean  per coordinate, drop the floor(beta*n) largest and smallest values, average the rest
 * krum          the update whose n-f-2 nearest neighbours are closest (Blanchard et al. 2017)
 * multi_krum    the sample-weighted mean of the n-f updates with the best Krum scores
-* norm_bound    scale every update down to at most the round's median norm, then the weighted mean
-                (Sun et al. 2019; the median keeps the bound honest while most clients are)
+* norm_bound    scale every update down to L2 norm at most `privacy.clip`, then the weighted mean
+                (Sun et al. 2019, "Can You Really Backdoor Federated Learning?"); under secure
+                aggregation the clients clip to the same bound themselves
 
 f, the number of Byzantine clients a round tolerates, is `robust.byzantine`, or when that is 0 the
-expected number of malicious clients among those sampled; Krum needs n > 2f + 2.
+expected number of malicious clients among those sampled; Krum needs n > 2f + 2 (and n >= 3).
 """
 from __future__ import annotations
 
@@ -56,16 +57,16 @@ def multi_krum(updates: np.ndarray, counts: list[int], f: int) -> np.ndarray:
     return weighted_mean([updates[i] for i in chosen], [counts[i] for i in chosen])
 
 
-def norm_bound(updates: np.ndarray, counts: list[int]) -> np.ndarray:
+def norm_bound(updates: np.ndarray, counts: list[int], bound: float) -> np.ndarray:
     norms = np.linalg.norm(updates, axis=1)
-    bound = float(np.median(norms))
     factors = np.minimum(1.0, bound / np.maximum(norms, 1e-12))
     return weighted_mean(list(updates * factors[:, None]), counts)
 
 
 def aggregate(rule: str, updates: list[np.ndarray], counts: list[int], trim_fraction: float,
-              f: int) -> np.ndarray:
-    """The round's aggregate update under `rule` (float64)."""
+              f: int, bound: float = np.inf) -> np.ndarray:
+    """The round's aggregate update under `rule` (float64). A round with too few updates for f
+    (Poisson sampling, dropped clients) runs Krum with the largest f it allows."""
     if rule == "mean":
         return weighted_mean(updates, counts)
     stacked = np.stack(updates).astype(np.float64, copy=False)
@@ -73,12 +74,11 @@ def aggregate(rule: str, updates: list[np.ndarray], counts: list[int], trim_frac
         return coordinate_median(stacked)
     if rule == "trimmed_mean":
         return trimmed_mean(stacked, trim_fraction)
-    if rule == "krum":
-        return krum(stacked, f)
-    if rule == "multi_krum":
-        return multi_krum(stacked, counts, f)
+    if rule in ("krum", "multi_krum"):
+        f = min(f, max(0, (len(stacked) - 3) // 2))
+        return krum(stacked, f) if rule == "krum" else multi_krum(stacked, counts, f)
     if rule == "norm_bound":
-        return norm_bound(stacked, counts)
+        return norm_bound(stacked, counts, bound)
     raise ValueError(f"robust.rule must be one of {RULES}, got {rule!r}")
 
 

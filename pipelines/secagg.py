@@ -15,7 +15,7 @@ from typing import Mapping
 
 import numpy as np
 
-from udfs.secagg import (PRIME, SECRET_BYTES, PublicKeys, SecAggError, check_threshold,
+from udfs.secagg import (PRIME, SECRET_BYTES, PublicKeys, RoundId, SecAggError, check_threshold,
                          pairwise_masks, prg, public_key_of, ring_mask, share_x)
 
 Answers = Mapping[int, Mapping[int, tuple[str, int]]]
@@ -119,7 +119,7 @@ def _check_sets(public_keys: PublicKeys, survivors: set[int], dropped: set[int],
 
 
 def unmask(sum_y: np.ndarray, public_keys: PublicKeys, survivors: set[int], dropped: set[int],
-           shares_from_survivors: Answers, t: int, round: int, ring_bits: int = 64) -> np.ndarray:
+           shares_from_survivors: Answers, t: int, round: RoundId, ring_bits: int = 64) -> np.ndarray:
     """Sum of the survivors' encoded updates (mod 2^ring_bits) from the sum of their masked vectors
     (a plain uint64 sum: it wraps mod 2^64, which 2^ring_bits divides). Removes each survivor's
     self-mask PRG(b_u), and each dropped client's pairwise masks with the survivors, from secrets

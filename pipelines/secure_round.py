@@ -7,6 +7,7 @@ and the clip, so that the weighted sum of all of them cannot overflow the ring.
 """
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Callable
@@ -39,7 +40,7 @@ class SecureResult:
 
     weighted_sum: np.ndarray        # sum of weight * update
     weight_sum: float
-    within_clip: float              # how many survivors' updates were within the clip
+    within_clip: float              # sum over survivors of (within the clip) - 1/2
     reports: list[dict]             # per survivor: client, n, train_loss, seconds (no update)
     dropped: list[dict]
     threshold: int
@@ -53,19 +54,21 @@ def _job(sc: SparkContext, c: Clients, step: Callable, partitions: list[int]) ->
 
 
 def run_secure_round(sc: SparkContext, c: Clients, task: ClientRound, theta: np.ndarray,
-                     sampled: list[int], threshold_fraction: float, ring_bits: int, clip: float,
-                     weighted: bool, phases: Phases = Phases()) -> SecureResult:
+                     sampled: list[int], threshold_fraction: float, ring_bits: int, weighted: bool,
+                     phases: Phases = Phases()) -> SecureResult:
+    """One protocol run over the sampled clients. Its id, a fresh random tag and the round, enters
+    every key derivation, so no two runs share keys or masks even when a round number repeats."""
     r = task.round
+    protocol = f"{secrets.token_hex(8)}/{r}"
     t = secagg.threshold(len(sampled), threshold_fraction)
-    keys = dict(_job(sc, c, partial(phases.advertise, round_=r), sampled))
+    keys = dict(_job(sc, c, partial(phases.advertise, protocol=protocol), sampled))
     _enough(keys, t, r, "advertised keys")
-    sealed = dict(_job(sc, c, partial(phases.share_keys, round_=r, public_keys=keys, t=t), list(keys)))
+    sealed = dict(_job(sc, c, partial(phases.share_keys, protocol=protocol, public_keys=keys, t=t),
+                       list(keys)))
     _enough(sealed, t, r, "shared their keys")
     shared = {v: keys[v] for v in sealed}
-    weights = c.sizes[sorted(shared)] if weighted else np.ones(len(shared))
-    # |sum of weight * update| <= sum(weight) * clip per coordinate, plus the weight and bit columns
-    scale = secagg.scale_for(float(weights.sum()) * max(clip, 1.0) + len(shared), ring_bits)
-    masking = secure_clients.Masking(shared, scale, ring_bits, weighted)
+    scale = secagg.scale_for(_sum_bound(c, task, shared, weighted), ring_bits)
+    masking = secure_clients.Masking(protocol, shared, scale, ring_bits, weighted)
     bc = sc.broadcast(theta)
     try:
         results = _job(sc, c, partial(phases.masked_update, task=task, weights=bc, masking=masking),
@@ -76,9 +79,10 @@ def run_secure_round(sc: SparkContext, c: Clients, task: ClientRound, theta: np.
     survivors = frozenset(d["client"] for d in masked)
     gone = frozenset(shared) - survivors
     _enough(survivors, t, r, "sent their masked updates")
-    inbox = sc.broadcast({v: {u: sealed[u][v] for u in shared} for v in survivors})
+    routed = secagg.route({u: sealed[u] for u in shared})
+    inbox = sc.broadcast({v: routed[v] for v in survivors})
     try:
-        answers = dict(_job(sc, c, partial(phases.unmask_shares, round_=r, public_keys=shared,
+        answers = dict(_job(sc, c, partial(phases.unmask_shares, protocol=protocol, public_keys=shared,
                                            inbox=inbox, survivors=survivors, dropped_=gone),
                             list(survivors)))
     finally:
@@ -86,8 +90,8 @@ def run_secure_round(sc: SparkContext, c: Clients, task: ClientRound, theta: np.
     total = np.zeros(len(masked[0]["masked"]), dtype=np.uint64)
     for d in masked:
         total += d["masked"]
-    x = secagg.decode(secagg.unmask(total, shared, set(survivors), set(gone), answers, t, r, ring_bits),
-                      scale, ring_bits)
+    x = secagg.decode(secagg.unmask(total, shared, set(survivors), set(gone), answers, t, protocol,
+                                    ring_bits), scale, ring_bits)
     bytes_up = (sum(len(k[0]) + len(k[1]) for k in keys.values())
                 + sum(len(ct) for s in sealed.values() for ct in s.values())
                 + sum(d["masked"].nbytes for d in masked)
@@ -96,6 +100,18 @@ def run_secure_round(sc: SparkContext, c: Clients, task: ClientRound, theta: np.
     return SecureResult(x[:-2], float(x[-2]), float(x[-1]), reports,
                         [d for d in results if "dropped" in d], t, scale, bytes_up,
                         {"keys": keys, "sealed": sealed, "masked": masked, "answers": answers})
+
+
+def _sum_bound(c: Clients, task: ClientRound, shared: dict, weighted: bool) -> float:
+    """A bound on |sum of the encoded vectors| in any coordinate: a released update's coordinates
+    are within the clip, plus 8 standard deviations of local DP noise (exceeded with probability
+    about 1e-15 per coordinate); then the weight and centred-bit columns."""
+    weights = c.sizes[sorted(shared)] if weighted else np.ones(len(shared))
+    release = task.release
+    if release.clip is None:
+        raise ValueError("secure aggregation needs clipped updates (a bound for the fixed point)")
+    per_coordinate = release.clip + 8.0 * release.noise_std
+    return float(weights.sum()) * max(per_coordinate, 1.0) + len(shared)
 
 
 def _enough(clients: object, t: int, round_: int, step: str) -> None:

@@ -74,9 +74,9 @@ def test_krum_and_multi_krum_match_a_brute_force_reference():
     np.testing.assert_allclose(robust.aggregate("multi_krum", list(U), counts, 0.0, f), expected)
 
 
-def test_norm_bound_scales_large_updates_to_the_median_norm():
+def test_norm_bound_scales_large_updates_down_to_the_bound():
     U = np.array([[3.0, 4.0], [0.6, 0.8], [0.0, 1.0]])  # norms 5, 1, 1
-    out = robust.aggregate("norm_bound", list(U), [1, 1, 1], 0.0, 0)
+    out = robust.aggregate("norm_bound", list(U), [1, 1, 1], 0.0, 0, bound=1.0)
     np.testing.assert_allclose(out, (np.array([0.6, 0.8]) + U[1] + U[2]) / 3)
 
 
@@ -120,9 +120,22 @@ def test_central_noise_on_the_sum_has_std_z_times_clip(lake):
                      federated={"sampling": "poisson", "fraction": 0.3})
     dp = privacy.Dp.from_config(config, 10)
     state = dp.init_state()
-    draws = np.concatenate([dp.noisy_mean(np.zeros(2000), state, 0, r) * dp.expected_clients
+    draws = np.concatenate([dp.noisy_mean(np.zeros(2000), state, 0, r) * (0.3 * 10)
                             for r in range(1, 51)])
     assert abs(draws.std() - 1.5 * 0.7) < 0.01 and abs(draws.mean()) < 0.01
+
+
+def test_adaptive_clipping_noise_split_and_clip_moves(lake):
+    config = _config(lake, privacy={"dp": "central", "noise_multiplier": 1.0, "adaptive_clip": True},
+                     federated={"sampling": "poisson", "fraction": 1.0})
+    dp = privacy.Dp.from_config(config, 10)
+    sigma_b = max(10 / 20, 1.0)
+    assert dp.update_noise_multiplier == pytest.approx((1.0 ** -2 - (2 * sigma_b) ** -2) ** -0.5)
+    shrunk, grown = dp.init_state(), dp.init_state()
+    dp.adapt_clip(10 * 0.5, shrunk, 0, 1)    # every client within the clip: fraction ~1 > 0.5
+    dp.adapt_clip(10 * -0.5, grown, 0, 1)    # none within: fraction ~0 < 0.5
+    # C * exp(-0.2 * (fraction - 0.5)), the fraction estimated with noise of std sigma_b / 10
+    assert 0.87 < shrunk["clip"][0] < 0.94 and 1.06 < grown["clip"][0] < 1.15
 
 
 def test_dp_clients_send_updates_clipped_to_the_bound(spark, lake):
@@ -226,7 +239,7 @@ def _secure(spark, lake, phases=secure_round.Phases(), clip=100.0, hidden=None):
         plain, _ = federated.run_round(spark.sparkContext, c, task, theta, list(range(c.count)))
         secure = secure_round.run_secure_round(spark.sparkContext, c, task, theta, list(range(c.count)),
                                                config.privacy.secagg_threshold, config.privacy.ring_bits,
-                                               clip, weighted=True, phases=phases)
+                                               weighted=True, phases=phases)
     finally:
         c.release()
         test.release()
@@ -237,8 +250,10 @@ def _weighted_sum(reports, clients):
     return sum(r["n"] * r["update"] for r in reports if r["client"] in clients)
 
 
-def test_secure_sum_equals_the_plain_weighted_sum(spark, lake):
-    plain, secure = _secure(spark, lake)
+@pytest.mark.parametrize("clip", [100.0, 0.01])  # not binding, and binding for every client
+def test_secure_sum_equals_the_plain_weighted_sum(spark, lake, clip):
+    plain, secure = _secure(spark, lake, clip=clip)
+    assert all(np.linalg.norm(r["update"]) <= clip for r in plain)
     assert not secure.dropped and len(secure.reports) == 10
     expected = _weighted_sum(plain, set(range(10)))
     err = np.linalg.norm(secure.weighted_sum - expected) / np.linalg.norm(expected)
@@ -288,9 +303,6 @@ def test_the_driver_sees_only_uniform_masked_vectors_it_cannot_unmask(spark, lak
     for a, b in zip(first.received["masked"], second.received["masked"]):
         assert not np.array_equal(a["masked"], b["masked"])
     np.testing.assert_array_equal(first.weighted_sum, second.weighted_sum)
-    # the run seed does not give the driver any client's keys
-    for guess in (bytes(32), (0).to_bytes(32, "big"), b"\x00" * 31 + b"\x01"):
-        assert secagg.advertise(guess, 1) not in first.received["keys"].values()
     # with nobody dropped, the driver asked only for self-mask shares, never a mask key
     assert all(kind == "b" for answer in first.received["answers"].values() for kind, _ in answer.values())
 
@@ -322,6 +334,9 @@ def test_local_dp_clients_noise_their_own_updates(spark, lake):
         reports, _ = federated.run_round(spark.sparkContext, c, task, theta, [0, 1, 2, 3])
         noise = np.concatenate([r["update"] for r in reports])  # the trained part is ~1e-12
         assert abs(noise.std() - 2.0 * 0.5) < 0.03
+        accountant = rdp.RdpAccountant()  # no subsampling, sensitivity 2C: multiplier z/2
+        accountant.compose(dp_accounting.GaussianDpEvent(1.0), 3)
+        assert dp.epsilon_after(3) == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
         again, _ = federated.run_round(spark.sparkContext, c, task, theta, [0, 1, 2, 3])
         for a, b in zip(reports, again):  # seeded by (seed, round, client): a retry is identical
             np.testing.assert_array_equal(a["update"], b["update"])
@@ -338,5 +353,19 @@ def test_central_dp_with_secure_aggregation_trains_and_reports_both(lake, tmp_pa
     summary = json.loads(out.out.strip().splitlines()[-1])
     p = summary["privacy"]
     assert p["secure_aggregation"] is True and p["dp"] == "central"
-    assert p["epsilon"] == pytest.approx(privacy.epsilon(0.8, 0.5, 2, 1e-5))
+    accountant = rdp.RdpAccountant()
+    accountant.compose(dp_accounting.PoissonSampledDpEvent(0.8, dp_accounting.GaussianDpEvent(0.5)), 2)
+    assert p["epsilon"] == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
+    assert summary["client_accuracy"] == {}  # per-client statistics are withheld under DP
     assert summary["rounds"] == 2 and summary["test_accuracy"] is not None
+
+
+def test_poisson_rounds_with_too_few_clients_are_skipped_not_failed(lake, tmp_path, capsys):
+    code, out = _run(lake, tmp_path, capsys, "federated.sampling=poisson", "federated.fraction=0.15",
+                     "federated.min_clients=2", "federated.rounds=8")
+    assert code == 0, out.err[-2000:]
+    summary = json.loads(out.out.strip().splitlines()[-1])
+    records = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    skipped = [r for r in records if "skipped" in r]
+    assert skipped and all(r["clients"] < 2 and r["reported"] == 0 for r in skipped)
+    assert summary["rounds"] == 8

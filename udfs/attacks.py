@@ -23,9 +23,6 @@ class Attack:
     scale: float
     malicious: frozenset[int]
 
-    def targets(self, client: int) -> bool:
-        return self.kind != "none" and client in self.malicious
-
     def labels(self, client: int, y: np.ndarray, n_classes: int) -> np.ndarray:
         if self.kind == "label_flip" and client in self.malicious:
             return (n_classes - 1 - y).astype(y.dtype)

@@ -84,7 +84,8 @@ def train_client(task: ClientRound, client: int, theta0: np.ndarray, X: np.ndarr
 
 def local_update(path: str, client: int, task: ClientRound, theta0: np.ndarray) -> dict:
     """Train the client at `path` from theta0 and release its update as `task.release` says
-    (clipped, noised); a simulated attacker then tampers with it. Raises when training fails.
+    (clipped, noised). A simulated attacker tampers with its update before the release: it goes
+    through the same client library, so clipping bounds what it can do. Raises when training fails.
 
     Returns {client, n, update, train_loss, seconds (of local training)}, plus `within_clip` under
     adaptive clipping."""
@@ -99,8 +100,8 @@ def local_update(path: str, client: int, task: ClientRound, theta0: np.ndarray) 
     if not (np.isfinite(update).all() and math.isfinite(loss)):
         raise FloatingPointError("the local update is not finite")
     seed = task.split.seed
-    update, extra = task.release.apply(update, seed, task.round, client)
     update = task.attack.tamper(client, update, seed, task.round)
+    update, extra = task.release.apply(update, seed, task.round, client)
     return {"client": client, "n": int(len(train)), "update": update, "train_loss": float(loss),
             "seconds": seconds, **extra}
 

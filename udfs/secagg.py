@@ -46,6 +46,10 @@ _NONCE_BYTES = 12
 _ROUTE = struct.Struct(">QQ")
 _LABEL = "fedspark/secagg/v1"
 
+RoundId = int | str
+"""Names one run of the protocol in every key derivation: the driver passes a fresh random session
+tag with the round number, so two protocol runs never share keys or masks, even with one secret."""
+
 PublicKeys = Mapping[int, tuple[bytes, bytes]]
 """{client: (c_pk, s_pk)}: raw X25519 public keys of the channel key and the mask key."""
 
@@ -91,7 +95,7 @@ def prg(seed: bytes, length: int) -> np.ndarray:
     return np.frombuffer(stream, dtype="<u8").astype(np.uint64)
 
 
-def pairwise_masks(s_private: bytes, round: int, me: int, s_public_keys: Mapping[int, bytes],
+def pairwise_masks(s_private: bytes, round: RoundId, me: int, s_public_keys: Mapping[int, bytes],
                    length: int) -> np.ndarray:
     """sum_{v>me} PRG(s_uv) - sum_{v<me} PRG(s_uv) mod 2^64 over the clients in `s_public_keys`
     (me skipped). Each pair adds its mask once with each sign, so pairwise masks cancel in the sum.
@@ -132,14 +136,14 @@ def _evaluate(coefficients: list[int], x: int) -> int:
     return y
 
 
-def _derive(material: bytes, purpose: str, round: int) -> bytes:
+def _derive(material: bytes, purpose: str, round: RoundId) -> bytes:
     """32 bytes of HKDF-SHA256 over `material`. The info string names the purpose and the round, so
     no two keys or seeds ever coincide and a past round's keys are worthless in this one."""
     info = f"{_LABEL}/{purpose}/round={round}".encode()
     return HKDF(algorithm=hashes.SHA256(), length=SECRET_BYTES, salt=None, info=info).derive(material)
 
 
-def _secret_bytes(secret: bytes, purpose: str, round: int) -> bytes:
+def _secret_bytes(secret: bytes, purpose: str, round: RoundId) -> bytes:
     """A per-round value derived from the client's secret: c / s private key bytes or the seed b."""
     if len(secret) != SECRET_BYTES:
         raise ValueError(f"a client secret is {SECRET_BYTES} bytes, got {len(secret)}")
@@ -151,14 +155,14 @@ def public_key_of(private: bytes) -> bytes:
     return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes_raw()
 
 
-def advertise(secret: bytes, round: int) -> tuple[bytes, bytes]:
+def advertise(secret: bytes, round: RoundId) -> tuple[bytes, bytes]:
     """(c_pk, s_pk) of this round: the channel key for encrypting shares, the mask key for pairwise
     masks. The private keys are never returned; every later step re-derives them."""
     c_private, s_private = (_secret_bytes(secret, p, round) for p in ("c", "s"))
     return public_key_of(c_private), public_key_of(s_private)
 
 
-def _own_keys(secret: bytes, round: int, me: int, public_keys: PublicKeys) -> tuple[bytes, bytes]:
+def _own_keys(secret: bytes, round: RoundId, me: int, public_keys: PublicKeys) -> tuple[bytes, bytes]:
     """(c, s) private key bytes of `me`, checked against what `me` advertised: a wrong secret or
     round would otherwise only surface as a garbage sum on the driver."""
     if me not in public_keys:
@@ -170,19 +174,19 @@ def _own_keys(secret: bytes, round: int, me: int, public_keys: PublicKeys) -> tu
     return c_private, s_private
 
 
-def _channel(c_private: bytes, peer_c_pk: bytes, round: int) -> AESGCM:
+def _channel(c_private: bytes, peer_c_pk: bytes, round: RoundId) -> AESGCM:
     """AES-256-GCM under HKDF(X25519(c_me, c_peer)): only the two clients can open what it seals."""
     shared = X25519PrivateKey.from_private_bytes(c_private).exchange(
         X25519PublicKey.from_public_bytes(peer_c_pk))
     return AESGCM(_derive(shared, "channel", round))
 
 
-def _associated_data(round: int, sender: int, recipient: int) -> bytes:
+def _associated_data(round: RoundId, sender: int, recipient: int) -> bytes:
     """Binds a ciphertext to its round and route, so the server can neither replay nor redirect it."""
     return f"{_LABEL}/shares/round={round}/from={sender}/to={recipient}".encode()
 
 
-def share_keys(secret: bytes, round: int, me: int, public_keys: PublicKeys,
+def share_keys(secret: bytes, round: RoundId, me: int, public_keys: PublicKeys,
                t: int) -> dict[int, bytes]:
     """{v: nonce || AES-GCM(s share, b share, me, v)} for every v in `public_keys`, me included (see
     the module docstring on own shares), with t-of-n Shamir shares of s_me and the self-mask seed."""
@@ -200,7 +204,7 @@ def share_keys(secret: bytes, round: int, me: int, public_keys: PublicKeys,
     return sealed
 
 
-def _open(c_private: bytes, round: int, sender: int, me: int, ciphertext: bytes,
+def _open(c_private: bytes, round: RoundId, sender: int, me: int, ciphertext: bytes,
           public_keys: PublicKeys) -> tuple[int, int]:
     """(s share, b share) that `sender` sealed for `me`; SecAggError if it was tampered with or
     sent along another route."""
@@ -218,7 +222,7 @@ def _open(c_private: bytes, round: int, sender: int, me: int, ciphertext: bytes,
     return int.from_bytes(s_share, "big"), int.from_bytes(b_share, "big")
 
 
-def mask(secret: bytes, round: int, me: int, public_keys: PublicKeys, x: np.ndarray,
+def mask(secret: bytes, round: RoundId, me: int, public_keys: PublicKeys, x: np.ndarray,
          ring_bits: int = 64) -> np.ndarray:
     """y = x + PRG(b_me) + sum_{v>me} PRG(s_me,v) - sum_{v<me} PRG(s_me,v) mod 2^ring_bits, pairing
     with every other client in `public_keys` (which must be the clients that sent shares)."""
@@ -233,7 +237,7 @@ def mask(secret: bytes, round: int, me: int, public_keys: PublicKeys, x: np.ndar
     return y & ring
 
 
-def unmask_shares(secret: bytes, round: int, me: int, ciphertexts_for_me: Mapping[int, bytes],
+def unmask_shares(secret: bytes, round: RoundId, me: int, ciphertexts_for_me: Mapping[int, bytes],
                   public_keys: PublicKeys, survivors: set[int],
                   dropped: set[int]) -> dict[int, tuple[str, int]]:
     """{v: ("b", my share of b_v)} for survivors, {v: ("s", my share of s_v)} for dropped clients.

@@ -3,9 +3,13 @@ client's partition. Every step reads the client's own secret from its block dire
 re-derives its keys from it; nothing private leaves the task. A step that fails for a client drops
 that client from the round (the protocol is built to survive dropouts) instead of failing the job.
 
-What a client encodes: [weight * update, weight, within_clip], where weight is the client's sample
-count (FedAvg's weighting) or 1 (DP-FedAvg, which needs every client's influence bounded by the
-clip). The driver only ever learns the sums of these three parts over the surviving clients.
+What a client encodes: [weight * update, weight, within_clip - 1/2], where weight is the client's
+sample count (FedAvg's weighting) or 1 (DP-FedAvg, which needs every client's influence bounded by
+the clip), and the centred bit is adaptive clipping's (Andrew et al. 2021: one client moves the
+count by at most 1/2). The driver only ever learns the sums of these parts over the survivors.
+
+`protocol` names the protocol run in every key derivation (udfs.secagg.RoundId): the driver makes
+it from a fresh random tag and the round number.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from udfs.tasks import handle_of
 class Masking:
     """What the driver broadcast for the masking step."""
 
+    protocol: secagg.RoundId
     public_keys: Mapping[int, tuple[bytes, bytes]]   # the clients that shared their keys
     scale: float
     ring_bits: int
@@ -34,33 +39,33 @@ def _client(rows: Iterable[Any]) -> tuple[int, str] | None:
     return handle_of(rows)
 
 
-def advertise(rows: Iterable[Any], round_: int) -> Iterator[tuple[int, tuple[bytes, bytes]]]:
+def advertise(rows: Iterable[Any], protocol: secagg.RoundId) -> Iterator[tuple[int, tuple[bytes, bytes]]]:
     handle = _client(rows)
     if handle is None:
         return
     client, path = handle
     try:
-        yield client, secagg.advertise(blocks.secret(path), round_)
+        yield client, secagg.advertise(blocks.secret(path), protocol)
     except Exception:  # noqa: BLE001 - a client that cannot take part is simply left out
         return
 
 
-def share_keys(rows: Iterable[Any], round_: int, public_keys: Mapping[int, tuple[bytes, bytes]],
-               t: int) -> Iterator[tuple[int, dict[int, bytes]]]:
+def share_keys(rows: Iterable[Any], protocol: secagg.RoundId,
+               public_keys: Mapping[int, tuple[bytes, bytes]], t: int) -> Iterator[tuple[int, dict[int, bytes]]]:
     handle = _client(rows)
     if handle is None:
         return
     client, path = handle
     try:
-        yield client, secagg.share_keys(blocks.secret(path), round_, client, public_keys, t)
+        yield client, secagg.share_keys(blocks.secret(path), protocol, client, public_keys, t)
     except Exception:  # noqa: BLE001
         return
 
 
 def encoded_input(report: dict, weighted: bool) -> np.ndarray:
-    """[weight * update, weight, within_clip] in float64, the vector a client masks."""
+    """[weight * update, weight, within_clip - 1/2] in float64, the vector a client masks."""
     weight = float(report["n"]) if weighted else 1.0
-    within = float(bool(report.get("within_clip", False)))
+    within = float(bool(report.get("within_clip", False))) - 0.5
     return np.concatenate([report["update"].astype(np.float64) * weight, [weight, within]])
 
 
@@ -73,7 +78,7 @@ def masked_update(rows: Iterable[Any], task: ClientRound, weights: Any, masking:
     try:
         report = local_update(path, client, task, weights.value)
         x = secagg.encode(encoded_input(report, masking.weighted), masking.scale, masking.ring_bits)
-        y = secagg.mask(blocks.secret(path), task.round, client, masking.public_keys, x,
+        y = secagg.mask(blocks.secret(path), masking.protocol, client, masking.public_keys, x,
                         masking.ring_bits)
     except Exception as exc:  # noqa: BLE001 - a client's failure must not fail the round
         yield dropped(client, exc)
@@ -82,7 +87,8 @@ def masked_update(rows: Iterable[Any], task: ClientRound, weights: Any, masking:
            "seconds": report["seconds"]}
 
 
-def unmask_shares(rows: Iterable[Any], round_: int, public_keys: Mapping[int, tuple[bytes, bytes]],
+def unmask_shares(rows: Iterable[Any], protocol: secagg.RoundId,
+                  public_keys: Mapping[int, tuple[bytes, bytes]],
                   inbox: Any, survivors: frozenset[int], dropped_: frozenset[int]
                   ) -> Iterator[tuple[int, dict[int, tuple[str, int]]]]:
     """This survivor's shares: of b for the other survivors, of s for the dropped clients."""
@@ -91,7 +97,7 @@ def unmask_shares(rows: Iterable[Any], round_: int, public_keys: Mapping[int, tu
         return
     client, path = handle
     try:
-        yield client, secagg.unmask_shares(blocks.secret(path), round_, client, inbox.value[client],
+        yield client, secagg.unmask_shares(blocks.secret(path), protocol, client, inbox.value[client],
                                            public_keys, set(survivors), set(dropped_))
     except Exception:  # noqa: BLE001 - a silent survivor is one fewer answer, not a failed round
         return
