@@ -62,6 +62,14 @@ PARTS = ("overhead", "iid", "shards", "dirichlet", "robust", "dp", "secagg")
 DP_NOISE = (0.78, 1.3, 2.6)
 
 
+class RoundFailed(RuntimeError):
+    """Training stopped with an error; what was evaluated before it."""
+
+    def __init__(self, message: str, by_round: list[list]) -> None:
+        super().__init__(message)
+        self.by_round = by_round
+
+
 @dataclass(frozen=True)
 class Experiment:
     group: str          # the client split it shares with others (built once per group)
@@ -91,9 +99,9 @@ def experiments(args: argparse.Namespace) -> list[Experiment]:
             out.append(Experiment("dirichlet", strategy, "fed_dirichlet.yaml",
                                   (f"federated.strategy={strategy}", "federated.eval_every=5"), 300))
     if "robust" in args.only:
-        out.append(Experiment("robust", "clean", "fed_robust.yaml", ("robust.attack.kind=none",), 40))
-        for rule in ("mean", "median", "trimmed_mean", "multi_krum"):
-            out.append(Experiment("robust", rule, "fed_robust.yaml", (f"robust.rule={rule}",), 40))
+        for name in args.robust_runs:
+            sets = ("robust.attack.kind=none",) if name == "clean" else (f"robust.rule={name}",)
+            out.append(Experiment("robust", name, "fed_robust.yaml", sets, 40))
     if "dp" in args.only:
         out.append(Experiment("dp", "no-dp", "fed_dp.yaml", ("privacy.dp=none", "privacy.adaptive_clip=false"), 30))
         for z in DP_NOISE:
@@ -122,7 +130,10 @@ def converge(spark: SparkSession, config: Config, clients: federated.Clients, te
     state = federated.initial_state(config, initial_theta(config, spec), clients.count)
     target = fed.target_accuracy
 
+    seen: list[dict] = []
+
     def on_round(_: federated.FedState, record: dict) -> None:
+        seen.append(record)
         if "test_accuracy" in record and record["round"] % (10 * fed.eval_every) == 0:
             log(f"{label}: round {record['round']} test_accuracy {record['test_accuracy']:.4f}")
 
@@ -130,8 +141,12 @@ def converge(spark: SparkSession, config: Config, clients: federated.Clients, te
         return record.get("test_accuracy", -1.0) >= target
 
     started = time.perf_counter()
-    state = federated.fit(sc, config, clients, test, spec, state, on_round,
-                          until=reached if target is not None else None, client_eval=False)
+    try:
+        state = federated.fit(sc, config, clients, test, spec, state, on_round,
+                              until=reached if target is not None else None, client_eval=False)
+    except RuntimeError as exc:  # e.g. every client's update overflowed under an attack
+        raise RoundFailed(str(exc), [[h["round"], h["test_accuracy"]] for h in seen
+                                     if "test_accuracy" in h]) from exc
     wall = time.perf_counter() - started
     history = state.history
     evaluated = [h for h in history if "test_accuracy" in h]
@@ -170,9 +185,10 @@ def run_group(spark: SparkSession, group: list[Experiment], args: argparse.Names
             label = f"{e.group}/{e.name} lr={config.trainer.optimizer.lr}"
             try:
                 result = converge(spark, config, clients, test, label)
-            except RuntimeError as exc:  # e.g. a learning rate so high every client diverged
-                log(f"{label}: failed: {exc}")
+            except RoundFailed as exc:  # e.g. a learning rate so high every client diverged
+                log(f"{label}: failed: {exc} (test accuracy by round before: {exc.by_round})")
                 result = {"rounds_run": None, "rounds_to_target": None, "failed": str(exc)[:300],
+                          "test_accuracy_by_round": exc.by_round,
                           "target_accuracy": config.federated.target_accuracy, "best_accuracy": None,
                           "seconds_per_round": None, "client_numpy_seconds_per_round": None,
                           "client_accuracy": None}
@@ -351,6 +367,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--fedavg-rounds", type=positive, default=100)
     p.add_argument("--fedsgd-rounds", type=positive, default=1000)
     p.add_argument("--overhead-rounds", type=positive, default=10)
+    p.add_argument("--robust-runs", type=lambda text: [v for v in text.split(",") if v],
+                   default=["clean", "mean", "median", "trimmed_mean", "multi_krum"],
+                   help="robust part: 'clean' (no attack) and the rules to run under attack")
     p.add_argument("--master", default="local[2]")
     return p.parse_args(argv)
 
