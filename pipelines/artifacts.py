@@ -64,12 +64,18 @@ def new_run_dir(runs_path: str, run_name: str | None, label: str) -> Path:
     raise RuntimeError(f"cannot create a unique run directory under {root}")
 
 
-def save_model(run_dir: Path, spec: ModelSpec, theta: np.ndarray, metadata: dict[str, Any]) -> Path:
+def save_model(run_dir: Path, spec: ModelSpec, theta: np.ndarray | None,
+               metadata: dict[str, Any]) -> Path:
+    """weights.npz then spec.json; without weights (an MLlib model saved by MLlib beside them) only
+    spec.json, which says so."""
     model_dir = run_dir / "model"
     model_dir.mkdir(exist_ok=True)
-    atomic_write(model_dir / "weights.npz", _npz_bytes({"theta": theta}))
+    if theta is not None:
+        atomic_write(model_dir / "weights.npz", _npz_bytes({"theta": theta}))
     meta = {"kind": spec.kind, "layers": list(spec.layers), "n_params": spec.n_params,
-            "dtype": str(theta.dtype), **metadata}
+            "dtype": str(theta.dtype) if theta is not None else None,
+            **({} if theta is not None else {"format": "mllib", "mllib_path": str(model_dir / "mllib")}),
+            **metadata}
     atomic_write(model_dir / "spec.json", json.dumps(meta, indent=2).encode())
     return model_dir
 
@@ -79,6 +85,12 @@ def load_model(model_or_run_dir: str | Path) -> tuple[ModelSpec, np.ndarray, dic
     path = Path(model_or_run_dir)
     model_dir = path / "model" if (path / "model").is_dir() else path
     spec_file, weights_file = model_dir / "spec.json", model_dir / "weights.npz"
+    if spec_file.is_file() and not weights_file.is_file():
+        meta = json.loads(spec_file.read_text())
+        if meta.get("format") == "mllib":
+            raise UserError(f"{path}: this model is MLlib's own ({meta['kind']} with sigmoid hidden "
+                            f"units), saved at {meta['mllib_path']}: load it with pyspark.ml "
+                            "(MultilayerPerceptronClassificationModel.load)")
     if not spec_file.is_file() or not weights_file.is_file():
         raise UserError(f"{path}: no saved model (expected {spec_file} and {weights_file})")
     meta = json.loads(spec_file.read_text())

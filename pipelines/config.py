@@ -137,6 +137,16 @@ class TrackingSection(_Section):
     mlflow: bool
 
 
+class MllibSection(_Section):
+    """trainer.strategy=mllib: Spark MLlib's own estimators, the built-in baseline."""
+
+    max_iter: int = Field(ge=1)
+    tol: float = Field(ge=0.0)
+    reg_param: float = Field(ge=0.0)
+    elastic_net: float = Field(ge=0.0, le=1.0)
+    block_size: int = Field(ge=1)
+
+
 class Config(_Section):
     spark: SparkSection
     lake: PathSection
@@ -149,6 +159,7 @@ class Config(_Section):
     robust: RobustSection
     model_parallel: ModelParallelSection
     tracking: TrackingSection
+    mllib: MllibSection
 
     @model_validator(mode="after")
     def _cross_section_rules(self) -> "Config":

@@ -22,7 +22,7 @@ import numpy as np
 
 from pyspark.sql import SparkSession
 
-from pipelines import artifacts, federated, lake
+from pipelines import artifacts, federated, lake, mllib
 from pipelines.cli import main_wrapper, print_summary, process_start_time
 from pipelines.config import Config, ConfigError, dump_yaml, load_config
 from pipelines.data import load_blocks
@@ -33,7 +33,7 @@ from udfs import tasks
 from udfs.models import ModelSpec, init_params
 from udfs.seeding import Stream, rng
 
-AVAILABLE = ("local", "sync", "federated")
+AVAILABLE = ("local", "sync", "federated", "mllib")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -247,11 +247,36 @@ def train_federated(spark: SparkSession, config: Config, args: argparse.Namespac
     }, run_dir
 
 
-def finish_model(run_dir: Path, config: Config, spec: ModelSpec, theta: np.ndarray, table: str,
+def finish_model(run_dir: Path, config: Config, spec: ModelSpec, theta: np.ndarray | None, table: str,
                  version: int) -> None:
+    """model/weights.npz + spec.json; spec.json alone when there are no weights of ours (MLlib's
+    MLP, saved by MLlib under model/mllib)."""
     artifacts.save_model(run_dir, spec, theta, {
         "run_id": run_dir.name, "table": table, "version": version, "n_classes": spec.n_classes,
         "strategy": config.trainer.strategy, "seed": config.trainer.seed})
+
+
+def train_mllib(spark: SparkSession, config: Config, args: argparse.Namespace,
+                run_dir: Path | None, timings: dict[str, float]) -> tuple[dict, Path]:
+    """`mllib`: MLlib's estimator on the same table (pipelines/mllib.py)."""
+    mark = time.perf_counter()
+    result = mllib.fit(spark, config, lambda d, k: model_spec(config, d, k))
+    timings["train"] = result["train_seconds"]
+    timings["prepare_and_evaluate"] = time.perf_counter() - mark - result["train_seconds"]
+    spec, model = result["spec"], result["model"]
+    run_dir = open_run(config, args, run_dir)
+    model.write().overwrite().save(str(run_dir / "model" / "mllib"))
+    finish_model(run_dir, config, spec, mllib.our_weights(model, spec), result["table"], result["version"])
+    return {
+        "data": {"table": result["table"], "version": result["version"],
+                 "train_rows": result["train_rows"], "test_rows": result["test_rows"],
+                 "partitions": config.data.partitions},
+        "epochs": None,
+        "mllib": {"estimator": type(model).__name__.removesuffix("Model") or type(model).__name__,
+                  "max_iter": config.mllib.max_iter, "iterations": result["iterations"]},
+        **summary_metrics(spec, result["test"]),
+        "model": {"kind": spec.kind, "layers": list(spec.layers)},
+    }, run_dir
 
 
 def main(argv: list[str]) -> None:
@@ -269,8 +294,8 @@ def main(argv: list[str]) -> None:
     mark = time.perf_counter()
     spark = build_session("fedspark-train", config.spark.conf)
     timings["session"] = time.perf_counter() - mark
-    runner = train_federated if t.strategy == "federated" else train_data_parallel
-    part, run_dir = runner(spark, config, args, run_dir, timings)
+    runners = {"federated": train_federated, "mllib": train_mllib}
+    part, run_dir = runners.get(t.strategy, train_data_parallel)(spark, config, args, run_dir, timings)
     summary = {
         "run_id": run_dir.name,
         "run_dir": str(run_dir),
@@ -278,7 +303,8 @@ def main(argv: list[str]) -> None:
         "model": part.pop("model"),
         "seed": t.seed,
         "data": part.pop("data"),
-        "batch_size": config.federated.local_batch_size if t.strategy == "federated" else t.batch_size,
+        "batch_size": {"federated": config.federated.local_batch_size, "mllib": None}.get(
+            t.strategy, t.batch_size),
         **part,
         "train_seconds": round(timings["train"], 3),
         "timings": {k: round(v, 3) for k, v in timings.items()},
