@@ -48,3 +48,27 @@ def write_table(spark, lake: Path, name: str, X: np.ndarray, y: np.ndarray,
     path = str(lake / name)
     spark.createDataFrame(table).write.format("delta").mode("overwrite").save(path)
     return path
+
+
+def blobs(n, d, k, seed, spread=1.0):
+    """Overlapping Gaussian classes: not separable, so logistic regression has one finite optimum."""
+    rng = np.random.default_rng(seed)
+    means = rng.normal(scale=spread, size=(k, d))
+    y = rng.integers(0, k, n)
+    X = means[y] + rng.normal(size=(n, d))
+    split = np.where(rng.random(n) < 0.2, "test", "train")
+    return X.astype(np.float32), y, split
+
+
+@pytest.fixture(scope="session")
+def blobs_lake(spark, tmp_path_factory):
+    """Tables `blobs` (4 overlapping classes) and `reg` (linear regression), shared by the train-job
+    and mllib tests."""
+    path = tmp_path_factory.mktemp("lake")
+    X, y, split = blobs(10_000, 10, 4, seed=11)
+    write_table(spark, path, "blobs", X, y, split)
+    rng = np.random.default_rng(5)
+    Xr = rng.normal(size=(800, 5)).astype(np.float32)
+    yr = Xr @ np.array([1.5, -2.0, 0.5, 0.0, 3.0]) + 0.7 + 0.1 * rng.normal(size=800)
+    write_table(spark, path, "reg", Xr, yr, np.where(rng.random(800) < 0.25, "test", "train"))
+    return path

@@ -7,9 +7,15 @@ import json
 import numpy as np
 import pytest
 
-from pipelines import evaluate, train
+from pipelines import evaluate
 from pipelines.cli import main_wrapper
-from tests.test_train_job import ALWAYS, blobs, lake, run_train  # noqa: F401 - the module's lake fixture
+from tests.conftest import blobs
+from tests.test_train_job import ALWAYS, run_train
+
+
+@pytest.fixture()
+def lake(blobs_lake):
+    return blobs_lake
 
 MLLIB = ["trainer.strategy=mllib", "data.validation_fraction=0.0"]
 

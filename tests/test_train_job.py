@@ -11,32 +11,15 @@ import pytest
 
 from pipelines import evaluate, train
 from pipelines.cli import main_wrapper
-from tests.conftest import write_table
+from tests.conftest import blobs
 
 ALWAYS = {"run_id", "run_dir", "strategy", "model", "seed", "data", "batch_size", "epochs",
           "test_loss", "train_seconds", "total_seconds", "model_path"}
 
 
-def blobs(n, d, k, seed, spread=1.0):
-    """Overlapping Gaussian classes: not separable, so logistic regression has one finite optimum."""
-    rng = np.random.default_rng(seed)
-    means = rng.normal(scale=spread, size=(k, d))
-    y = rng.integers(0, k, n)
-    X = means[y] + rng.normal(size=(n, d))
-    split = np.where(rng.random(n) < 0.2, "test", "train")
-    return X.astype(np.float32), y, split
-
-
-@pytest.fixture(scope="module")
-def lake(spark, tmp_path_factory):
-    path = tmp_path_factory.mktemp("lake")
-    X, y, split = blobs(10_000, 10, 4, seed=11)
-    write_table(spark, path, "blobs", X, y, split)
-    rng = np.random.default_rng(5)
-    Xr = rng.normal(size=(800, 5)).astype(np.float32)
-    yr = Xr @ np.array([1.5, -2.0, 0.5, 0.0, 3.0]) + 0.7 + 0.1 * rng.normal(size=800)
-    write_table(spark, path, "reg", Xr, yr, np.where(rng.random(800) < 0.25, "test", "train"))
-    return path
+@pytest.fixture()
+def lake(blobs_lake):
+    return blobs_lake
 
 
 def run_train(lake, runs, capsys, *sets, extra=()):
