@@ -97,26 +97,30 @@ def place(spark: SparkSession, rows: DataFrame, partitions: int, target: Column)
             .repartition(partitions, "_part").drop("_part"))
 
 
-def read_rows(spark: SparkSession, lake_path: str, ref: lake.TableRef,
-              splits: tuple[str, ...] = ("train", "test"), extra: tuple[str, ...] = ()
-              ) -> tuple[DataFrame, int]:
-    """The table's rows of the given splits as (id, features, label, split, shard, *extra), and the
-    version read. `shard` fixes the global row order; see udfs/blocks.py."""
-    df, version = lake.read(spark, lake_path, ref)
-    check_schema(df, ref.name)
+def training_rows(df: DataFrame, name: str, extra: tuple[str, ...] = ()) -> DataFrame:
+    """A training table's rows as (id, features, label, split, shard, *extra). `shard` fixes the
+    global row order; see udfs/blocks.py."""
+    check_schema(df, name)
     for column in extra:
         if column not in df.columns:
-            raise UserError(f"table {ref.name!r} has no column {column!r}; its columns are "
+            raise UserError(f"table {name!r} has no column {column!r}; its columns are "
                             f"{df.columns}")
-    rows = df.select(
+    return df.select(
         F.col("id").cast("long").alias("id"),
         F.col("features").cast("array<float>").alias("features"),
         F.col("label"),
         F.col("split"),
         F.pmod(F.xxhash64("id"), F.lit(blocks.N_SHARDS)).cast("int").alias("shard"),
         *[F.col(c) for c in extra],
-    ).filter(F.col("split").isin(*splits))
-    return rows, version
+    )
+
+
+def read_rows(spark: SparkSession, lake_path: str, ref: lake.TableRef,
+              splits: tuple[str, ...] = ("train", "test"), extra: tuple[str, ...] = ()
+              ) -> tuple[DataFrame, int]:
+    """The table's rows of the given splits (training_rows), and the version read."""
+    df, version = lake.read(spark, lake_path, ref)
+    return training_rows(df, ref.name, extra).filter(F.col("split").isin(*splits)), version
 
 
 def build(spark: SparkSession, rows: DataFrame, partitions: int, target: Column,
@@ -150,10 +154,18 @@ def shape(described: list[Row], name: str) -> tuple[int, int]:
 def load_blocks(spark: SparkSession, lake_path: str, ref: lake.TableRef, partitions: int,
                 seed: int, validation_fraction: float,
                 splits: tuple[str, ...] = ("train", "test")) -> Blocks:
-    """Read the table version once and build, cache and describe its blocks: rows of shard s in
-    partition s mod P, so every shard lives in one partition."""
+    """Read the table version once and build, cache and describe its blocks."""
     rows, version = read_rows(spark, lake_path, ref, splits)
-    name = f"{ref.name}@{version}"
+    return blocks_from_rows(spark, rows, ref.name, version, partitions, seed, validation_fraction,
+                            splits)
+
+
+def blocks_from_rows(spark: SparkSession, rows: DataFrame, table: str, version: int, partitions: int,
+                     seed: int, validation_fraction: float,
+                     splits: tuple[str, ...] = ("train", "test")) -> Blocks:
+    """Build, cache and describe the blocks of training_rows: rows of shard s in partition s mod P,
+    so every shard lives in one partition."""
+    name = f"{table}@{version}"
     handles, described = build(spark, rows, partitions, F.pmod(F.col("shard"), F.lit(partitions)),
                                name)
     if not described:
@@ -166,5 +178,5 @@ def load_blocks(spark: SparkSession, lake_path: str, ref: lake.TableRef, partiti
         raise UserError(f"table {name} has no training rows (split = 'train') left "
                         f"after holding out validation_fraction={validation_fraction}")
     n_features, n_classes = shape(described, name)
-    return Blocks(handles, layout, ref.name, version, partitions, n_features, n_classes,
+    return Blocks(handles, layout, table, version, partitions, n_features, n_classes,
                   sum(int(h.test_rows) for h in described))

@@ -85,13 +85,26 @@ def _partitioned_clients(rows: DataFrame, fed: FederatedSection, seed: int,
 
 
 def prepare_clients(spark: SparkSession, config: Config) -> tuple[Clients, Blocks | None]:
-    """Client blocks from the train split, and blocks of the test split for global evaluation
-    (None when the table has no test rows)."""
+    """Client blocks from the table's train split, and blocks of its test split for global
+    evaluation (None when the table has no test rows)."""
     fed = config.federated
     ref = lake.TableRef(config.data.table, config.data.version)
     extra = (fed.client_column,) if fed.partitioner == "column" else ()
     rows, version = read_rows(spark, config.lake.path, ref, ("train",), extra)
-    name = f"{ref.name}@{version}"
+    clients = clients_from_rows(spark, config, rows, ref.name, version)
+    pinned = lake.TableRef(ref.name, version)
+    has_test = read_rows(spark, config.lake.path, pinned, ("test",))[0].limit(1).count() > 0
+    test = load_blocks(spark, config.lake.path, pinned, config.data.partitions, config.trainer.seed,
+                       0.0, ("test",)) if has_test else None
+    return clients, test
+
+
+def clients_from_rows(spark: SparkSession, config: Config, rows: DataFrame, table: str,
+                      version: int) -> Clients:
+    """One block per client from training rows (data.training_rows, plus the client column when
+    federated.partitioner is column)."""
+    fed = config.federated
+    name = f"{table}@{version}"
     if fed.partitioner == "column":
         assigned, names = _column_clients(rows, fed.client_column, name)
     else:
@@ -107,11 +120,7 @@ def prepare_clients(spark: SparkSession, config: Config) -> tuple[Clients, Block
     n_features, n_classes = shape(described, name)
     sizes = np.array([by_part[i].rows for i in range(len(names))])
     labels = np.array([by_part[i].distinct_labels for i in range(len(names))])
-    pinned = lake.TableRef(ref.name, version)
-    has_test = read_rows(spark, config.lake.path, pinned, ("test",))[0].limit(1).count() > 0
-    test = load_blocks(spark, config.lake.path, pinned, config.data.partitions, config.trainer.seed,
-                       0.0, ("test",)) if has_test else None
-    return Clients(handles, ref.name, version, names, sizes, labels, n_features, n_classes), test
+    return Clients(handles, table, version, names, sizes, labels, n_features, n_classes)
 
 
 def partition_report(c: Clients) -> str:
