@@ -5,9 +5,5 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 prepare_all
-lake_path="$ROOT/lake"
-for ((i = 1; i <= $#; i++)); do
-  if [ "${!i}" = "--lake" ]; then j=$((i + 1)); lake_path="${!j}"; fi
-done
-ensure_fashion_mnist_table "$lake_path"
+ensure_fashion_mnist_table "$(lake_arg "$@")"
 exec python scripts/bench_federated.py "$@"

@@ -77,6 +77,16 @@ ensure_fashion_mnist_table() {
     --set "lake.path=$lake_path"
 }
 
+# The value of --lake among a benchmark's arguments, or ./lake.
+lake_arg() {
+  local lake_path="$ROOT/lake"
+  while [ $# -gt 0 ]; do
+    if [ "$1" = "--lake" ] && [ $# -gt 1 ]; then lake_path="$2"; fi
+    shift
+  done
+  echo "$lake_path"
+}
+
 # Everything a job on Fashion-MNIST needs, from the repository root.
 prepare_all() {
   cd "$ROOT"
