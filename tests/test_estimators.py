@@ -90,6 +90,15 @@ def test_cross_validator_over_our_params(frame):
                         seed=3).fit(frame)
     assert cv.avgMetrics[1] > cv.avgMetrics[0] + 0.2
     assert cv.bestModel.stages[-1].getOrDefault("learningRate") == 0.05
+    # CrossValidator's own folds: a rand(seed) column cut into numFolds equal ranges
+    marked = frame.select("*", F.rand(3).alias("r"))
+    for rate, metric in zip((1e-6, 0.05), cv.avgMetrics):
+        folds = []
+        for i in range(2):
+            held = (F.col("r") >= i / 2) & (F.col("r") < (i + 1) / 2)
+            alone, _ = _pipeline(learningRate=rate)
+            folds.append(accuracy_of(alone.fit(marked.filter(~held)).transform(marked.filter(held))))
+        assert np.mean(folds) == pytest.approx(metric, abs=1e-9)
 
 
 def test_bad_input_names_the_column_or_param(spark):
