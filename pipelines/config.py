@@ -221,6 +221,11 @@ def parse_set(item: str) -> dict[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise ConfigError(f"--set {item!r}: value is not a YAML scalar or list: {exc}") from exc
+    return nested(key, value)
+
+
+def nested(key: str, value: Any) -> dict[str, Any]:
+    """{'a': {'b': {'c': value}}} for the dotted key 'a.b.c'."""
     tree: dict[str, Any] = {}
     node = tree
     parts = key.split(".")

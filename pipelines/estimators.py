@@ -32,7 +32,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from pipelines import federated, strategies, train
-from pipelines.config import Config, ConfigError, config_from_dict
+from pipelines.config import Config, ConfigError, config_from_dict, deep_merge, nested
 from pipelines.data import blocks_from_rows, training_rows
 from pipelines.errors import UserError
 from udfs import tasks
@@ -66,23 +66,6 @@ PARAMS: dict[str, tuple[str, Any]] = {
 STRATEGIES = ("local", "sync", "federated")
 
 
-def _nested(key: str, value: Any) -> dict:
-    out: dict = {}
-    node = out
-    parts = key.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-    return out
-
-
-def _merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 class _FedsparkParams(HasFeaturesCol, HasLabelCol, HasPredictionCol, HasProbabilityCol, HasSeed):
     """The Params of FedsparkEstimator and FedsparkModel (see PARAMS for the config keys)."""
 
@@ -106,11 +89,11 @@ class _FedsparkParams(HasFeaturesCol, HasLabelCol, HasPredictionCol, HasProbabil
         for name, (key, _) in PARAMS.items():
             value = self.getOrDefault(getattr(self, name))
             try:
-                config_from_dict(_merge(raw, _nested(key, value)), f"Param {name}")
+                config_from_dict(deep_merge(raw, nested(key, value)), f"Param {name}")
             except ConfigError as exc:
                 detail = str(exc).split("\n", 1)[-1].strip().split(f"{key}: ", 1)[-1]
                 raise ValueError(f"Param {name}={value!r} is not allowed ({key}): {detail}") from None
-            raw = _merge(raw, _nested(key, value))
+            raw = deep_merge(raw, nested(key, value))
         strategy = self.getOrDefault(self.strategy)
         if strategy not in STRATEGIES:
             raise ValueError(f"Param strategy must be one of {STRATEGIES}, got {strategy!r}")

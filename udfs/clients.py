@@ -106,6 +106,13 @@ def local_update(path: str, client: int, task: ClientRound, theta0: np.ndarray) 
             "seconds": seconds, **extra}
 
 
+def client_of(rows: Iterable[Any]) -> tuple[int, str] | None:
+    """Prepare this Python worker, then (client, block path) of the partition's client, or None for
+    an empty partition: how every client task starts."""
+    worker.prepare()
+    return handle_of(rows)
+
+
 def dropped(client: int, exc: Exception) -> dict:
     """What a client whose own work failed reports instead, so the round can go on without it."""
     return {"client": client, "dropped": f"{type(exc).__name__}: {str(exc)[:200]}"}
@@ -115,8 +122,7 @@ def client_update(rows: Iterable[Any], task: ClientRound, weights: Any) -> Itera
     """Train this partition's client from the broadcast global weights; yields its local_update
     record, or a `dropped` record when the client's own training fails (bad rows, a numeric
     error)."""
-    worker.prepare()
-    handle = handle_of(rows)
+    handle = client_of(rows)
     if handle is None:
         return
     client, path = handle
@@ -131,8 +137,7 @@ def client_update(rows: Iterable[Any], task: ClientRound, weights: Any) -> Itera
 def client_evaluate(rows: Iterable[Any], spec: ModelSpec, dtype: str, split: ClientSplit,
                     weights: Any) -> Iterator[tuple[int, np.ndarray]]:
     """The global model on this client's hold-out: (client, [n, loss_sum, correct, ...])."""
-    worker.prepare()
-    handle = handle_of(rows)
+    handle = client_of(rows)
     if handle is None:
         return
     client, path = handle

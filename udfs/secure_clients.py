@@ -18,9 +18,8 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from udfs import blocks, secagg, worker
-from udfs.clients import ClientRound, dropped, local_update
-from udfs.tasks import handle_of
+from udfs import blocks, secagg
+from udfs.clients import ClientRound, client_of, dropped, local_update
 
 
 @dataclass(frozen=True)
@@ -34,13 +33,8 @@ class Masking:
     weighted: bool
 
 
-def _client(rows: Iterable[Any]) -> tuple[int, str] | None:
-    worker.prepare()
-    return handle_of(rows)
-
-
 def advertise(rows: Iterable[Any], protocol: secagg.RoundId) -> Iterator[tuple[int, tuple[bytes, bytes]]]:
-    handle = _client(rows)
+    handle = client_of(rows)
     if handle is None:
         return
     client, path = handle
@@ -52,7 +46,7 @@ def advertise(rows: Iterable[Any], protocol: secagg.RoundId) -> Iterator[tuple[i
 
 def share_keys(rows: Iterable[Any], protocol: secagg.RoundId,
                public_keys: Mapping[int, tuple[bytes, bytes]], t: int) -> Iterator[tuple[int, dict[int, bytes]]]:
-    handle = _client(rows)
+    handle = client_of(rows)
     if handle is None:
         return
     client, path = handle
@@ -71,7 +65,7 @@ def encoded_input(report: dict, weighted: bool) -> np.ndarray:
 
 def masked_update(rows: Iterable[Any], task: ClientRound, weights: Any, masking: Masking) -> Iterator[dict]:
     """Train, then send only the masked encoding of the update, with the count and loss."""
-    handle = _client(rows)
+    handle = client_of(rows)
     if handle is None:
         return
     client, path = handle
@@ -92,7 +86,7 @@ def unmask_shares(rows: Iterable[Any], protocol: secagg.RoundId,
                   inbox: Any, survivors: frozenset[int], dropped_: frozenset[int]
                   ) -> Iterator[tuple[int, dict[int, tuple[str, int]]]]:
     """This survivor's shares: of b for the other survivors, of s for the dropped clients."""
-    handle = _client(rows)
+    handle = client_of(rows)
     if handle is None:
         return
     client, path = handle
