@@ -21,14 +21,20 @@ class Scoring:
 
 def feature_matrix(features: pd.Series, scoring: Scoring) -> np.ndarray:
     """The batch's feature arrays as one matrix; a null or a row of another width is an error
-    naming the column."""
+    naming the column (the rows are only inspected one by one to say which, after stacking failed)."""
     width = scoring.spec.layers[0]
-    lengths = features.map(lambda row: -1 if row is None else len(row)).to_numpy()
-    if (lengths != width).any():
-        got = int(lengths[lengths != width][0])
-        what = "a null" if got < 0 else f"a row of {got} values"
-        raise ValueError(f"features column {scoring.column!r}: {what}, the model expects {width}")
-    return np.stack(features.to_numpy()) if len(features) else np.zeros((0, width))
+    if not len(features):
+        return np.zeros((0, width))
+    try:
+        X = np.stack(features.to_numpy())
+    except (TypeError, ValueError):
+        X = None
+    if X is not None and X.shape == (len(features), width):
+        return X
+    lengths = [-1 if row is None else len(row) for row in features]
+    got = next(n for n in lengths if n != width)
+    what = "a null" if got < 0 else f"a row of {got} values"
+    raise ValueError(f"features column {scoring.column!r}: {what}, the model expects {width}")
 
 
 def score_batch(features: pd.Series, scoring: Scoring, weights: Any) -> pd.DataFrame:
