@@ -33,6 +33,7 @@ Fraction = Field(ge=0.0, le=1.0)
 
 class SparkSection(_Section):
     conf: dict[str, Any]
+    delta_packages: str = Field(min_length=1)   # auto | none | Maven coordinates
 
 
 class PathSection(_Section):
@@ -44,6 +45,7 @@ class DataSection(_Section):
     version: Optional[int] = Field(ge=0)
     partitions: int = Field(ge=1, le=10_000)
     validation_fraction: float = Field(ge=0.0, lt=1.0)
+    worker_cache_gb: float = Field(ge=0.0)
 
 
 class ModelSection(_Section):

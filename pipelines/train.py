@@ -145,7 +145,7 @@ def train_data_parallel(spark: SparkSession, config: Config, args: argparse.Name
     mark = time.perf_counter()
     ref = lake.TableRef(config.data.table, config.data.version)
     data = load_blocks(spark, config.lake.path, ref, config.data.partitions, t.seed,
-                       config.data.validation_fraction)
+                       config.data.validation_fraction, cache_gb=config.data.worker_cache_gb)
     timings["blocks"] = time.perf_counter() - mark
     spec = model_spec(config, data.n_features, data.n_classes)
     opt = optimizer_from(config)
@@ -292,7 +292,7 @@ def main(argv: list[str]) -> None:
                           f"available: {', '.join(AVAILABLE)}")
     timings: dict[str, float] = {}
     mark = time.perf_counter()
-    spark = build_session("fedspark-train", config.spark.conf)
+    spark = build_session("fedspark-train", config.spark.conf, config.spark.delta_packages)
     timings["session"] = time.perf_counter() - mark
     runners = {"federated": train_federated, "mllib": train_mllib}
     part, run_dir = runners.get(t.strategy, train_data_parallel)(spark, config, args, run_dir, timings)
