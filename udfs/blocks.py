@@ -419,3 +419,13 @@ def roles(block: Block, layout: Layout) -> Roles:
     val_before = np.concatenate(([0], np.cumsum(held_out)))
     train_index = g[~is_val] - val_before[g[~is_val]]
     return Roles(split_rows[~is_val], train_index, split_rows[is_val], np.flatnonzero(block.test))
+
+
+def residency(rows: Iterable[Any]) -> Iterator[dict]:
+    """mapPartitions function: how this partition's block is held by the worker that runs the task
+    (in memory or memory-mapped, and the worker's resident feature bytes); for tests and benchmarks."""
+    for row in rows:
+        block = load(row.path)
+        yield {"part": int(row.part), "in_memory": block.in_memory,
+               "feature_bytes": block.feature_bytes, "worker_resident_bytes": resident_bytes(),
+               "sparse": bool(sparse.issparse(block.X))}
