@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipelines.errors import UserError
 from pipelines.robust import NEEDS_INDIVIDUAL_UPDATES
@@ -38,6 +38,26 @@ class SparkSection(_Section):
 
 class PathSection(_Section):
     path: str = Field(min_length=1)
+
+
+class RunsSection(_Section):
+    """Run directories are written with the local file API (atomic renames, numpy files): a local
+    path, or a file: URI for a mounted shared filesystem (cluster deploy mode)."""
+
+    path: str = Field(min_length=1)
+
+    @field_validator("path")
+    @classmethod
+    def _local_or_file_uri(cls, value: str) -> str:
+        scheme, sep, rest = value.partition(":")
+        if not sep or len(scheme) < 2 or "/" in scheme:   # a plain path (or a Windows drive letter)
+            return value
+        if scheme == "file":
+            path = rest[2:] if rest.startswith("//") else rest
+            return path if path.startswith("/") else value
+        raise ValueError(f"{scheme}: URIs are not supported for run directories yet (they are "
+                         "written with the local file API); use a local path or a file:// URI of a "
+                         "filesystem the driver mounts. lake.path takes any Hadoop URI")
 
 
 class DataSection(_Section):
@@ -152,7 +172,7 @@ class MllibSection(_Section):
 class Config(_Section):
     spark: SparkSection
     lake: PathSection
-    runs: PathSection
+    runs: RunsSection
     data: DataSection
     model: ModelSection
     trainer: TrainerSection

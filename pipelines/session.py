@@ -17,7 +17,7 @@ import os
 import sys
 from typing import Any
 
-from pyspark import SparkConf
+from pyspark import SparkConf, SparkContext
 from pyspark.sql import SparkSession
 
 from pipelines.errors import UserError
@@ -79,6 +79,11 @@ def build_session(app_name: str, extra: dict[str, Any] | None = None,
                   delta_packages: str = "auto") -> SparkSession:
     """Get or create the job's SparkSession with Delta enabled (`delta_packages`: the
     spark.delta_packages setting, see packages_setting)."""
+    if _jvm_running():
+        # connect to spark-submit's JVM first: only then does SparkConf() read what spark-submit
+        # set (--master, --conf); before that it is an empty Python-side conf, and our local[*]
+        # default would beat `spark-submit --master`
+        SparkContext._ensure_initialized()
     given = SparkConf()  # holds what spark-submit and spark-defaults.conf set
     conf: dict[str, str] = {**DEFAULTS, "spark.master": "local[*]"}
     conf.update({k: str(v) for k, v in (extra or {}).items()})
