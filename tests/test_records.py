@@ -14,7 +14,7 @@ from PIL import Image
 from pipelines import artifacts, evaluate, runs, score, train
 from pipelines.cli import main_wrapper
 from pipelines.plots import SERIES_KEY
-from tests.conftest import blobs, write_table
+from tests.conftest import ROOT, blobs, write_table
 
 BLOBS = ["data.table=blobs", "model.kind=softmax", "trainer.optimizer.lr=0.05", "trainer.epochs=3"]
 
@@ -263,3 +263,31 @@ def test_mlflow_gets_params_metrics_and_the_model(lake, tmp_path, capsys, monkey
     files = {f.path for f in client.list_artifacts(run.info.run_id, "model")}
     assert files == {"model/weights.npz", "model/spec.json"}
 
+
+
+@pytest.mark.slow  # two JVMs of their own
+def test_two_jobs_at_once_both_land_in_the_records(spark, lake, tmp_path):
+    """Two spark-submit processes started together append to the same runs and metrics tables."""
+    import os
+    import subprocess
+    import sys
+
+    from pipelines.session import submit_args
+
+    spark_submit = Path(sys.executable).with_name("spark-submit")
+    procs = []
+    for name in ("twin_a", "twin_b"):
+        argv = [str(spark_submit), *submit_args(), "--master", "local[1]", "pipelines/train.py",
+                "--run-name", name, "--set", f"lake.path={lake}", "--set", f"runs.path={tmp_path}",
+                *sum([["--set", s] for s in (*BLOBS, "trainer.epochs=2")], [])]
+        procs.append(subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, env={**os.environ, "PYSPARK_PYTHON": sys.executable}))
+    summaries = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, err[-3000:]
+        summaries.append(json.loads(out.strip().splitlines()[-1]))
+    for summary in summaries:
+        rows = runs_rows(spark, lake, summary["run_id"])
+        assert sorted(r.status for r in rows) == ["completed", "running"]
+        assert {m.step for m in metric_rows(spark, lake, summary["run_id"])} == {1, 2}
