@@ -139,7 +139,7 @@ def gradient_pass(sc, got: data.Blocks, job: tasks.Job, theta: np.ndarray, depth
 def measure_passes(spark, lake_path: str, table: str, args) -> dict:
     sc = spark.sparkContext
     started = time.perf_counter()
-    got = data.load_blocks(spark, lake_path, lake.TableRef(table), args.partitions, 0, 0.0,
+    got = data.load_blocks(spark, lake_path, lake.TableRef(table), args.block_partitions, 0, 0.0,
                            cache_gb=args.cache_gb)
     build = time.perf_counter() - started
     held = got.handles.mapPartitions(blocks.residency).collect()
@@ -149,10 +149,11 @@ def measure_passes(spark, lake_path: str, table: str, args) -> dict:
     seconds = []
     for _ in range(args.passes):
         t0 = time.perf_counter()
-        grad, loss, count = gradient_pass(sc, got, job, theta, 2)
+        grad, loss, count = gradient_pass(sc, got, job, theta, args.depth)
         seconds.append(time.perf_counter() - t0)
         theta -= np.float32(1.0) * (grad / count).astype(np.float32)
-    out = {"table": table, "train_rows": got.train_rows, "partitions": args.partitions,
+    out = {"table": table, "train_rows": got.train_rows, "partitions": args.block_partitions,
+           "depth": args.depth,
            "build_seconds": round(build, 2), "feature_gb_on_disk": round(got.feature_bytes / 2**30, 2),
            "blocks_in_memory": sum(h["in_memory"] for h in held), "blocks": len(held),
            "pass_seconds": [round(s, 3) for s in seconds],
@@ -167,7 +168,7 @@ def time_to_accuracy(spark, lake_path: str, table: str, target: float, args) -> 
     pass (its job counted in the clock) until within 0.5 points of `target`."""
     sc = spark.sparkContext
     started = time.perf_counter()
-    got = data.load_blocks(spark, lake_path, lake.TableRef(table), args.partitions, 0, 0.0,
+    got = data.load_blocks(spark, lake_path, lake.TableRef(table), args.block_partitions, 0, 0.0,
                            cache_gb=args.cache_gb)
     spec = ModelSpec("logistic", (got.n_features, 1))
     opt = Optimizer("adam", args.adam_lr, 0.9, 0.999, 1e-7, 0.9)
@@ -176,9 +177,9 @@ def time_to_accuracy(spark, lake_path: str, table: str, target: float, args) -> 
     state = opt.init_state(theta)
     history = []
     for step in range(1, args.max_passes + 1):
-        grad, _, count = gradient_pass(sc, got, job, theta, 2)
+        grad, _, count = gradient_pass(sc, got, job, theta, args.depth)
         opt.step(theta, (grad / count).astype(np.float32), state, step)
-        acc = evaluate(sc, got, spec, "float32", theta, ("test",))["test"]["accuracy"]
+        acc = evaluate(sc, got, spec, "float32", theta, ("test",), args.depth)["test"]["accuracy"]
         history.append([step, round(time.perf_counter() - started, 2), acc])
         if acc >= target - 0.005:
             break
@@ -250,6 +251,9 @@ def main() -> None:
     p.add_argument("--rows", default="2500000,5000000,10000000,20000000")
     p.add_argument("--features", type=int, default=100)
     p.add_argument("--partitions", type=int, default=8)
+    p.add_argument("--block-partitions", type=int, default=0,
+                   help="data.partitions of the blocks (default: --partitions, the table's files)")
+    p.add_argument("--depth", type=int, default=2, help="treeAggregate depth (trainer.aggregation_depth)")
     p.add_argument("--passes", type=int, default=5)
     p.add_argument("--cache-gb", type=float, default=4.0)
     p.add_argument("--driver-memory", default="6g")
@@ -262,6 +266,7 @@ def main() -> None:
     p.add_argument("--skip", default="", help="comma-separated: mllib, floor, accuracy")
     args = p.parse_args()
     skip = set(filter(None, args.skip.split(",")))
+    args.block_partitions = args.block_partitions or args.partitions
     sizes = [int(r) for r in args.rows.split(",")]
     lake_path = str(Path(args.lake).resolve())
     load_before = os.getloadavg()
