@@ -32,6 +32,7 @@ from pipelines import idx, lake
 from pipelines.cli import main_wrapper, print_summary
 from pipelines.config import DEFAULT_FILE, load_config
 from pipelines.errors import UserError
+from pipelines.progress import progress
 from pipelines.session import build_session
 
 REJECTS_SUFFIX = "_rejects"
@@ -426,7 +427,8 @@ def main(argv: list[str]) -> None:
     config = load_config(args.config or DEFAULT_FILE, args.sets)
     started = time.perf_counter()
     spark = build_session("fedspark-ingest", config.spark.conf)
-    summary = ingest(spark, source, args.table, config.lake.path, args)
+    with progress(spark.sparkContext, f"ingest {args.source} into {args.table}"):
+        summary = ingest(spark, source, args.table, config.lake.path, args)
     summary["seconds"] = round(time.perf_counter() - started, 3)
     if summary["rejected"]:
         print(f"{summary['rejected']} row(s) rejected: see table {args.table}{REJECTS_SUFFIX}",
