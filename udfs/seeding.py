@@ -21,6 +21,8 @@ class Stream(IntEnum):
     ATTACK = 8
     DP_NOISE = 9
     CLIENT_NOISE = 10
+    GENERATE = 11        # synthetic rows, per chunk of ids (udfs/generate.py)
+    TRUTH = 12           # the true model of a synthetic table
 
 
 def rng(seed: int, stream: Stream, *keys: int) -> np.random.Generator:
