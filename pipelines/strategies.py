@@ -22,6 +22,7 @@ from pyspark import SparkContext
 
 from pipelines.config import Config
 from pipelines.data import Blocks
+from pipelines.progress import progress
 from udfs import tasks
 from udfs.models import ModelSpec
 from udfs.optimizers import Optimizer
@@ -135,13 +136,17 @@ EPOCH_RUNNERS = {"local": _local_epoch, "sync": _sync_epoch}
 
 
 def train(sc: SparkContext, data: Blocks, job: tasks.Job, settings: Settings, state: TrainState,
-          on_epoch: EpochHook, on_step: StepHook | None = None) -> TrainState:
+          on_epoch: EpochHook, on_step: StepHook | None = None, tag: str = "") -> TrainState:
     """Run the remaining epochs; after each, validate on the executors and call `on_epoch` (and,
-    in `sync`, `on_step` after every step)."""
+    in `sync`, `on_step` after every step). A long epoch reports its progress, tagged `tag`."""
     run_epoch = EPOCH_RUNNERS[settings.strategy]
+    steps = tasks.steps_per_epoch(data.layout.n_train, job.batch_size)
+    jobs = steps if settings.strategy == "sync" else -(-steps // (settings.average_every or steps))
     while state.epoch < settings.epochs:
         started = time.perf_counter()
-        train_loss = run_epoch(sc, data, job, settings, state, on_step)
+        with progress(sc, f"epoch {state.epoch + 1}/{settings.epochs}", tag,
+                      expected_tasks=jobs * data.partitions, closing_line=False):
+            train_loss = run_epoch(sc, data, job, settings, state, on_step)
         state.epoch += 1
         record = {"epoch": state.epoch, "train_loss": train_loss}
         if data.validation_rows:

@@ -19,12 +19,7 @@ from pyspark.sql import SparkSession
 from pipelines import artifacts, plots, records
 from pipelines.config import Config, dump_yaml
 from pipelines.errors import UserError
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 \
-        else f"{seconds // 60}:{seconds % 60:02d}"
+from pipelines.progress import clock
 
 
 class Tracker:
@@ -68,7 +63,7 @@ class Tracker:
         self._durations.append(float(record.get("seconds", 0.0)))
         left = self.total - int(record[self.unit])
         eta = sum(self._durations) / len(self._durations) * left
-        self.event(f"{line}  eta {_clock(eta)}")
+        self.event(f"{line}  eta {clock(eta)}")
         artifacts.append_metrics(self.run_dir, record)
 
     def flush(self, history: list[dict[str, Any]]) -> None:

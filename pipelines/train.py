@@ -29,6 +29,7 @@ from pipelines.cli import main_wrapper, print_summary, process_start_time
 from pipelines.config import Config, ConfigError, dump_yaml, load_config
 from pipelines.data import load_blocks
 from pipelines.errors import UserError
+from pipelines.progress import progress
 from pipelines.session import build_session
 from pipelines.strategies import Settings, TrainState, evaluate, optimizer_from, train
 from pipelines.tracking import Tracker
@@ -155,8 +156,9 @@ def train_data_parallel(job: Job) -> dict:
     spark, config, t = job.spark, job.config, job.config.trainer
     mark = time.perf_counter()
     ref = lake.TableRef(config.data.table, config.data.version)
-    data = load_blocks(spark, config.lake.path, ref, config.data.partitions, t.seed,
-                       config.data.validation_fraction, cache_gb=config.data.worker_cache_gb)
+    with progress(spark.sparkContext, f"building blocks from {ref.name}"):
+        data = load_blocks(spark, config.lake.path, ref, config.data.partitions, t.seed,
+                           config.data.validation_fraction, cache_gb=config.data.worker_cache_gb)
     job.timings["blocks"] = time.perf_counter() - mark
     spec = model_spec(config, data.n_features, data.n_classes)
     opt = optimizer_from(config)
@@ -192,7 +194,7 @@ def train_data_parallel(job: Job) -> dict:
     mark = time.perf_counter()
     settings = Settings(t.strategy, t.epochs, t.average_every, t.aggregation_depth)
     state = train(spark.sparkContext, data, task, settings, state, on_epoch,
-                  on_step if sync and every else None)
+                  on_step if sync and every else None, f"run {tracker.run_id}")
     job.timings["train"] = time.perf_counter() - mark
     mark = time.perf_counter()
     test = evaluate(spark.sparkContext, data, spec, t.dtype, state.theta, ("test",),
@@ -233,7 +235,8 @@ def train_federated(job: Job) -> dict:
     spark, config = job.spark, job.config
     t, fed = config.trainer, config.federated
     mark = time.perf_counter()
-    clients, test = federated.prepare_clients(spark, config)
+    with progress(spark.sparkContext, f"building client blocks from {config.data.table}"):
+        clients, test = federated.prepare_clients(spark, config)
     job.timings["blocks"] = time.perf_counter() - mark
     print(federated.partition_report(clients), flush=True)
     federated.check_setup(config, clients.count)

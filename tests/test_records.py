@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -291,3 +292,20 @@ def test_two_jobs_at_once_both_land_in_the_records(spark, lake, tmp_path):
         rows = runs_rows(spark, lake, summary["run_id"])
         assert sorted(r.status for r in rows) == ["completed", "running"]
         assert {m.step for m in metric_rows(spark, lake, summary["run_id"])} == {1, 2}
+
+
+def test_progress_reports_tasks_and_an_eta(spark, capsys):
+    from pipelines.progress import progress
+
+    sc = spark.sparkContext
+    capsys.readouterr()
+    with progress(sc, "slow step", tag="run t", every=0.3):
+        # a lambda: cloudpickle ships it by value (executors cannot import this test module)
+        assert sc.parallelize(range(8), 8).map(lambda x: (time.sleep(0.4), x)[1]).sum() == 28
+    lines = capsys.readouterr().out.splitlines()
+    reports = [line for line in lines if line.startswith("slow step: ") and "tasks" in line]
+    assert reports and all(line.endswith("[run t]") for line in lines)
+    done = [int(line.split()[2].split("/")[0]) for line in reports]
+    assert done == sorted(done) and all(line.split()[2].endswith("/8") for line in reports)
+    assert any("eta 0:0" in line for line in reports)
+    assert lines[-1].startswith("slow step: done in ")
