@@ -22,7 +22,7 @@ import numpy as np
 
 from pyspark.sql import SparkSession
 
-from pipelines import artifacts, federated, lake, mllib
+from pipelines import artifacts, federated, lake, mllib, model_parallel
 from pipelines.cli import main_wrapper, print_summary, process_start_time
 from pipelines.config import Config, ConfigError, dump_yaml, load_config
 from pipelines.data import load_blocks
@@ -33,7 +33,7 @@ from udfs import tasks
 from udfs.models import ModelSpec, init_params
 from udfs.seeding import Stream, rng
 
-AVAILABLE = ("local", "sync", "federated", "mllib")
+AVAILABLE = ("local", "sync", "federated", "mllib", "model_parallel")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -248,12 +248,64 @@ def train_federated(spark: SparkSession, config: Config, args: argparse.Namespac
 
 
 def finish_model(run_dir: Path, config: Config, spec: ModelSpec, theta: np.ndarray | None, table: str,
-                 version: int) -> None:
+                 version: int, chunks: Any = None) -> None:
     """model/weights.npz + spec.json; spec.json alone when there are no weights of ours (MLlib's
-    MLP, saved by MLlib under model/mllib)."""
-    artifacts.save_model(run_dir, spec, theta, {
-        "run_id": run_dir.name, "table": table, "version": version, "n_classes": spec.n_classes,
-        "strategy": config.trainer.strategy, "seed": config.trainer.seed})
+    MLP, saved by MLlib under model/mllib). `chunks`: the weights in consecutive pieces instead
+    of `theta` (model_parallel, never whole on the driver)."""
+    meta = {"run_id": run_dir.name, "table": table, "version": version, "n_classes": spec.n_classes,
+            "strategy": config.trainer.strategy, "seed": config.trainer.seed}
+    if chunks is not None:
+        artifacts.save_model_chunks(run_dir, spec, config.trainer.dtype, chunks, meta)
+    else:
+        artifacts.save_model(run_dir, spec, theta, meta)
+
+
+def train_model_parallel(spark: SparkSession, config: Config, args: argparse.Namespace,
+                         run_dir: Path | None, timings: dict[str, float]) -> tuple[dict, Path]:
+    """`model_parallel`: the first layer sharded by feature blocks (pipelines/model_parallel.py)."""
+    t, mp = config.trainer, model_parallel
+    mark = time.perf_counter()
+    cells = mp.prepare(spark, config)
+    timings["blocks"] = time.perf_counter() - mark
+    spec = model_spec(config, cells.n_features, cells.n_classes)
+    grid = mp.grid_for(config, cells, spec)
+    run_dir = open_run(config, args, run_dir)
+    names = tuple(grid.optimizer.init_state(np.zeros(1)))
+    head = mp.initial_head(config, spec, grid)
+    restored = mp.restore(spark.sparkContext, run_dir, spec, grid, names)
+    if restored:
+        restored, head = restored
+        print(f"resuming {run_dir} after epoch {head.epoch}", flush=True)
+    mark = time.perf_counter()
+    carrier = mp.Carrier(spark.sparkContext, grid, cells.handles, mp.Wire(spark.sparkContext, mp.WIRE_LOG),
+                         run_dir / "rdd-checkpoints", restored or None)
+
+    def on_epoch(s: mp.HeadState, record: dict[str, Any]) -> None:
+        log_step(run_dir, record, progress_line(record, t.epochs))
+        if t.checkpoint_every and s.epoch % t.checkpoint_every == 0 and s.epoch < t.epochs:
+            artifacts.save_checkpoint_chunks(
+                run_dir, f"epoch-{s.epoch:04d}", mp.save_chunks(carrier, spec, s.head, names, s.opt),
+                {"epoch": s.epoch, "step": s.step, "history": s.history})
+
+    head = mp.train_epochs(carrier, cells, spec, grid.optimizer, head, t.epochs, on_epoch)
+    timings["train"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    test = mp.evaluate_role(carrier, cells, spec, head.head, "test") if cells.test_rows else {}
+    timings["evaluate"] = time.perf_counter() - mark
+    finish_model(run_dir, config, spec, None, cells.table, cells.version,
+                 chunks=mp.save_chunks(carrier, spec, head.head)["theta"][2])
+    summary = mp.summary_fields(carrier, cells)
+    carrier.release()
+    cells.release()
+    return {
+        "data": {"table": cells.table, "version": cells.version, "train_rows": cells.layout.n_train,
+                 "validation_rows": cells.layout.n_validation, "test_rows": cells.test_rows,
+                 "partitions": cells.row_blocks},
+        "epochs": t.epochs,
+        **summary_metrics(spec, test),
+        **summary,
+        "model": {"kind": spec.kind, "layers": list(spec.layers)},
+    }, run_dir
 
 
 def train_mllib(spark: SparkSession, config: Config, args: argparse.Namespace,
@@ -294,7 +346,8 @@ def main(argv: list[str]) -> None:
     mark = time.perf_counter()
     spark = build_session("fedspark-train", config.spark.conf)
     timings["session"] = time.perf_counter() - mark
-    runners = {"federated": train_federated, "mllib": train_mllib}
+    runners = {"federated": train_federated, "mllib": train_mllib,
+               "model_parallel": train_model_parallel}
     part, run_dir = runners.get(t.strategy, train_data_parallel)(spark, config, args, run_dir, timings)
     summary = {
         "run_id": run_dir.name,
