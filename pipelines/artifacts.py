@@ -121,7 +121,9 @@ def read_npz_slice(path: Path, name: str, start: int, stop: int) -> np.ndarray:
     np.savez's), read without loading the rest."""
     with zipfile.ZipFile(path) as zf, zf.open(f"{name}.npy") as fh:
         version = np.lib.format.read_magic(fh)
-        shape, _, dtype = np.lib.format._read_array_header(fh, version)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, _, dtype = read_header(fh)
         if len(shape) != 1 or not 0 <= start <= stop <= shape[0]:
             raise UserError(f"{path}: {name} has shape {shape}; cannot read [{start}, {stop})")
         fh.seek(fh.tell() + start * dtype.itemsize)

@@ -442,9 +442,10 @@ def _outputs(path: str, W: np.ndarray, grid: Grid, fwd: Forward | None,
 
 
 def start(rows: Iterable[Any], grid: Grid, fwd: Forward | None, sizes: Any,
-          restored: Any = None) -> Iterator[CellState]:
+          restored: dict[int, Any] | None = None) -> Iterator[CellState]:
     """mapPartitions over the cell handles: the cell's replica of W_s, drawn here from the run seed
-    (or read from the broadcast of restored shards, {s: (W_s, buffers)}), and its first forward."""
+    (or read from its own shard's broadcast when resuming, {s: Broadcast of (W_s, buffers)}, so a
+    task reads no other shard), and its first forward."""
     worker.prepare()
     handle = tasks.handle_of(rows)
     if handle is None:
@@ -453,7 +454,8 @@ def start(rows: Iterable[Any], grid: Grid, fwd: Forward | None, sizes: Any,
     _, s = grid.cell(part)
     lo, hi = grid.columns(s)
     if restored is not None:
-        W, opt = restored.value[s][0].copy(), {k: v.copy() for k, v in restored.value[s][1].items()}
+        W, buffers = restored[s].value
+        W, opt = W.copy(), {k: v.copy() for k, v in buffers.items()}
     else:
         W = init_rows(grid.spec, grid.layout.seed, grid.init, grid.dtype, lo, hi)
         opt = grid.optimizer.init_state(W)
