@@ -21,6 +21,7 @@ class Stream(IntEnum):
     ATTACK = 8
     DP_NOISE = 9
     CLIENT_NOISE = 10
+    SPARSE_ROWS = 11
 
 
 def rng(seed: int, stream: Stream, *keys: int) -> np.random.Generator:

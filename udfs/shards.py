@@ -489,8 +489,9 @@ def gather(items: Iterable[tuple[int, tuple]]) -> Iterator[list]:
 
 def _apply(state: CellState, parts: list[tuple[np.ndarray | None, np.ndarray]], grid: Grid,
            update: Update) -> tuple[np.ndarray, dict]:
-    W = state.W.copy()
-    opt = {k: v.copy() for k, v in state.opt.items()}
+    """The optimizer step on this replica, in place: a task's state record is its own copy, freshly
+    unpickled from the parent RDD's cache, and becomes the new record."""
+    W, opt = state.W, state.opt
     grad = np.zeros_like(W)
     for touched, rows in parts:
         if touched is None:
