@@ -275,7 +275,8 @@ WIRE_LOG: list | None = None   # set by a test to record the wire of the next ru
 
 class Carrier:
     """The state RDD carried from step to step: cached while it is the current one, checkpointed every
-    LINEAGE_EVERY steps (the broadcasts since the last checkpoint are kept for recomputation)."""
+    LINEAGE_EVERY steps. The dZ broadcasts since the last checkpoint are kept (a lost partition is
+    recomputed from the checkpoint through them) and destroyed once a newer checkpoint is written."""
 
     def __init__(self, sc: SparkContext, grid: Grid, handles: RDD, wire: Wire, checkpoint_dir: Path,
                  restored: dict[int, Any] | None = None) -> None:
@@ -285,6 +286,7 @@ class Carrier:
             sc.setCheckpointDir(str(checkpoint_dir))
         self.pending: list = list(restored.values()) if restored else []
         self.steps = 0
+        self.checkpoint_file: str | None = None
         self.rdd = self._keep(handles.mapPartitions(partial(
             shards.start, grid=grid, fwd=None, sizes=self.sizes, restored=restored)))
         self.rdd.count()
@@ -295,6 +297,8 @@ class Carrier:
     def advance(self, update: Update | None, fwd: Forward | None) -> dict[int, np.ndarray]:
         """Apply `update` on every replica, then the forward pass `fwd`: {partition: partials}."""
         g = self.grid
+        if update is not None:
+            self.pending.append(update.dZ)
         if update is None or g.row_blocks == 1:
             new = self.rdd.map(partial(shards.step, grid=g, update=update, fwd=fwd, sizes=self.sizes))
         else:
@@ -310,14 +314,23 @@ class Carrier:
         outs = dict(self.wire.receive(new.map(shards.output)))
         self.rdd.unpersist()
         self.rdd = new
-        if truncate:
+        if truncate:  # the checkpoint was written by the job: what came before is not needed again
+            current = [update.dZ] if update is not None else []   # `new` itself still refers to it
             for bc in self.pending:
-                bc.destroy(blocking=False)
-            self.pending = []
+                if bc not in current:
+                    bc.destroy(blocking=False)
+            self.pending = current
+            self._drop_checkpoint()
+            self.checkpoint_file = new.getCheckpointFile()
         return outs
 
-    def remember(self, bc: Any) -> None:
-        self.pending.append(bc)
+    def _drop_checkpoint(self) -> None:
+        """Delete the previous checkpoint's files (Spark keeps them unless told to clean them)."""
+        if self.checkpoint_file:
+            jvm = self.sc._jvm
+            path = jvm.org.apache.hadoop.fs.Path(self.checkpoint_file)
+            path.getFileSystem(self.sc._jsc.hadoopConfiguration()).delete(path, True)
+            self.checkpoint_file = None
 
     def shard(self, s: int, names: tuple[str, ...] = ()) -> list[np.ndarray]:
         """W_s (flat) and the named optimizer buffers, from the replica in row block 0."""
@@ -327,6 +340,7 @@ class Carrier:
         self.rdd.unpersist()
         for bc in self.pending:
             bc.destroy(blocking=False)
+        self._drop_checkpoint()
 
 
 # --- training ---------------------------------------------------------------------------------------
@@ -389,7 +403,6 @@ def train_epochs(carrier: Carrier, cells: Cells, spec: ModelSpec, opt: Optimizer
             loss_sum += loss
             split = np.split(dZ, np.cumsum(counts)[:-1])
             bc = wire.send({r: part for r, part in enumerate(split) if len(part)})
-            carrier.remember(bc)
             nxt = Forward("batch", state.epoch, b + 1) if b + 1 < steps else None
             outs = carrier.advance(Update(state.epoch, b, state.step, bc), nxt)
         state.epoch += 1

@@ -77,10 +77,12 @@ def test_shards_draw_the_first_layer_and_head_like_init_params():
     (["model.kind=softmax"], 4, 1),
     (["model.kind=mlp", "model.hidden=[6]"], 3, 2),
 ])
-def test_model_parallel_equals_sync(lake, tmp_path, capsys, model, shards_, partitions):
+def test_model_parallel_equals_sync(lake, tmp_path, capsys, monkeypatch, model, shards_, partitions):
     """Same batches, same maths: R = 1 updates each shard locally, R = 2 sums the row blocks'
-    contributions through the shuffle. The saved weights evaluate like any other model."""
+    contributions through the shuffle; the state RDD is checkpointed every 7 steps on the way. The
+    saved weights evaluate like any other model."""
     path, *_ = lake
+    monkeypatch.setattr(model_parallel, "LINEAGE_EVERY", 7)
     common = [*model, "trainer.epochs=2", "trainer.seed=7"]
     _, ref = run(path, tmp_path, capsys, *common, "trainer.strategy=sync", "data.partitions=2")
     summary, theta = run(path, tmp_path, capsys, *common, "trainer.strategy=model_parallel",
