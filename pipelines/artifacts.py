@@ -4,7 +4,9 @@ metadata, each written to a temporary name and renamed into place so a reader ne
     <runs.path>/<run_id>/
         config.yaml      the resolved configuration
         model/           weights.npz + spec.json
-        metrics.jsonl    one record per epoch
+        run.json         run id and name
+        metrics.jsonl    one record per epoch or round
+        curves.png       loss and accuracy per epoch or round (clients.png: federated clients)
         checkpoints/     epoch-NNNN / round-NNNN .npz + .json
         summary.json     the summary line, written last: a run with it is finished
 """
@@ -40,29 +42,84 @@ def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
+RUN_FILE = "run.json"
+
+
+def check_run_name(name: str) -> str:
+    if not _NAME.match(name):
+        raise UserError(f"--run-name {name!r}: use letters, digits, '.', '_' and '-'")
+    return name
+
+
 def new_run_dir(runs_path: str, run_name: str | None, label: str) -> Path:
-    """Create the run directory. With --run-name the id is that name (scheduled jobs find their run
-    again); otherwise a UTC timestamp and the config's label, made unique."""
+    """Create a run directory `<name or label>-<UTC time>` (made unique) holding run.json, which
+    records the run's name: scheduled jobs find their runs by it."""
     root = Path(runs_path)
     root.mkdir(parents=True, exist_ok=True)
-    if run_name:
-        if not _NAME.match(run_name):
-            raise UserError(f"--run-name {run_name!r}: use letters, digits, '.', '_' and '-'")
-        path = root / run_name
-        if path.exists():
-            raise UserError(f"run {path} already exists: pass --resume {path} or "
-                            "--resume-if-exists, or choose another --run-name")
-        path.mkdir()
-        return path
+    prefix = check_run_name(run_name) if run_name else label
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     for i in range(1000):
-        path = root / f"{stamp}-{label}" if i == 0 else root / f"{stamp}-{label}-{i}"
+        path = root / (f"{prefix}-{stamp}" if i == 0 else f"{prefix}-{stamp}-{i}")
         try:
             path.mkdir()
-            return path
         except FileExistsError:
             continue
+        atomic_write(path / RUN_FILE, json.dumps({"run_id": path.name, "run_name": run_name,
+                                                  "created": time.time()}).encode())
+        return path
     raise RuntimeError(f"cannot create a unique run directory under {root}")
+
+
+def run_name_of(run_dir: Path) -> str | None:
+    try:
+        return json.loads((run_dir / RUN_FILE).read_text()).get("run_name")
+    except (OSError, ValueError):
+        return None
+
+
+def newest_run(runs_path: str, run_name: str) -> Path | None:
+    """The most recently created run directory with that name, finished or not."""
+    found = []
+    for run_file in Path(runs_path).glob(f"*/{RUN_FILE}"):
+        try:
+            info = json.loads(run_file.read_text())
+        except (OSError, ValueError):
+            continue
+        if info.get("run_name") == run_name:
+            found.append((info.get("created", 0.0), run_file.parent.name, run_file.parent))
+    return max(found)[2] if found else None
+
+
+class RunLock:
+    """An exclusive lock on a run name, held while the job lives: a second job with the same name
+    stops with a clear message instead of racing the first. The OS drops the lock when the process
+    ends, even by SIGKILL, so a killed job never leaves a stale lock behind. (Local file lock: a
+    runs.path on a shared file system needs the jobs' drivers on one machine, as cron gives.)"""
+
+    def __init__(self, runs_path: str, name: str) -> None:
+        import fcntl
+
+        lock_dir = Path(runs_path) / ".locks"
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        self.path = lock_dir / f"{name}.lock"
+        self._fh = open(self.path, "a+")
+        try:
+            fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._fh.seek(0)
+            holder = self._fh.read().strip() or "another process"
+            self._fh.close()
+            raise UserError(f"run name {name!r} is in use: a job ({holder}) is running it now "
+                            f"(lock {self.path}); wait for it to end or choose another --run-name")
+        self._fh.truncate(0)
+        self._fh.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
+        self._fh.flush()
+
+    def __enter__(self) -> "RunLock":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._fh.close()  # releases the lock
 
 
 def save_model(run_dir: Path, spec: ModelSpec, theta: np.ndarray | None,
@@ -158,8 +215,14 @@ def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
         fh.write(json.dumps(record) + "\n")
 
 
+def rewrite_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
+    """metrics.jsonl as of a restored checkpoint: drops lines a killed attempt wrote after it."""
+    atomic_write(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history).encode())
+
+
 def save_checkpoint(run_dir: Path, name: str, arrays: dict[str, np.ndarray], meta: dict) -> None:
-    """checkpoints/<name>.npz then <name>.json; names sort in training order (epoch-0003)."""
+    """checkpoints/<name>.npz then <name>.json; a name ends in its epoch, step or round number
+    (epoch-0003), which orders them."""
     ckpt = run_dir / "checkpoints"
     ckpt.mkdir(exist_ok=True)
     atomic_write(ckpt / f"{name}.npz", _npz_bytes(arrays))
@@ -178,7 +241,8 @@ def save_checkpoint_chunks(run_dir: Path, name: str,
 
 def latest_checkpoint_file(run_dir: Path) -> tuple[Path, dict] | None:
     """The last complete checkpoint's .npz and its metadata, without reading the arrays."""
-    metas = sorted((run_dir / "checkpoints").glob("*.json"))
+    metas = sorted((run_dir / "checkpoints").glob("*.json"),
+                   key=lambda p: int(p.stem.rpartition("-")[2]) if p.stem.rpartition("-")[2].isdigit() else -1)
     if not metas:
         return None
     return metas[-1].with_suffix(".npz"), json.loads(metas[-1].read_text())

@@ -35,9 +35,9 @@ from pipelines import federated, strategies, train
 from pipelines.config import Config, ConfigError, config_from_dict, deep_merge, nested
 from pipelines.data import blocks_from_rows, training_rows
 from pipelines.errors import UserError
+from pipelines.scoring import score_column
 from udfs import tasks
 from udfs.models import ModelSpec
-from udfs.scoring import Scoring, scorer
 
 SOURCE = "DataFrame"
 SCORES = "_fedspark_scores"
@@ -205,12 +205,10 @@ class FedsparkModel(Model, _FedsparkParams, MLReadable, MLWritable):
 
     def _transform(self, dataset: DataFrame) -> DataFrame:
         spec = self.spec
-        scoring = Scoring(spec, self.getFeaturesCol())
-        kind = "struct<prediction double, probability array<double>>" if spec.is_classifier \
-            else "struct<prediction double>"
-        weights = dataset.sparkSession.sparkContext.broadcast(self.theta)
-        score = F.pandas_udf(scorer(scoring, weights), kind)
-        scored = dataset.withColumn(SCORES, score(_features_as_array(dataset, self.getFeaturesCol())))
+        score, _ = score_column(dataset.sparkSession, spec, self.theta,
+                                _features_as_array(dataset, self.getFeaturesCol()),
+                                self.getFeaturesCol())
+        scored = dataset.withColumn(SCORES, score)
         scored = scored.withColumn(self.getPredictionCol(), F.col(f"{SCORES}.prediction"))
         if spec.is_classifier:
             scored = scored.withColumn(self.getProbabilityCol(),

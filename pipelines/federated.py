@@ -275,8 +275,9 @@ def run_round(sc: SparkContext, c: Clients, task: clients.ClientRound, theta: np
 
 
 def federated_eval(sc: SparkContext, c: Clients, spec: ModelSpec, dtype: str, split: clients.ClientSplit,
-                   theta: np.ndarray) -> dict[str, float]:
-    """Each client's accuracy on its own hold-out: mean, 10th percentile and minimum."""
+                   theta: np.ndarray) -> tuple[dict[str, float], list[float]]:
+    """Each client's accuracy on its own hold-out, in client order, and their mean, 10th percentile
+    and minimum."""
     bc = sc.broadcast(theta)
     try:
         per_client = c.handles.mapPartitions(partial(
@@ -284,9 +285,10 @@ def federated_eval(sc: SparkContext, c: Clients, spec: ModelSpec, dtype: str, sp
     finally:
         bc.destroy()
     if not per_client:
-        return {}
-    acc = np.array([sums[2] / sums[0] for _, sums in per_client])
-    return {"mean": float(acc.mean()), "p10": float(np.percentile(acc, 10)), "min": float(acc.min())}
+        return {}, []
+    acc = np.array([sums[2] / sums[0] for _, sums in sorted(per_client, key=lambda p: p[0])])
+    return ({"mean": float(acc.mean()), "p10": float(np.percentile(acc, 10)), "min": float(acc.min())},
+            acc.tolist())
 
 
 def fit(sc: SparkContext, config: Config, c: Clients, test: Blocks | None, spec: ModelSpec, state: FedState,
@@ -345,7 +347,8 @@ def fit(sc: SparkContext, config: Config, c: Clients, test: Blocks | None, spec:
                                         t.aggregation_depth).get("test", {})
                 record.update({f"test_{k}": v for k, v in test_metrics.items() if k != "rows"})
             if client_eval and not dp.enabled:
-                record["client_accuracy"] = federated_eval(sc, c, spec, t.dtype, split, state.theta)
+                record["client_accuracy"], record["client_accuracies"] = federated_eval(
+                    sc, c, spec, t.dtype, split, state.theta)
             record["eval_seconds"] = time.perf_counter() - evaluated
         record["seconds"] = time.perf_counter() - started
         record["client_seconds"] = float(sum(d["seconds"] for d in reports))

@@ -32,6 +32,7 @@ from pipelines import idx, lake
 from pipelines.cli import main_wrapper, print_summary
 from pipelines.config import DEFAULT_FILE, load_config
 from pipelines.errors import UserError
+from pipelines.progress import progress
 from pipelines.session import build_session
 
 REJECTS_SUFFIX = "_rejects"
@@ -57,6 +58,14 @@ class Source:
         return cls(kind, path)
 
 
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def checksum(path: str) -> str:
     """SHA-256 over the source's files (sorted by name when it is a directory)."""
     root = Path(path)
@@ -64,10 +73,25 @@ def checksum(path: str) -> str:
     digest = hashlib.sha256()
     for f in files:
         digest.update(str(f.relative_to(root) if root.is_dir() else f.name).encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
+        digest.update(file_digest(f).encode())
     return digest.hexdigest()
+
+
+def data_files(source: Source) -> dict[str, str]:
+    """A directory source's data files (relative name -> SHA-256), skipping hidden files and
+    Spark's _SUCCESS markers; Parquet sources count only *.parquet files."""
+    root = Path(source.path)
+    files = {}
+    for f in sorted(root.rglob("*")):
+        rel = f.relative_to(root)
+        if not f.is_file() or any(part.startswith((".", "_")) for part in rel.parts):
+            continue
+        if source.kind == "parquet" and f.suffix != ".parquet":
+            continue
+        files[str(rel)] = file_digest(f)
+    if not files:
+        raise UserError(f"--source {source.kind}:{source.path}: the directory holds no data files")
+    return files
 
 
 # --- sources -------------------------------------------------------------------------------------
@@ -188,8 +212,9 @@ def _as_float(text: Column) -> Column:
 
 
 def validate(rows: DataFrame, cols: Columns, n_columns: int | None, classes: int | None,
-             unit: str = "columns") -> tuple[DataFrame, DataFrame]:
+             unit: str = "columns", id_base: int = 0) -> tuple[DataFrame, DataFrame]:
     """Split parsed rows into good rows (training schema) and rejects (row_number, raw, reason).
+    A row's id is `id_base + row_number - 1` (`id_base` > 0 for the later files of a directory).
 
     The first failing rule names the reason: wrong width, a non-numeric or NaN feature (with its
     position), a missing or out-of-range label, or an unknown split value."""
@@ -213,7 +238,8 @@ def validate(rows: DataFrame, cols: Columns, n_columns: int | None, classes: int
         label_bad = F.when(label.isNull() | F.isnan(label), F.format_string(
             "label is not a number: '%s'", F.coalesce(cols.label, F.lit(""))))
     split = F.lower(F.trim(cols.split)) if cols.split is not None else F.when(
-        F.abs(F.xxhash64("row_number")) % 1000 < int(DEFAULT_TEST_FRACTION * 1000), F.lit("test"))\
+        F.abs(F.xxhash64(F.col("row_number") + id_base)) % 1000 < int(DEFAULT_TEST_FRACTION * 1000),
+        F.lit("test"))\
         .otherwise(F.lit("train"))
     split_bad = F.when(~split.isin("train", "test") | split.isNull(), F.format_string(
         "split must be train or test, got '%s'", F.coalesce(split, F.lit(""))))
@@ -223,7 +249,7 @@ def validate(rows: DataFrame, cols: Columns, n_columns: int | None, classes: int
     reasons = [r for r in (width_bad, label_bad, bad_feature, split_bad) if r is not None]
     checked = rows.withColumn("reason", F.coalesce(*reasons))
     good = checked.filter(F.col("reason").isNull()).select(
-        (F.col("row_number") - 1).alias("id"),
+        (F.col("row_number") - 1 + id_base).alias("id"),
         F.array(*feats).alias("features"), label.alias("label"), split.alias("split"),
         *([cols.client.alias("client_id")] if cols.client is not None else []))
     bad = checked.filter(F.col("reason").isNotNull()).select("row_number", "raw", "reason")
@@ -244,20 +270,50 @@ def last_ingest(spark: SparkSession, path: str) -> dict | None:
     return meta[METADATA_KEY]
 
 
-def write(df: DataFrame, path: str, metadata: dict) -> None:
-    """One atomic Delta commit replacing the table's contents (earlier versions stay readable)."""
-    (df.write.format("delta").mode("overwrite").option("overwriteSchema", "true")
-     .option("userMetadata", json.dumps({METADATA_KEY: metadata})).save(path))
+def write(df: DataFrame, path: str, metadata: dict, mode: str = "overwrite",
+          txn: tuple[str, int] | None = None) -> None:
+    """One atomic Delta commit replacing (or appending to) the table's contents; earlier versions
+    stay readable."""
+    writer = df.write.format("delta").mode(mode).option("userMetadata",
+                                                        json.dumps({METADATA_KEY: metadata}))
+    if mode == "overwrite":
+        writer = writer.option("overwriteSchema", "true")
+    if txn is not None:
+        writer = writer.option("txnAppId", txn[0]).option("txnVersion", txn[1])
+    writer.save(path)
+
+
+def read_source(spark: SparkSession, kind: str, path: str, args: argparse.Namespace,
+                id_base: int = 0) -> tuple[DataFrame, DataFrame | None]:
+    """One source file (or IDX directory) as good rows and rejects, ids from `id_base`."""
+    if kind == "idx":
+        return idx_frame(spark, path), None
+    if kind == "csv":
+        rows, header = csv_frame(spark, path)
+        good, bad = validate(rows, csv_columns(header, args, path), len(header), args.classes,
+                             id_base=id_base)
+    else:
+        rows, cols, width = parquet_frame(spark, path, args)
+        good, bad = validate(rows, cols, width, args.classes, unit="feature values", id_base=id_base)
+    return good, bad.select(F.lit(f"{kind}:{path}").alias("source"), "row_number", "raw", "reason")
+
+
+def _line_count(spark: SparkSession, kind: str, path: str) -> int:
+    """How many ids a file takes: its lines (CSV, header and blank lines included, as row_number
+    counts them) or its rows (Parquet)."""
+    return (spark.read.text(path) if kind == "csv" else spark.read.parquet(path)).count()
 
 
 def ingest(spark: SparkSession, source: Source, table: str, lake_path: str,
            args: argparse.Namespace) -> dict:
     path = lake.table_path(lake_path, table)
     rejects_path = lake.table_path(lake_path, table + REJECTS_SUFFIX)
-    digest = checksum(source.path)
-    options = {k: getattr(args, k) for k in CONTENT_OPTIONS}
     if lake.exists(spark, rejects_path):
         last_ingest(spark, rejects_path)  # refuses a rejects table fedspark did not write
+    if source.kind != "idx" and Path(source.path).is_dir():
+        return ingest_new_files(spark, source, table, path, rejects_path, args)
+    digest = checksum(source.path)
+    options = {k: getattr(args, k) for k in CONTENT_OPTIONS}
     if lake.exists(spark, path):
         previous = last_ingest(spark, path)
         if previous.get("checksum") == digest and previous.get("options") == options:
@@ -265,32 +321,82 @@ def ingest(spark: SparkSession, source: Source, table: str, lake_path: str,
             return {"table": table, "version": version, "skipped": True, "rows": previous["rows"],
                     "rejected": previous["rejected"], "source": f"{source.kind}:{source.path}",
                     "checksum": digest}
-    if source.kind == "idx":
-        good, bad = idx_frame(spark, source.path), None
-    elif source.kind == "csv":
-        rows, header = csv_frame(spark, source.path)
-        good, bad = validate(rows, csv_columns(header, args, source.path), len(header), args.classes)
-    else:
-        rows, cols, width = parquet_frame(spark, source.path, args)
-        good, bad = validate(rows, cols, width, args.classes, unit="feature values")
-    good = good.cache()
-    n_good = good.count()
-    n_bad = 0
-    if bad is not None:
-        bad = bad.select(F.lit(f"{source.kind}:{source.path}").alias("source"), "row_number", "raw",
-                         "reason").cache()
-        n_bad = bad.count()
-        if n_bad or lake.exists(spark, rejects_path):
-            write(bad, rejects_path, {"checksum": digest, "options": options, "rows": n_bad,
-                                      "rejected": 0})
+    good, bad = read_source(spark, source.kind, source.path, args)
+    meta = {"checksum": digest, "options": options, "source": f"{source.kind}:{source.path}"}
+    n_good, n_bad = _write_ingest(spark, good, bad, path, rejects_path, "overwrite", meta)
     if n_good == 0:
         raise UserError(f"{source.path}: no valid rows ({n_bad} rejected; reasons in table "
                         f"{table}{REJECTS_SUFFIX})")
-    meta = {"checksum": digest, "options": options, "source": f"{source.kind}:{source.path}",
-            "rows": n_good, "rejected": n_bad}
-    write(good, path, meta)
     return {"table": table, "version": lake.latest_version(spark, path), "skipped": False,
             "rows": n_good, "rejected": n_bad, "source": meta["source"], "checksum": digest}
+
+
+def _write_ingest(spark: SparkSession, good: DataFrame, bad: DataFrame | None, path: str,
+                  rejects_path: str, mode: str, meta: dict, txn: tuple[str, int] | None = None
+                  ) -> tuple[int, int]:
+    """Rejects first, then the good rows in one commit: the counts. An overwrite with no good rows
+    writes nothing; an append to an existing table still commits, to record which files it read.
+    With `txn`, both appends are idempotent (a rerun after a crash between them adds nothing
+    twice)."""
+    good = good.cache()
+    n_good, n_bad = good.count(), 0
+    if bad is not None:
+        bad = bad.cache()
+        n_bad = bad.count()
+        if n_bad or (mode == "overwrite" and lake.exists(spark, rejects_path)):
+            write(bad, rejects_path, {**meta, "rows": n_bad, "rejected": 0}, mode, txn)
+    if n_good or (mode == "append" and lake.exists(spark, path)):  # an append records its files
+        write(good, path, {**meta, "rows": n_good, "rejected": n_bad}, mode, txn)
+    return n_good, n_bad
+
+
+def ingest_new_files(spark: SparkSession, source: Source, table: str, path: str, rejects_path: str,
+                     args: argparse.Namespace) -> dict:
+    """A directory of CSV or Parquet files, ingested incrementally: only files not ingested before
+    are read, validated and appended in one commit, their ids after the table's. A file that changed
+    after it was ingested is an error (append new data as new files)."""
+    files = data_files(source)
+    options = {k: getattr(args, k) for k in CONTENT_OPTIONS}
+    label = f"{source.kind}:{source.path}"
+    previous = last_ingest(spark, path) if lake.exists(spark, path) else {}
+    if previous and "files" not in previous:
+        raise UserError(f"table {table!r} was ingested from a single source, not a directory; "
+                        "ingest the directory into a new --table")
+    if previous and previous["options"] != options:
+        raise UserError(f"table {table!r} was ingested with options {previous['options']}; new files "
+                        "must use the same ones (or go to a new --table)")
+    seen: dict[str, str] = previous.get("files", {})
+    changed = sorted(f for f in files if f in seen and seen[f] != files[f])
+    if changed:
+        raise UserError(f"{source.path}: file(s) {changed} changed since they were ingested; files of "
+                        "an incremental source are append-only: put new rows in new files")
+    new = [f for f in files if f not in seen]
+    summary = {"table": table, "source": label, "files": len(new), "skipped": not new}
+    if not new:
+        version = lake.latest_version(spark, path)
+        return {**summary, "version": version, "rows": 0, "rejected": 0}
+    next_id, goods, bads = previous.get("next_id", 0), [], []
+    for name in new:
+        file_path = str(Path(source.path) / name)
+        good, bad = read_source(spark, source.kind, file_path, args, id_base=next_id)
+        goods.append(good)
+        bads.append(bad)
+        next_id += _line_count(spark, source.kind, file_path)
+    meta = {"options": options, "source": label, "files": {**seen, **{f: files[f] for f in new}},
+            "next_id": next_id}
+    n_good, n_bad = _write_ingest(spark, _union(goods), _union(bads), path, rejects_path, "append",
+                                  meta, (f"fedspark-ingest:{table}", len(meta["files"])))
+    if n_good == 0 and not lake.exists(spark, path):
+        raise UserError(f"{source.path}: no valid rows in {new} ({n_bad} rejected; reasons in table "
+                        f"{table}{REJECTS_SUFFIX})")
+    return {**summary, "version": lake.latest_version(spark, path), "rows": n_good, "rejected": n_bad}
+
+
+def _union(frames: list[DataFrame]) -> DataFrame:
+    out = frames[0]
+    for frame in frames[1:]:
+        out = out.unionByName(frame, allowMissingColumns=True)
+    return out
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -321,7 +427,8 @@ def main(argv: list[str]) -> None:
     config = load_config(args.config or DEFAULT_FILE, args.sets)
     started = time.perf_counter()
     spark = build_session("fedspark-ingest", config.spark.conf)
-    summary = ingest(spark, source, args.table, config.lake.path, args)
+    with progress(spark.sparkContext, f"ingest {args.source} into {args.table}"):
+        summary = ingest(spark, source, args.table, config.lake.path, args)
     summary["seconds"] = round(time.perf_counter() - started, 3)
     if summary["rejected"]:
         print(f"{summary['rejected']} row(s) rejected: see table {args.table}{REJECTS_SUFFIX}",

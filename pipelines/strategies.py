@@ -22,6 +22,7 @@ from pyspark import SparkContext
 
 from pipelines.config import Config
 from pipelines.data import Blocks
+from pipelines.progress import progress
 from udfs import tasks
 from udfs.models import ModelSpec
 from udfs.optimizers import Optimizer
@@ -37,6 +38,7 @@ class TrainState:
     epoch: int = 0
     step: int = 0
     history: list[dict] = field(default_factory=list)
+    epoch_loss: float = 0.0  # sync: the loss summed over the current epoch's steps so far
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,7 @@ class Settings:
 
 
 EpochHook = Callable[[TrainState, dict], None]
+StepHook = Callable[[TrainState], None]
 
 
 def optimizer_from(config: Config) -> Optimizer:
@@ -82,7 +85,7 @@ def metrics_from_sums(spec: ModelSpec, sums: np.ndarray) -> dict[str, float]:
 
 
 def _local_epoch(sc: SparkContext, data: Blocks, job: tasks.Job, settings: Settings,
-                 state: TrainState) -> float:
+                 state: TrainState, on_step: StepHook | None = None) -> float:
     """One epoch of local SGD in ceil(steps / average_every) averaging rounds (one when
     average_every is unset); returns the mean training loss over the epoch's local batches."""
     steps = tasks.steps_per_epoch(data.layout.n_train, job.batch_size)
@@ -106,11 +109,12 @@ def _local_epoch(sc: SparkContext, data: Blocks, job: tasks.Job, settings: Setti
 
 
 def _sync_epoch(sc: SparkContext, data: Blocks, job: tasks.Job, settings: Settings,
-                state: TrainState) -> float:
-    """One epoch of synchronous mini-batch SGD; returns the mean of the batches' losses."""
+                state: TrainState, on_step: StepHook | None = None) -> float:
+    """The rest of the current epoch of synchronous mini-batch SGD (all of it, unless a checkpoint
+    taken after a step is being resumed); returns the mean of the epoch's batch losses. `on_step`
+    runs after every optimizer step."""
     steps = tasks.steps_per_epoch(data.layout.n_train, job.batch_size)
-    loss_sum = 0.0
-    for batch in range(steps):
+    for batch in range(state.step - state.epoch * steps, steps):
         bc = sc.broadcast(state.theta)
         try:
             grad_sum, batch_loss, count = data.handles.mapPartitions(partial(
@@ -121,20 +125,28 @@ def _sync_epoch(sc: SparkContext, data: Blocks, job: tasks.Job, settings: Settin
         state.step += 1
         job.optimizer.step(state.theta, (grad_sum / count).astype(state.theta.dtype),
                            state.opt_state, state.step)
-        loss_sum += batch_loss / count
-    return loss_sum / steps
+        state.epoch_loss += batch_loss / count
+        if on_step is not None:
+            on_step(state)
+    loss, state.epoch_loss = state.epoch_loss / steps, 0.0
+    return loss
 
 
 EPOCH_RUNNERS = {"local": _local_epoch, "sync": _sync_epoch}
 
 
 def train(sc: SparkContext, data: Blocks, job: tasks.Job, settings: Settings, state: TrainState,
-          on_epoch: EpochHook) -> TrainState:
-    """Run the remaining epochs; after each, validate on the executors and call `on_epoch`."""
+          on_epoch: EpochHook, on_step: StepHook | None = None, tag: str = "") -> TrainState:
+    """Run the remaining epochs; after each, validate on the executors and call `on_epoch` (and,
+    in `sync`, `on_step` after every step). A long epoch reports its progress, tagged `tag`."""
     run_epoch = EPOCH_RUNNERS[settings.strategy]
+    steps = tasks.steps_per_epoch(data.layout.n_train, job.batch_size)
+    jobs = steps if settings.strategy == "sync" else -(-steps // (settings.average_every or steps))
     while state.epoch < settings.epochs:
         started = time.perf_counter()
-        train_loss = run_epoch(sc, data, job, settings, state)
+        with progress(sc, f"epoch {state.epoch + 1}/{settings.epochs}", tag,
+                      expected_tasks=jobs * data.partitions, closing_line=False):
+            train_loss = run_epoch(sc, data, job, settings, state, on_step)
         state.epoch += 1
         record = {"epoch": state.epoch, "train_loss": train_loss}
         if data.validation_rows:

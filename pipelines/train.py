@@ -13,10 +13,12 @@ if __package__ in (None, ""):  # run as a script by spark-submit: make the proje
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
+import contextlib
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -27,13 +29,13 @@ from pipelines.cli import main_wrapper, print_summary, process_start_time
 from pipelines.config import Config, ConfigError, dump_yaml, load_config
 from pipelines.data import load_blocks
 from pipelines.errors import UserError
+from pipelines.progress import progress
 from pipelines.session import build_session
 from pipelines.strategies import Settings, TrainState, evaluate, optimizer_from, train
+from pipelines.tracking import Tracker
 from udfs import tasks
 from udfs.models import ModelSpec, init_params
 from udfs.seeding import Stream, rng
-
-AVAILABLE = ("local", "sync", "federated", "mllib", "model_parallel")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -41,12 +43,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--config", help="experiment YAML (default: conf/fashion_mnist.yaml)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (YAML value), e.g. --set trainer.epochs=2")
-    p.add_argument("--run-name", help="run id to use (default: a timestamp and the config name)")
+    p.add_argument("--run-name", help="name the run (its id is NAME-<UTC time>); one job per name "
+                   "at a time")
     resume = p.add_mutually_exclusive_group()
     resume.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
     resume.add_argument("--resume-if-exists", action="store_true",
-                        help="with --run-name: continue that run if it exists, or report it if it "
-                             "finished; start it otherwise")
+                        help="with --run-name: continue the newest run of that name if it was "
+                             "interrupted; start a new run otherwise")
     args = p.parse_args(argv)
     if args.resume_if_exists and not args.run_name:
         p.error("--resume-if-exists needs --run-name (the run to look for)")
@@ -69,12 +72,6 @@ def initial_theta(config: Config, spec: ModelSpec) -> np.ndarray:
                        np.dtype(config.trainer.dtype))
 
 
-def checkpoint(run_dir: Path, unit: str, number: int, theta: np.ndarray,
-               state: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-    arrays = {"theta": theta, **{f"state_{k}": v for k, v in state.items()}}
-    artifacts.save_checkpoint(run_dir, f"{unit}-{number:04d}", arrays, meta)
-
-
 def restore(run_dir: Path, n_params: int) -> tuple[np.ndarray, dict[str, np.ndarray], dict] | None:
     """(theta, optimizer or server state, metadata) of the run's last checkpoint, if any."""
     found = artifacts.latest_checkpoint(run_dir)
@@ -87,26 +84,58 @@ def restore(run_dir: Path, n_params: int) -> tuple[np.ndarray, dict[str, np.ndar
     return theta, {k.removeprefix("state_"): v for k, v in arrays.items()}, meta
 
 
-def resolve_run(args: argparse.Namespace) -> tuple[Config, Path | None, bool]:
-    """The config and, when resuming, the existing run directory; True when that run already
-    finished (its summary is printed again, nothing is trained)."""
+def checkpoint_arrays(theta: np.ndarray, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {"theta": theta, **{f"state_{k}": v for k, v in state.items()}}
+
+
+@dataclass
+class Job:
+    """One invocation of train.py: its session, config and arguments, the run it continues (if
+    any), and, once a runner opens the run, that run's tracker."""
+
+    spark: SparkSession
+    config: Config
+    args: argparse.Namespace
+    resume_dir: Path | None
+    timings: dict[str, float] = field(default_factory=dict)
+    tracker: Tracker | None = None
+    history: list[dict] = field(default_factory=list)
+
+    def open_run(self, table: str, version: int, unit: str, total: int) -> Tracker:
+        """The run directory (the resumed one, or a new one holding the resolved config) and its
+        tracker."""
+        run_dir = self.resume_dir
+        if run_dir is None:
+            label = Path(self.args.config).stem if self.args.config else "fashion_mnist"
+            run_dir = artifacts.new_run_dir(self.config.runs.path, self.args.run_name,
+                                            f"{label}-{self.config.trainer.strategy}-s{self.config.trainer.seed}")
+            artifacts.atomic_write(run_dir / "config.yaml", dump_yaml(self.config).encode())
+        self.tracker = Tracker(self.spark, self.config, run_dir, unit, total, table, version)
+        return self.tracker
+
+
+def resolve_run(args: argparse.Namespace) -> tuple[Config, Path | None, str | None]:
+    """The config, the existing run directory to continue (if any), and the run name to lock."""
     if args.resume:
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").is_file():
             raise UserError(f"--resume {run_dir}: not a run directory (no config.yaml)")
         if args.config or args.sets:
             raise UserError("--resume continues a run with its own config.yaml; drop --config/--set")
-        return load_config(run_dir / "config.yaml"), run_dir, (run_dir / "summary.json").is_file()
+        return load_config(run_dir / "config.yaml"), run_dir, artifacts.run_name_of(run_dir) or run_dir.name
     config = load_config(args.config, args.sets)
-    if args.resume_if_exists:
-        run_dir = Path(config.runs.path) / args.run_name
-        if (run_dir / "config.yaml").is_file():
-            stored = load_config(run_dir / "config.yaml")
-            if stored != config:
-                raise ConfigError(f"run {run_dir} exists with a different configuration; resume it "
-                                  "with the same --config/--set, or choose another --run-name")
-            return stored, run_dir, (run_dir / "summary.json").is_file()
-    return config, None, False
+    return config, None, artifacts.check_run_name(args.run_name) if args.run_name else None
+
+
+def interrupted_run(config: Config, run_name: str) -> Path | None:
+    """--resume-if-exists: the newest run of that name if it did not finish (to continue it)."""
+    run_dir = artifacts.newest_run(config.runs.path, run_name)
+    if run_dir is None or (run_dir / "summary.json").is_file():
+        return None
+    if load_config(run_dir / "config.yaml") != config:
+        raise ConfigError(f"run {run_dir} was interrupted with a different configuration; resume it "
+                          f"with its own config (--resume {run_dir}), or choose another --run-name")
+    return run_dir
 
 
 def summary_metrics(spec: ModelSpec, test: dict[str, float]) -> dict[str, Any]:
@@ -122,59 +151,58 @@ def progress_line(record: dict[str, Any], epochs: int) -> str:
     return "  ".join(parts)
 
 
-def open_run(config: Config, args: argparse.Namespace, run_dir: Path | None) -> Path:
-    """The run directory: the resumed one, or a new one holding the resolved config."""
-    if run_dir is not None:
-        return run_dir
-    label = Path(args.config).stem if args.config else "fashion_mnist"
-    run_dir = artifacts.new_run_dir(config.runs.path, args.run_name,
-                                    f"{label}-{config.trainer.strategy}-s{config.trainer.seed}")
-    artifacts.atomic_write(run_dir / "config.yaml", dump_yaml(config).encode())
-    return run_dir
-
-
-def log_step(run_dir: Path, record: dict[str, Any], line: str) -> None:
-    print(line, flush=True)
-    artifacts.append_metrics(run_dir, record)
-
-
-def train_data_parallel(spark: SparkSession, config: Config, args: argparse.Namespace,
-                        run_dir: Path | None, timings: dict[str, float]) -> tuple[dict, Path]:
-    """`local` and `sync`: returns the summary's strategy-specific part and the run directory."""
-    t = config.trainer
+def train_data_parallel(job: Job) -> dict:
+    """`local` and `sync`: the summary's strategy-specific part."""
+    spark, config, t = job.spark, job.config, job.config.trainer
     mark = time.perf_counter()
     ref = lake.TableRef(config.data.table, config.data.version)
-    data = load_blocks(spark, config.lake.path, ref, config.data.partitions, t.seed,
-                       config.data.validation_fraction)
-    timings["blocks"] = time.perf_counter() - mark
+    with progress(spark.sparkContext, f"building blocks from {ref.name}"):
+        data = load_blocks(spark, config.lake.path, ref, config.data.partitions, t.seed,
+                           config.data.validation_fraction)
+    job.timings["blocks"] = time.perf_counter() - mark
     spec = model_spec(config, data.n_features, data.n_classes)
     opt = optimizer_from(config)
-    job = tasks.Job(spec, data.layout, t.dtype, t.batch_size, opt)
-    run_dir = open_run(config, args, run_dir)
+    task = tasks.Job(spec, data.layout, t.dtype, t.batch_size, opt)
+    tracker = job.open_run(data.table, data.version, "epoch", t.epochs)
     theta = initial_theta(config, spec)
     state = TrainState(theta, opt.init_state(theta))
-    restored = restore(run_dir, spec.n_params)
+    restored = restore(tracker.run_dir, spec.n_params)
     if restored:
         theta, opt_state, meta = restored
-        state = TrainState(theta, opt_state, meta["epoch"], meta["step"], meta["history"])
-        print(f"resuming {run_dir} after epoch {state.epoch}", flush=True)
+        state = TrainState(theta, opt_state, meta["epoch"], meta["step"], meta["history"],
+                           meta.get("epoch_loss", 0.0))
+        tracker.resumed(state.history, f"epoch {state.epoch}" + (
+            f", step {state.step}" if meta.get("unit") == "step" else ""))
+
+    def save(s: TrainState, unit: str, number: int) -> None:
+        tracker.checkpoint(s.history, f"{unit}-{number:04d}", checkpoint_arrays(s.theta, s.opt_state),
+                           {"unit": unit, "epoch": s.epoch, "step": s.step, "history": s.history,
+                            "epoch_loss": s.epoch_loss})
+
+    every = t.checkpoint_every
+    sync = t.strategy == "sync"
 
     def on_epoch(s: TrainState, record: dict[str, Any]) -> None:
-        log_step(run_dir, record, progress_line(record, t.epochs))
-        if t.checkpoint_every and s.epoch % t.checkpoint_every == 0 and s.epoch < t.epochs:
-            checkpoint(run_dir, "epoch", s.epoch, s.theta, s.opt_state,
-                       {"epoch": s.epoch, "step": s.step, "history": s.history})
+        tracker.log(record, progress_line(record, t.epochs))
+        if every and not sync and s.epoch % every == 0 and s.epoch < t.epochs:
+            save(s, "epoch", s.epoch)
+
+    def on_step(s: TrainState) -> None:  # sync counts checkpoint_every in optimizer steps
+        if s.step % every == 0:
+            save(s, "step", s.step)
 
     mark = time.perf_counter()
     settings = Settings(t.strategy, t.epochs, t.average_every, t.aggregation_depth)
-    state = train(spark.sparkContext, data, job, settings, state, on_epoch)
-    timings["train"] = time.perf_counter() - mark
+    state = train(spark.sparkContext, data, task, settings, state, on_epoch,
+                  on_step if sync and every else None, f"run {tracker.run_id}")
+    job.timings["train"] = time.perf_counter() - mark
     mark = time.perf_counter()
     test = evaluate(spark.sparkContext, data, spec, t.dtype, state.theta, ("test",),
                     t.aggregation_depth).get("test", {})
-    timings["evaluate"] = time.perf_counter() - mark
+    job.timings["evaluate"] = time.perf_counter() - mark
     data.release()
-    finish_model(run_dir, config, spec, state.theta, data.table, data.version)
+    finish_model(tracker.run_dir, config, spec, state.theta, data.table, data.version)
+    job.history = state.history
     return {
         "data": {"table": data.table, "version": data.version, "train_rows": data.train_rows,
                  "validation_rows": data.validation_rows, "test_rows": data.test_rows,
@@ -182,7 +210,7 @@ def train_data_parallel(spark: SparkSession, config: Config, args: argparse.Name
         "epochs": t.epochs,
         **summary_metrics(spec, test),
         "model": {"kind": spec.kind, "layers": list(spec.layers)},
-    }, run_dir
+    }
 
 
 def round_line(record: dict[str, Any], rounds: int) -> str:
@@ -202,40 +230,44 @@ def round_line(record: dict[str, Any], rounds: int) -> str:
     return "  ".join(parts)
 
 
-def train_federated(spark: SparkSession, config: Config, args: argparse.Namespace,
-                    run_dir: Path | None, timings: dict[str, float]) -> tuple[dict, Path]:
-    """`federated`: returns the summary's strategy-specific part and the run directory."""
+def train_federated(job: Job) -> dict:
+    """`federated`: the summary's strategy-specific part."""
+    spark, config = job.spark, job.config
     t, fed = config.trainer, config.federated
     mark = time.perf_counter()
-    clients, test = federated.prepare_clients(spark, config)
-    timings["blocks"] = time.perf_counter() - mark
+    with progress(spark.sparkContext, f"building client blocks from {config.data.table}"):
+        clients, test = federated.prepare_clients(spark, config)
+    job.timings["blocks"] = time.perf_counter() - mark
     print(federated.partition_report(clients), flush=True)
     federated.check_setup(config, clients.count)
     spec = model_spec(config, clients.n_features, clients.n_classes)
-    run_dir = open_run(config, args, run_dir)
+    tracker = job.open_run(clients.table, clients.version, "round", fed.rounds)
+    tracker.names = dict(enumerate(clients.names))
     state = federated.initial_state(config, initial_theta(config, spec), clients.count)
-    restored = restore(run_dir, spec.n_params)
+    restored = restore(tracker.run_dir, spec.n_params)
     if restored:
         theta, server_state, meta = restored
         state = federated.FedState(theta, server_state, meta["round"], meta["history"],
                                    meta["dropped"])
-        print(f"resuming {run_dir} after round {state.round}", flush=True)
+        tracker.resumed(state.history, f"round {state.round}")
 
     def on_round(s: federated.FedState, record: dict[str, Any]) -> None:
-        log_step(run_dir, record, round_line(record, fed.rounds))
+        tracker.log(record, round_line(record, fed.rounds))
         if t.checkpoint_every and s.round % t.checkpoint_every == 0 and s.round < fed.rounds:
-            checkpoint(run_dir, "round", s.round, s.theta, s.server_state,
-                       {"round": s.round, "history": s.history, "dropped": s.dropped})
+            tracker.checkpoint(s.history, f"round-{s.round:04d}",
+                               checkpoint_arrays(s.theta, s.server_state),
+                               {"round": s.round, "history": s.history, "dropped": s.dropped})
 
     mark = time.perf_counter()
     state = federated.fit(spark.sparkContext, config, clients, test, spec, state, on_round)
-    timings["train"] = time.perf_counter() - mark
+    job.timings["train"] = time.perf_counter() - mark
     last = state.history[-1] if state.history else {}
     test_metrics = {k.removeprefix("test_"): v for k, v in last.items() if k.startswith("test_")}
     clients.release()
     if test is not None:
         test.release()
-    finish_model(run_dir, config, spec, state.theta, clients.table, clients.version)
+    finish_model(tracker.run_dir, config, spec, state.theta, clients.table, clients.version)
+    job.history = state.history
     return {
         "data": {"table": clients.table, "version": clients.version,
                  "train_rows": int(clients.sizes.sum()),
@@ -244,7 +276,7 @@ def train_federated(spark: SparkSession, config: Config, args: argparse.Namespac
         **federated.summary_fields(config, clients, state),
         **summary_metrics(spec, test_metrics),
         "model": {"kind": spec.kind, "layers": list(spec.layers)},
-    }, run_dir
+    }
 
 
 def finish_model(run_dir: Path, config: Config, spec: ModelSpec, theta: np.ndarray | None, table: str,
@@ -260,43 +292,46 @@ def finish_model(run_dir: Path, config: Config, spec: ModelSpec, theta: np.ndarr
         artifacts.save_model(run_dir, spec, theta, meta)
 
 
-def train_model_parallel(spark: SparkSession, config: Config, args: argparse.Namespace,
-                         run_dir: Path | None, timings: dict[str, float]) -> tuple[dict, Path]:
+def train_model_parallel(job: Job) -> dict:
     """`model_parallel`: the first layer sharded by feature blocks (pipelines/model_parallel.py)."""
+    spark, config = job.spark, job.config
     t, mp = config.trainer, model_parallel
     mark = time.perf_counter()
-    cells = mp.prepare(spark, config)
-    timings["blocks"] = time.perf_counter() - mark
+    with progress(spark.sparkContext, "building model-parallel cells"):
+        cells = mp.prepare(spark, config)
+    job.timings["blocks"] = time.perf_counter() - mark
     spec = model_spec(config, cells.n_features, cells.n_classes)
     grid = mp.grid_for(config, cells, spec)
-    run_dir = open_run(config, args, run_dir)
+    tracker = job.open_run(cells.table, cells.version, "epoch", t.epochs)
     names = tuple(grid.optimizer.init_state(np.zeros(1)))
     head = mp.initial_head(config, spec, grid)
-    restored = mp.restore(spark.sparkContext, run_dir, spec, grid, names)
+    restored = mp.restore(spark.sparkContext, tracker.run_dir, spec, grid, names)
     if restored:
         restored, head = restored
-        print(f"resuming {run_dir} after epoch {head.epoch}", flush=True)
+        tracker.resumed(head.history, f"epoch {head.epoch}")
     mark = time.perf_counter()
     carrier = mp.Carrier(spark.sparkContext, grid, cells.handles, mp.Wire(spark.sparkContext, mp.WIRE_LOG),
-                         run_dir / "rdd-checkpoints", restored or None)
+                         tracker.run_dir / "rdd-checkpoints", restored or None)
 
     def on_epoch(s: mp.HeadState, record: dict[str, Any]) -> None:
-        log_step(run_dir, record, progress_line(record, t.epochs))
+        tracker.log(record, progress_line(record, t.epochs))
         if t.checkpoint_every and s.epoch % t.checkpoint_every == 0 and s.epoch < t.epochs:
+            tracker.flush(s.history)
             artifacts.save_checkpoint_chunks(
-                run_dir, f"epoch-{s.epoch:04d}", mp.save_chunks(carrier, spec, s.head, names, s.opt),
+                tracker.run_dir, f"epoch-{s.epoch:04d}", mp.save_chunks(carrier, spec, s.head, names, s.opt),
                 {"epoch": s.epoch, "step": s.step, "history": s.history})
 
     head = mp.train_epochs(carrier, cells, spec, grid.optimizer, head, t.epochs, on_epoch)
-    timings["train"] = time.perf_counter() - mark
+    job.timings["train"] = time.perf_counter() - mark
     mark = time.perf_counter()
     test = mp.evaluate_role(carrier, cells, spec, head.head, "test") if cells.test_rows else {}
-    timings["evaluate"] = time.perf_counter() - mark
-    finish_model(run_dir, config, spec, None, cells.table, cells.version,
+    job.timings["evaluate"] = time.perf_counter() - mark
+    finish_model(tracker.run_dir, config, spec, None, cells.table, cells.version,
                  chunks=mp.save_chunks(carrier, spec, head.head)["theta"][2])
     summary = mp.summary_fields(carrier, cells)
     carrier.release()
     cells.release()
+    job.history = head.history
     return {
         "data": {"table": cells.table, "version": cells.version, "train_rows": cells.layout.n_train,
                  "validation_rows": cells.layout.n_validation, "test_rows": cells.test_rows,
@@ -305,20 +340,21 @@ def train_model_parallel(spark: SparkSession, config: Config, args: argparse.Nam
         **summary_metrics(spec, test),
         **summary,
         "model": {"kind": spec.kind, "layers": list(spec.layers)},
-    }, run_dir
+    }
 
 
-def train_mllib(spark: SparkSession, config: Config, args: argparse.Namespace,
-                run_dir: Path | None, timings: dict[str, float]) -> tuple[dict, Path]:
+def train_mllib(job: Job) -> dict:
     """`mllib`: MLlib's estimator on the same table (pipelines/mllib.py)."""
+    spark, config = job.spark, job.config
     mark = time.perf_counter()
     result = mllib.fit(spark, config, lambda d, k: model_spec(config, d, k))
-    timings["train"] = result["train_seconds"]
-    timings["prepare_and_evaluate"] = time.perf_counter() - mark - result["train_seconds"]
+    job.timings["train"] = result["train_seconds"]
+    job.timings["prepare_and_evaluate"] = time.perf_counter() - mark - result["train_seconds"]
     spec, model = result["spec"], result["model"]
-    run_dir = open_run(config, args, run_dir)
-    model.write().overwrite().save(str(run_dir / "model" / "mllib"))
-    finish_model(run_dir, config, spec, mllib.our_weights(model, spec), result["table"], result["version"])
+    tracker = job.open_run(result["table"], result["version"], "epoch", 0)
+    model.write().overwrite().save(str(tracker.run_dir / "model" / "mllib"))
+    finish_model(tracker.run_dir, config, spec, mllib.our_weights(model, spec), result["table"],
+                 result["version"])
     return {
         "data": {"table": result["table"], "version": result["version"],
                  "train_rows": result["train_rows"], "test_rows": result["test_rows"],
@@ -328,42 +364,61 @@ def train_mllib(spark: SparkSession, config: Config, args: argparse.Namespace,
                   "max_iter": config.mllib.max_iter, "iterations": result["iterations"]},
         **summary_metrics(spec, result["test"]),
         "model": {"kind": spec.kind, "layers": list(spec.layers)},
-    }, run_dir
+    }
+
+
+RUNNERS: dict[str, Callable[[Job], dict]] = {
+    "local": train_data_parallel, "sync": train_data_parallel, "federated": train_federated,
+    "mllib": train_mllib, "model_parallel": train_model_parallel,
+}
 
 
 def main(argv: list[str]) -> None:
     started = process_start_time()
     args = parse_args(argv)
-    config, run_dir, finished = resolve_run(args)
-    if finished:
-        print_summary(json.loads((run_dir / "summary.json").read_text()))
-        return
+    config, resume_dir, run_name = resolve_run(args)
+    if config.trainer.strategy not in RUNNERS:
+        raise ConfigError(f"trainer.strategy={config.trainer.strategy!r} is not available in this "
+                          f"version; available: {', '.join(RUNNERS)}")
+    with artifacts.RunLock(config.runs.path, run_name) if run_name else contextlib.nullcontext():
+        if args.resume_if_exists:
+            resume_dir = interrupted_run(config, run_name)
+        if resume_dir is not None and (resume_dir / "summary.json").is_file():
+            print_summary(json.loads((resume_dir / "summary.json").read_text()))
+            return
+        run(config, args, resume_dir, started)
+
+
+def run(config: Config, args: argparse.Namespace, resume_dir: Path | None, started: float) -> None:
+    """Train, record and save one run; the summary line is the last thing printed."""
     t = config.trainer
-    if t.strategy not in AVAILABLE:
-        raise ConfigError(f"trainer.strategy={t.strategy!r} is not available in this version; "
-                          f"available: {', '.join(AVAILABLE)}")
-    timings: dict[str, float] = {}
     mark = time.perf_counter()
     spark = build_session("fedspark-train", config.spark.conf)
-    timings["session"] = time.perf_counter() - mark
-    runners = {"federated": train_federated, "mllib": train_mllib,
-               "model_parallel": train_model_parallel}
-    part, run_dir = runners.get(t.strategy, train_data_parallel)(spark, config, args, run_dir, timings)
-    summary = {
-        "run_id": run_dir.name,
-        "run_dir": str(run_dir),
-        "strategy": t.strategy,
-        "model": part.pop("model"),
-        "seed": t.seed,
-        "data": part.pop("data"),
-        "batch_size": {"federated": config.federated.local_batch_size, "mllib": None}.get(
-            t.strategy, t.batch_size),
-        **part,
-        "train_seconds": round(timings["train"], 3),
-        "timings": {k: round(v, 3) for k, v in timings.items()},
-        "model_path": str(run_dir / "model"),
-    }
-    summary["total_seconds"] = round(time.time() - started, 3)
+    job = Job(spark, config, args, resume_dir, {"session": time.perf_counter() - mark})
+    try:
+        part = RUNNERS[t.strategy](job)
+        run_dir = job.tracker.run_dir
+        summary = {
+            "run_id": run_dir.name,
+            "run_name": artifacts.run_name_of(run_dir),
+            "run_dir": str(run_dir),
+            "strategy": t.strategy,
+            "model": part.pop("model"),
+            "seed": t.seed,
+            "data": part.pop("data"),
+            "batch_size": {"federated": config.federated.local_batch_size, "mllib": None}.get(
+                t.strategy, t.batch_size),
+            **part,
+            "train_seconds": round(job.timings["train"], 3),
+            "timings": {k: round(v, 3) for k, v in job.timings.items()},
+            "model_path": str(run_dir / "model"),
+        }
+        summary["total_seconds"] = round(time.time() - started, 3)
+        job.tracker.completed(summary, job.history, "test_accuracy" in summary)
+    except BaseException as exc:
+        if job.tracker is not None:
+            job.tracker.failed(exc)
+        raise
     artifacts.atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2).encode())
     print_summary(summary)
 

@@ -26,8 +26,6 @@ for _path in (ROOT, ROOT / "scripts"):  # run as a file (python or spark-submit)
 import argparse
 import datetime
 import json
-import os
-import subprocess
 import tempfile
 import time
 from functools import partial
@@ -43,16 +41,11 @@ from udfs.models import ModelSpec
 from udfs.seeding import Stream, rng
 from udfs.tasks import steps_per_epoch  # global mini-batch steps, counted as the strategies do
 
-from benchlib import DATA_DIR, load_split, log, machine, versions
+from benchlib import DATA_DIR, BenchError, load_split, log, machine, spark_submit, versions
 
 WAYS = ("numpy", "local", "sync", "mllib")
-VENV = Path(os.environ.get("FEDSPARK_VENV", ROOT / ".venv"))
 BLAS_DIR = Path("/usr/lib/x86_64-linux-gnu")
 MLLIB_JOB_FLAG = "--mllib-job"  # internal: this file re-run under spark-submit as the MLlib job
-
-
-class BenchError(RuntimeError):
-    """One way of the benchmark failed; the others still run and are reported."""
 
 
 # --- the job being measured ----------------------------------------------------------------------
@@ -121,52 +114,6 @@ def run_numpy(config: Config, _: argparse.Namespace) -> dict[str, Any]:
         "test_accuracy": accuracy(spec, theta, X_test, y_test),
         "test_rows": int(len(y_test)),
     }
-
-
-# --- spark-submit children -----------------------------------------------------------------------
-
-def submit_env() -> dict[str, str]:
-    """What scripts/setup.sh's ensure_venv exports: driver and workers run the venv's Python."""
-    python = str(VENV / "bin" / "python")
-    return {**os.environ, "PYSPARK_PYTHON": python, "PYSPARK_DRIVER_PYTHON": python,
-            "PATH": f"{VENV / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"}
-
-
-def submit_command(script: str, args: list[str]) -> list[str]:
-    """scripts/setup.sh's spark_submit: the venv's spark-submit plus the Delta package and conf."""
-    from pipelines.session import submit_args
-
-    return [str(VENV / "bin" / "spark-submit"), *submit_args(), script, *args]
-
-
-def spark_submit(label: str, script: str, args: list[str]) -> dict[str, Any]:
-    """Run one job to completion and return its summary (the last stdout line, JSON). Its progress
-    lines are echoed to stderr as they come, so a long sync run shows it is alive; Spark's own log
-    is kept aside and shown only when the job fails."""
-    cmd = submit_command(script, args)
-    log(f"{label}: {' '.join(cmd)}")
-    started = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=submit_env(), stdout=subprocess.PIPE, stderr=err,
-                                text=True)
-        last = ""
-        for line in proc.stdout:
-            line = line.rstrip("\n")
-            if line.strip():
-                last = line
-                if not line.startswith("{"):
-                    log(f"{label}: {line}")
-        code = proc.wait()
-        if code != 0:
-            err.seek(0)
-            tail = "\n".join(err.read().splitlines()[-25:])
-            raise BenchError(f"{label}: spark-submit exited with {code}; end of its stderr:\n{tail}")
-    try:
-        summary = json.loads(last)
-    except json.JSONDecodeError as exc:
-        raise BenchError(f"{label}: last stdout line is not the summary JSON: {last[:200]!r}") from exc
-    summary["wall_seconds"] = round(time.perf_counter() - started, 3)
-    return summary
 
 
 def ensure_table(config: Config) -> None:

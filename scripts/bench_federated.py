@@ -153,7 +153,7 @@ def converge(spark: SparkSession, config: Config, clients: federated.Clients, te
     first = next((h["round"] for h in evaluated if target is not None and h["test_accuracy"] >= target),
                  None)
     split = ClientSplit(t.seed, fed.holdout_fraction)
-    by_client = federated.federated_eval(sc, clients, spec, t.dtype, split, state.theta)
+    by_client, _ = federated.federated_eval(sc, clients, spec, t.dtype, split, state.theta)
     train_seconds = [h["seconds"] - h.get("eval_seconds", 0.0) for h in history[1:]] or [0.0]
     log(f"{label}: rounds_to_target {first} after {state.round} rounds, {wall:.0f} s")
     return {

@@ -75,8 +75,9 @@ def run(table: str, shards: int, args: argparse.Namespace, runs: Path) -> dict[s
     wall = time.perf_counter() - started
     if code:
         return {"shards": shards, "error": f"exit {code}", "wall_seconds": round(wall, 1)}
-    summary = json.loads((runs / name / "summary.json").read_text())
-    epoch = json.loads((runs / name / "metrics.jsonl").read_text().splitlines()[-1])
+    run_dir = next(runs.glob(f"{name}-*"))   # a named run's directory is <name>-<UTC time>
+    summary = json.loads((run_dir / "summary.json").read_text())
+    epoch = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     steps = -(-summary["data"]["train_rows"] // args.batch_size)
     layer = args.features * args.classes
     return {"shards": shards, "row_blocks": args.row_blocks, "steps": steps,

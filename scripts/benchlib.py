@@ -3,10 +3,13 @@ versions the numbers were measured on (docs/BENCHMARKS.md quotes them)."""
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import platform
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +18,12 @@ import numpy as np
 from pipelines import idx
 
 DATA_DIR = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+ROOT = Path(__file__).resolve().parents[1]
+VENV = Path(os.environ.get("FEDSPARK_VENV", ROOT / ".venv"))
+
+
+class BenchError(RuntimeError):
+    """One way of a benchmark failed; the others still run and are reported."""
 
 
 def log(message: str) -> None:
@@ -46,3 +55,50 @@ def load_split(split: str) -> tuple[np.ndarray, np.ndarray]:
     table (row i of the train split is id i there)."""
     images, labels = idx.read_split(DATA_DIR, split)
     return images.astype(np.float32) / np.float32(255.0), labels.astype(np.int32)
+
+
+def submit_env() -> dict[str, str]:
+    """What scripts/setup.sh's ensure_venv exports: driver and workers run the venv's Python."""
+    python = str(VENV / "bin" / "python")
+    return {**os.environ, "PYSPARK_PYTHON": python, "PYSPARK_DRIVER_PYTHON": python,
+            "PATH": f"{VENV / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def submit_command(script: str, args: list[str], conf: dict[str, str] | None = None) -> list[str]:
+    """scripts/setup.sh's spark_submit: the venv's spark-submit plus the Delta package and conf,
+    and any `--conf` the benchmark fixes (driver memory, maxResultSize)."""
+    from pipelines.session import submit_args
+
+    extra = [arg for key, value in (conf or {}).items() for arg in ("--conf", f"{key}={value}")]
+    return [str(VENV / "bin" / "spark-submit"), *submit_args(), *extra, script, *args]
+
+
+def spark_submit(label: str, script: str, args: list[str], conf: dict[str, str] | None = None
+                 ) -> dict[str, Any]:
+    """Run one job to completion and return its summary (the last stdout line, JSON). Its progress
+    lines are echoed to stderr as they come, so a long sync run shows it is alive; Spark's own log
+    is kept aside and shown only when the job fails."""
+    cmd = submit_command(script, args, conf)
+    log(f"{label}: {' '.join(cmd)}")
+    started = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=submit_env(), stdout=subprocess.PIPE, stderr=err,
+                                text=True)
+        last = ""
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            if line.strip():
+                last = line
+                if not line.startswith("{"):
+                    log(f"{label}: {line}")
+        code = proc.wait()
+        if code != 0:
+            err.seek(0)
+            tail = "\n".join(err.read().splitlines()[-25:])
+            raise BenchError(f"{label}: spark-submit exited with {code}; end of its stderr:\n{tail}")
+    try:
+        summary = json.loads(last)
+    except json.JSONDecodeError as exc:
+        raise BenchError(f"{label}: last stdout line is not the summary JSON: {last[:200]!r}") from exc
+    summary["wall_seconds"] = round(time.perf_counter() - started, 3)
+    return summary

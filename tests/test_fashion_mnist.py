@@ -1,5 +1,5 @@
 """The seed's sample on the full Fashion-MNIST (slow): ingest the Debian IDX files into Delta, train
-the MLP 784-128-10 job with `local`, and evaluate the saved model again."""
+the MLP 784-128-10 job with `local`, evaluate the saved model again, and score the table with it."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pyspark.sql import functions as F
 
-from pipelines import evaluate, ingest, train
+from pipelines import evaluate, ingest, score, train
 from pipelines.cli import main_wrapper
 
 IDX_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -59,4 +59,17 @@ def test_sample_job_trains_and_evaluates(spark, fmnist_lake, tmp_path, capsys):
     assert summary["model"]["layers"] == [784, 128, 10]
     assert summary["test_accuracy"] >= 0.85
     assert main_wrapper(evaluate.main, ["--model", summary["run_dir"]]) == 0
-    assert last_json(capsys)["test_accuracy"] == pytest.approx(summary["test_accuracy"], abs=1e-12)
+    evaluated = last_json(capsys)["test_accuracy"]
+    assert evaluated == pytest.approx(summary["test_accuracy"], abs=1e-12)
+
+    # batch scoring on the executors gives the same predictions on the 10,000 test rows
+    assert main_wrapper(score.main, ["--model", summary["run_dir"], "--input", "fashion_mnist",
+                                     "--output", "fashion_mnist_scores",
+                                     "--set", f"lake.path={fmnist_lake}"]) == 0
+    assert last_json(capsys)["rows"] == 70_000
+    scores = spark.read.format("delta").load(str(fmnist_lake / "fashion_mnist_scores"))
+    table = spark.read.format("delta").load(str(fmnist_lake / "fashion_mnist"))
+    test = scores.join(table.filter("split = 'test'"), "id")
+    agg = test.agg(F.count("*").alias("n"),
+                   F.avg((F.col("prediction") == F.col("label")).cast("double")).alias("acc")).first()
+    assert agg.n == 10_000 and agg.acc == pytest.approx(evaluated, abs=1e-12)

@@ -528,3 +528,39 @@ def test_bad_arguments_are_exit_2(spark, lake_dir, tmp_path, capsys, extra):
 def test_missing_required_argument_is_exit_2(capsys):
     assert main_wrapper(ingest.main, ["--table", "t"]) == 2
     assert "--source" in capsys.readouterr().err
+
+
+# --- 5. incremental directories ------------------------------------------------------------------
+
+def test_a_directory_ingests_only_new_files(spark, lake_dir, tmp_path, capsys):
+    source = tmp_path / "daily"
+    source.mkdir()
+    write_text(source / "day1.csv", ["label,f0,f1", "0,1,2", "1,3,4"])
+    write_text(source / "day2.csv", ["label,f0,f1", "1,5,6", "x,7,8", "0,9,10"])
+
+    code, out, err = run(capsys, f"csv:{source}", "t", lake_dir, "--classes", "2")
+    assert code == 0, err
+    first = summary_of(out)
+    assert (first["files"], first["rows"], first["rejected"], first["version"]) == (2, 4, 1, 0)
+    rows = {r.id: (r.label, list(r.features)) for r in load(spark, lake_dir, "t").collect()}
+    # ids continue across files: day2.csv's line 4 comes after day1.csv's 3 lines
+    assert len(rows) == 4 and rows[3 + 4 - 1] == (0, [9.0, 10.0])
+    rejects = load(spark, lake_dir, "t_rejects").collect()
+    assert [(r.source.endswith("day2.csv"), r.row_number, r.raw) for r in rejects] == [(True, 3, "x,7,8")]
+
+    code, out, err = run(capsys, f"csv:{source}", "t", lake_dir, "--classes", "2")
+    again = summary_of(out)
+    assert code == 0 and again["skipped"] is True and again["version"] == 0
+    assert load(spark, lake_dir, "t").count() == 4
+
+    write_text(source / "day3.csv", ["label,f0,f1", "1,11,12"])
+    code, out, err = run(capsys, f"csv:{source}", "t", lake_dir, "--classes", "2")
+    third = summary_of(out)
+    assert code == 0 and (third["files"], third["rows"], third["version"]) == (1, 1, 1)
+    ids = sorted(r.id for r in load(spark, lake_dir, "t").collect())
+    assert ids == [1, 2, 4, 6, 8] and load(spark, lake_dir, "t_rejects").count() == 1
+
+    write_text(source / "day1.csv", ["label,f0,f1", "0,1,2"])
+    code, _, err = run(capsys, f"csv:{source}", "t", lake_dir, "--classes", "2")
+    assert code == 2 and "['day1.csv'] changed since they were ingested" in err
+    assert load(spark, lake_dir, "t").count() == 5

@@ -125,8 +125,10 @@ def test_missing_table_is_a_clear_error(lake, tmp_path, capsys):
 def test_resume_continues_to_the_same_model(lake, tmp_path, capsys):
     runs = tmp_path / "runs"
     sets = [*BLOBS, "trainer.epochs=3", "trainer.checkpoint_every=1"]
-    full, _ = run_train(lake, runs, capsys, *sets, extra=["--run-name", "nightly"])
+    nightly = ["--run-name", "nightly", "--resume-if-exists"]
+    full, _ = run_train(lake, runs, capsys, *sets, extra=nightly)
     run_dir = Path(full["run_dir"])
+    assert full["run_id"].startswith("nightly-") and full["run_name"] == "nightly"
     with np.load(run_dir / "model" / "weights.npz", allow_pickle=False) as z:
         expected = z["theta"].copy()
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
@@ -136,17 +138,18 @@ def test_resume_continues_to_the_same_model(lake, tmp_path, capsys):
     for name in ("summary.json", "epoch-0002.json", "epoch-0002.npz"):
         (run_dir / name if name == "summary.json" else run_dir / "checkpoints" / name).unlink()
     shutil.rmtree(run_dir / "model")
-    capsys.readouterr()
-    assert main_wrapper(train.main, ["--resume", str(run_dir)]) == 0
-    out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith(f"resuming {run_dir} after epoch 1")
+    resumed, out = run_train(lake, runs, capsys, *sets, extra=nightly)
+    assert resumed["run_id"] == full["run_id"]
+    assert any(line.startswith(f"resuming {run_dir} after epoch 1") for line in out)
     assert [line.split()[1] for line in out if line.startswith("epoch ")] == ["2/3", "3/3"]
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 3
     with np.load(run_dir / "model" / "weights.npz", allow_pickle=False) as z:
         np.testing.assert_array_equal(z["theta"], expected)
 
-    # a scheduled re-run of a finished job trains nothing and reports the same run
-    again, out = run_train(lake, runs, capsys, *sets, extra=["--run-name", "nightly",
-                                                            "--resume-if-exists"])
-    assert again["run_id"] == "nightly" and not any(l.startswith("epoch ") for l in out)
-    assert main_wrapper(train.main, ["--set", f"lake.path={lake}", "--set", f"runs.path={runs}",
-                                     "--run-name", "nightly", *sum([["--set", s] for s in sets], [])]) == 2
+    # --resume of a finished run reports it again; the next scheduled job starts a new run
+    capsys.readouterr()
+    assert main_wrapper(train.main, ["--resume", str(run_dir)]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["run_id"] == full["run_id"]
+    again, out = run_train(lake, runs, capsys, *sets, extra=nightly)
+    assert again["run_id"] != full["run_id"] and again["run_name"] == "nightly"
+    assert [line.split()[1] for line in out if line.startswith("epoch ")] == ["1/3", "2/3", "3/3"]
