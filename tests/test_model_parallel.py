@@ -17,7 +17,7 @@ from pipelines import evaluate, model_parallel, train, vertical
 from pipelines.cli import main_wrapper
 from pipelines.config import ConfigError, config_from_dict
 from tests.conftest import blobs, write_table
-from udfs import shards
+from udfs import models, shards
 from udfs.models import ModelSpec, init_params
 from udfs.seeding import Stream, rng
 
@@ -71,6 +71,24 @@ def test_shards_draw_the_first_layer_and_head_like_init_params():
             for a, b in zip(bounds[:-1], bounds[1:])]
     head = shards.init_head(spec, 5, "glorot_uniform", "float64")
     np.testing.assert_array_equal(np.concatenate([r.ravel() for r in rows] + [head]), whole)
+
+
+@pytest.mark.parametrize("kind, layers", [("softmax", (7, 3)), ("logistic", (7, 1)), ("linear", (7, 1)),
+                                          ("mlp", (7, 5, 4, 3))])
+def test_split_gradient_is_the_whole_models(kind, layers):
+    """The head's gradient plus X^T dZ for the first layer is udfs.models' gradient of the whole
+    model, for every kind (no Spark: the arithmetic the cells and the driver share)."""
+    spec = ModelSpec(kind, layers)
+    gen = np.random.default_rng(0)
+    theta = gen.normal(size=spec.n_params)
+    X = gen.normal(size=(9, 7))
+    y = gen.integers(0, max(layers[-1], 2), 9) if kind != "linear" else gen.normal(size=9)
+    loss, grad = models.loss_and_grad(spec, theta, X, y)
+    h = layers[1]
+    W, head = theta[:7 * h].reshape(7, h), theta[7 * h:]
+    mp_loss, head_grad, dZ = shards.head_step(spec, head, X @ W, y)
+    assert mp_loss == pytest.approx(loss, rel=1e-12)
+    np.testing.assert_allclose(np.concatenate([(X.T @ dZ).ravel(), head_grad]), grad, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("model, shards_, partitions", [
