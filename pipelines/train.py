@@ -24,7 +24,7 @@ import numpy as np
 
 from pyspark.sql import SparkSession
 
-from pipelines import artifacts, federated, lake, mllib, model_parallel
+from pipelines import artifacts, federated, lake, mllib, model_parallel, vertical
 from pipelines.cli import main_wrapper, print_summary, process_start_time
 from pipelines.config import Config, ConfigError, dump_yaml, load_config
 from pipelines.data import load_blocks
@@ -380,6 +380,8 @@ def main(argv: list[str]) -> None:
     if config.trainer.strategy not in RUNNERS:
         raise ConfigError(f"trainer.strategy={config.trainer.strategy!r} is not available in this "
                           f"version; available: {', '.join(RUNNERS)}")
+    if config.trainer.strategy == "model_parallel":
+        vertical.parse(config.model_parallel)  # bad parties stop the job before Spark starts
     with artifacts.RunLock(config.runs.path, run_name) if run_name else contextlib.nullcontext():
         if args.resume_if_exists:
             resume_dir = interrupted_run(config, run_name)
