@@ -16,8 +16,9 @@ import json
 import os
 import re
 import time
+import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -129,12 +130,61 @@ def save_model(run_dir: Path, spec: ModelSpec, theta: np.ndarray | None,
     model_dir.mkdir(exist_ok=True)
     if theta is not None:
         atomic_write(model_dir / "weights.npz", _npz_bytes({"theta": theta}))
-    meta = {"kind": spec.kind, "layers": list(spec.layers), "n_params": spec.n_params,
-            "dtype": str(theta.dtype) if theta is not None else None,
-            **({} if theta is not None else {"format": "mllib", "mllib_path": str(model_dir / "mllib")}),
-            **metadata}
-    atomic_write(model_dir / "spec.json", json.dumps(meta, indent=2).encode())
+    _write_spec(model_dir, spec, str(theta.dtype) if theta is not None else None,
+                {} if theta is not None else {"format": "mllib", "mllib_path": str(model_dir / "mllib")},
+                metadata)
     return model_dir
+
+
+def save_model_chunks(run_dir: Path, spec: ModelSpec, dtype: str, chunks: Iterable[np.ndarray],
+                      metadata: dict[str, Any]) -> Path:
+    """save_model for weights that arrive in consecutive pieces of the flat vector (a model-parallel
+    model, one feature block at a time): the same weights.npz, never whole in memory."""
+    model_dir = run_dir / "model"
+    model_dir.mkdir(exist_ok=True)
+    stream_npz(model_dir / "weights.npz", {"theta": (dtype, spec.n_params, chunks)})
+    _write_spec(model_dir, spec, dtype, {}, metadata)
+    return model_dir
+
+
+def _write_spec(model_dir: Path, spec: ModelSpec, dtype: str | None, extra: dict[str, Any],
+                metadata: dict[str, Any]) -> None:
+    meta = {"kind": spec.kind, "layers": list(spec.layers), "n_params": spec.n_params,
+            "dtype": dtype, **extra, **metadata}
+    atomic_write(model_dir / "spec.json", json.dumps(meta, indent=2).encode())
+
+
+def stream_npz(path: Path, members: dict[str, tuple[str, int, Iterable[np.ndarray]]]) -> None:
+    """An uncompressed .npz of 1-D arrays, each written chunk by chunk as the chunks arrive, so
+    np.load reads it like np.savez's but no writer ever holds a whole array."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, (dtype, length, chunks) in members.items():
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as fh:
+                np.lib.format.write_array_header_2_0(fh, {
+                    "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                    "fortran_order": False, "shape": (length,)})
+                written = 0
+                for chunk in chunks:
+                    fh.write(np.ascontiguousarray(chunk, dtype=dtype).tobytes())
+                    written += chunk.size
+                if written != length:
+                    raise RuntimeError(f"{path}: {name} got {written} values, expected {length}")
+    os.replace(tmp, path)
+
+
+def read_npz_slice(path: Path, name: str, start: int, stop: int) -> np.ndarray:
+    """Values start..stop of the 1-D array `name` of an uncompressed .npz (stream_npz's or
+    np.savez's), read without loading the rest."""
+    with zipfile.ZipFile(path) as zf, zf.open(f"{name}.npy") as fh:
+        version = np.lib.format.read_magic(fh)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, _, dtype = read_header(fh)
+        if len(shape) != 1 or not 0 <= start <= stop <= shape[0]:
+            raise UserError(f"{path}: {name} has shape {shape}; cannot read [{start}, {stop})")
+        fh.seek(fh.tell() + start * dtype.itemsize)
+        return np.frombuffer(fh.read((stop - start) * dtype.itemsize), dtype=dtype).copy()
 
 
 def load_model(model_or_run_dir: str | Path) -> tuple[ModelSpec, np.ndarray, dict[str, Any]]:
@@ -180,12 +230,28 @@ def save_checkpoint(run_dir: Path, name: str, arrays: dict[str, np.ndarray], met
     atomic_write(ckpt / f"{name}.json", json.dumps(meta).encode())
 
 
-def latest_checkpoint(run_dir: Path) -> tuple[dict[str, np.ndarray], dict] | None:
+def save_checkpoint_chunks(run_dir: Path, name: str,
+                           members: dict[str, tuple[str, int, Iterable[np.ndarray]]], meta: dict) -> None:
+    """save_checkpoint for arrays that arrive in pieces (stream_npz): the same two files."""
+    ckpt = run_dir / "checkpoints"
+    ckpt.mkdir(exist_ok=True)
+    stream_npz(ckpt / f"{name}.npz", members)
+    atomic_write(ckpt / f"{name}.json", json.dumps(meta).encode())
+
+
+def latest_checkpoint_file(run_dir: Path) -> tuple[Path, dict] | None:
+    """The last complete checkpoint's .npz and its metadata, without reading the arrays."""
     metas = sorted((run_dir / "checkpoints").glob("*.json"),
                    key=lambda p: int(p.stem.rpartition("-")[2]) if p.stem.rpartition("-")[2].isdigit() else -1)
     if not metas:
         return None
-    meta_file = metas[-1]
-    with np.load(meta_file.with_suffix(".npz"), allow_pickle=False) as z:
+    return metas[-1].with_suffix(".npz"), json.loads(metas[-1].read_text())
+
+
+def latest_checkpoint(run_dir: Path) -> tuple[dict[str, np.ndarray], dict] | None:
+    found = latest_checkpoint_file(run_dir)
+    if found is None:
+        return None
+    with np.load(found[0], allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}
-    return arrays, json.loads(meta_file.read_text())
+    return arrays, found[1]

@@ -24,7 +24,7 @@ import numpy as np
 
 from pyspark.sql import SparkSession
 
-from pipelines import artifacts, federated, lake, mllib
+from pipelines import artifacts, federated, lake, mllib, model_parallel, vertical
 from pipelines.cli import main_wrapper, print_summary, process_start_time
 from pipelines.config import Config, ConfigError, dump_yaml, load_config
 from pipelines.data import load_blocks
@@ -280,12 +280,67 @@ def train_federated(job: Job) -> dict:
 
 
 def finish_model(run_dir: Path, config: Config, spec: ModelSpec, theta: np.ndarray | None, table: str,
-                 version: int) -> None:
+                 version: int, chunks: Any = None) -> None:
     """model/weights.npz + spec.json; spec.json alone when there are no weights of ours (MLlib's
-    MLP, saved by MLlib under model/mllib)."""
-    artifacts.save_model(run_dir, spec, theta, {
-        "run_id": run_dir.name, "table": table, "version": version, "n_classes": spec.n_classes,
-        "strategy": config.trainer.strategy, "seed": config.trainer.seed})
+    MLP, saved by MLlib under model/mllib). `chunks`: the weights in consecutive pieces instead
+    of `theta` (model_parallel, never whole on the driver)."""
+    meta = {"run_id": run_dir.name, "table": table, "version": version, "n_classes": spec.n_classes,
+            "strategy": config.trainer.strategy, "seed": config.trainer.seed}
+    if chunks is not None:
+        artifacts.save_model_chunks(run_dir, spec, config.trainer.dtype, chunks, meta)
+    else:
+        artifacts.save_model(run_dir, spec, theta, meta)
+
+
+def train_model_parallel(job: Job) -> dict:
+    """`model_parallel`: the first layer sharded by feature blocks (pipelines/model_parallel.py)."""
+    spark, config = job.spark, job.config
+    t, mp = config.trainer, model_parallel
+    mark = time.perf_counter()
+    with progress(spark.sparkContext, "building model-parallel cells"):
+        cells = mp.prepare(spark, config)
+    job.timings["blocks"] = time.perf_counter() - mark
+    spec = model_spec(config, cells.n_features, cells.n_classes)
+    grid = mp.grid_for(config, cells, spec)
+    tracker = job.open_run(cells.table, cells.version, "epoch", t.epochs)
+    names = tuple(grid.optimizer.init_state(np.zeros(1)))
+    head = mp.initial_head(config, spec, grid)
+    restored = mp.restore(spark.sparkContext, tracker.run_dir, spec, grid, names)
+    if restored:
+        restored, head = restored
+        tracker.resumed(head.history, f"epoch {head.epoch}")
+    mark = time.perf_counter()
+    carrier = mp.Carrier(spark.sparkContext, grid, cells.handles, mp.Wire(spark.sparkContext, mp.WIRE_LOG),
+                         tracker.run_dir / "rdd-checkpoints", restored or None)
+
+    def on_epoch(s: mp.HeadState, record: dict[str, Any]) -> None:
+        tracker.log(record, progress_line(record, t.epochs))
+        if t.checkpoint_every and s.epoch % t.checkpoint_every == 0 and s.epoch < t.epochs:
+            tracker.flush(s.history)
+            artifacts.save_checkpoint_chunks(
+                tracker.run_dir, f"epoch-{s.epoch:04d}", mp.save_chunks(carrier, spec, s.head, names, s.opt),
+                {"epoch": s.epoch, "step": s.step, "history": s.history})
+
+    head = mp.train_epochs(carrier, cells, spec, grid.optimizer, head, t.epochs, on_epoch)
+    job.timings["train"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    test = mp.evaluate_role(carrier, cells, spec, head.head, "test") if cells.test_rows else {}
+    job.timings["evaluate"] = time.perf_counter() - mark
+    finish_model(tracker.run_dir, config, spec, None, cells.table, cells.version,
+                 chunks=mp.save_chunks(carrier, spec, head.head)["theta"][2])
+    summary = mp.summary_fields(carrier, cells)
+    carrier.release()
+    cells.release()
+    job.history = head.history
+    return {
+        "data": {"table": cells.table, "version": cells.version, "train_rows": cells.layout.n_train,
+                 "validation_rows": cells.layout.n_validation, "test_rows": cells.test_rows,
+                 "partitions": cells.row_blocks},
+        "epochs": t.epochs,
+        **summary_metrics(spec, test),
+        **summary,
+        "model": {"kind": spec.kind, "layers": list(spec.layers)},
+    }
 
 
 def train_mllib(job: Job) -> dict:
@@ -314,7 +369,7 @@ def train_mllib(job: Job) -> dict:
 
 RUNNERS: dict[str, Callable[[Job], dict]] = {
     "local": train_data_parallel, "sync": train_data_parallel, "federated": train_federated,
-    "mllib": train_mllib,
+    "mllib": train_mllib, "model_parallel": train_model_parallel,
 }
 
 
@@ -325,6 +380,8 @@ def main(argv: list[str]) -> None:
     if config.trainer.strategy not in RUNNERS:
         raise ConfigError(f"trainer.strategy={config.trainer.strategy!r} is not available in this "
                           f"version; available: {', '.join(RUNNERS)}")
+    if config.trainer.strategy == "model_parallel":
+        vertical.parse(config.model_parallel)  # bad parties stop the job before Spark starts
     with artifacts.RunLock(config.runs.path, run_name) if run_name else contextlib.nullcontext():
         if args.resume_if_exists:
             resume_dir = interrupted_run(config, run_name)

@@ -69,7 +69,8 @@ def test_missing_and_malformed_files(tmp_path):
 @pytest.mark.parametrize("args,needle", [
     (["--config", "/nonexistent/x.yaml"], "config file not found: /nonexistent/x.yaml"),
     (["--set", "trainer.epoch=2"], "unknown key 'trainer.epoch'"),
-    (["--set", "trainer.strategy=model_parallel"], "not available"),
+    (["--set", "trainer.strategy=model_parallel", "--set", "model_parallel.label_party=bank"],
+     "model_parallel.label_party is set but model_parallel.parties is empty"),
 ])
 def test_train_job_exits_2_on_bad_config(args, needle):
     proc = subprocess.run([sys.executable, str(ROOT / "pipelines" / "train.py"), *args],

@@ -122,14 +122,22 @@ def _sync_epoch_plan(path: str, job: Job, epoch: int) -> tuple[np.ndarray, np.nd
 
 def _batch_plan(path: str, job: Job, epoch: int) -> tuple[np.ndarray, np.ndarray]:
     _, roles = _placed(path, job.layout)
-    n = job.layout.n_train
-    if job.batch_size >= n:   # full batch: every train row, in block order
+    return batch_plan(roles, job.layout, job.batch_size, epoch)
+
+
+def batch_plan(roles: blocks.Roles, layout: blocks.Layout, batch_size: int,
+               epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """A block's train rows grouped by the global batch of `epoch` they fall in (in global
+    train-index order inside a batch), and the start of each batch: `sync`'s batches, which
+    `model_parallel` forms the same way."""
+    n = layout.n_train
+    if batch_size >= n:   # full batch: every train row, in block order
         return roles.train, np.array([0, len(roles.train)])
     position = np.empty(n, dtype=np.int64)
-    position[rng(job.layout.seed, Stream.SYNC_EPOCH, epoch).permutation(n)] = np.arange(n)
-    batch = position[roles.train_index] // job.batch_size
+    position[rng(layout.seed, Stream.SYNC_EPOCH, epoch).permutation(n)] = np.arange(n)
+    batch = position[roles.train_index] // batch_size
     order = np.argsort(batch, kind="stable")   # within a batch, rows stay in block order
-    bounds = np.searchsorted(batch[order], np.arange(steps_per_epoch(n, job.batch_size) + 1))
+    bounds = np.searchsorted(batch[order], np.arange(steps_per_epoch(n, batch_size) + 1))
     return roles.train[order], bounds
 
 
@@ -188,7 +196,11 @@ def evaluate(rows: Iterable[Any], spec: ModelSpec, layout: blocks.Layout, dtype:
 
 def metric_sums(spec: ModelSpec, theta: np.ndarray, X: np.ndarray, y: np.ndarray) -> np.ndarray:
     """[n, loss_sum, correct, sse, y_sum, y2_sum] over the rows of X."""
-    out = models.decision(spec, theta, X)
+    return output_sums(spec, models.decision(spec, theta, X), y)
+
+
+def output_sums(spec: ModelSpec, out: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """metric_sums from the model's output `out` (decision) on rows with labels y."""
     loss, _ = models.head_loss(spec, out, y, need_grad=False)
     if spec.is_classifier:
         correct = float((models.labels_from_decision(spec, out) == y).sum())
