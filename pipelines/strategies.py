@@ -144,7 +144,7 @@ def train(sc: SparkContext, data: Blocks, job: tasks.Job, settings: Settings, st
     jobs = steps if settings.strategy == "sync" else -(-steps // (settings.average_every or steps))
     while state.epoch < settings.epochs:
         started = time.perf_counter()
-        with progress(sc, f"epoch {state.epoch + 1}/{settings.epochs}", tag,
+        with progress(sc, f"training epoch {state.epoch + 1}/{settings.epochs}", tag,
                       expected_tasks=jobs * data.partitions, closing_line=False):
             train_loss = run_epoch(sc, data, job, settings, state, on_step)
         state.epoch += 1
