@@ -16,7 +16,10 @@ def spark():
     os.environ.setdefault("PYSPARK_PYTHON", str(Path(os.sys.executable)))
     from pipelines.session import build_session
 
+    # 2 GiB: the whole suite shares this JVM, and the full Fashion-MNIST ingest needs more than
+    # the 1 GiB default once earlier tests have cached their tables
     session = build_session("fedspark-tests", {"spark.master": "local[2]",
+                                               "spark.driver.memory": "2g",
                                                "spark.sql.shuffle.partitions": "4"})
     yield session
     session.stop()
