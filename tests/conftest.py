@@ -75,3 +75,20 @@ def blobs_lake(spark, tmp_path_factory):
     yr = Xr @ np.array([1.5, -2.0, 0.5, 0.0, 3.0]) + 0.7 + 0.1 * rng.normal(size=800)
     write_table(spark, path, "reg", Xr, yr, np.where(rng.random(800) < 0.25, "test", "train"))
     return path
+
+
+def train_and_load(capsys, argv: list[str], sets=()) -> tuple[dict, np.ndarray]:
+    """Run train.py in this process with `argv` plus one `--set` per item of `sets`: its summary and
+    the saved weights."""
+    import json
+
+    from pipelines import train
+    from pipelines.cli import main_wrapper
+
+    for s in sets:
+        argv = [*argv, "--set", s]
+    capsys.readouterr()
+    assert main_wrapper(train.main, argv) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    with np.load(f"{summary['model_path']}/weights.npz", allow_pickle=False) as z:
+        return summary, z["theta"]

@@ -16,7 +16,7 @@ import pytest
 from pipelines import evaluate, model_parallel, train, vertical
 from pipelines.cli import main_wrapper
 from pipelines.config import ConfigError, config_from_dict
-from tests.conftest import blobs, write_table
+from tests.conftest import blobs, train_and_load, write_table
 from udfs import models, shards
 from udfs.models import ModelSpec, init_params
 from udfs.seeding import Stream, rng
@@ -54,13 +54,7 @@ def run(lake_path: Path, tmp_path: Path, capsys, *sets: str, table: str = "small
     argv = ["--set", f"lake.path={lake_path}", "--set", f"runs.path={tmp_path / 'runs'}",
             "--set", f"data.table={table}", "--set", "trainer.dtype=float64",
             "--set", "trainer.batch_size=16", "--set", "data.validation_fraction=0.1", *extra]
-    for s in sets:
-        argv += ["--set", s]
-    capsys.readouterr()
-    assert main_wrapper(train.main, argv) == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    with np.load(f"{summary['model_path']}/weights.npz", allow_pickle=False) as z:
-        return summary, z["theta"]
+    return train_and_load(capsys, argv, sets)
 
 
 def test_shards_draw_the_first_layer_and_head_like_init_params():

@@ -6,15 +6,11 @@ order numpy.random.default_rng([seed, 3, e]).permutation(n), epoch e of `local` 
 default_rng([seed, 4, e, p]).permutation(n_p)."""
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 from pyspark.sql import functions as F
 
-from pipelines import train
-from pipelines.cli import main_wrapper
-from tests.conftest import write_table
+from tests.conftest import train_and_load, write_table
 
 N, D, K = 157, 6, 3
 
@@ -39,13 +35,7 @@ def run(lake, tmp_path, capsys, *sets):
     argv = ["--set", f"lake.path={lake}", "--set", f"runs.path={tmp_path / 'runs'}",
             "--set", "data.table=small", "--set", "data.validation_fraction=0.0",
             "--set", "trainer.dtype=float64"]
-    for s in sets:
-        argv += ["--set", s]
-    capsys.readouterr()
-    assert main_wrapper(train.main, argv) == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    with np.load(f"{summary['model_path']}/weights.npz", allow_pickle=False) as z:
-        return summary, z["theta"]
+    return train_and_load(capsys, argv, sets)
 
 
 def softmax_grad(theta, X, y):
