@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipelines.errors import UserError
 from pipelines.robust import NEEDS_INDIVIDUAL_UPDATES
@@ -33,10 +33,31 @@ Fraction = Field(ge=0.0, le=1.0)
 
 class SparkSection(_Section):
     conf: dict[str, Any]
+    delta_packages: str = Field(min_length=1)   # auto | none | Maven coordinates
 
 
 class PathSection(_Section):
     path: str = Field(min_length=1)
+
+
+class RunsSection(_Section):
+    """Run directories are written with the local file API (atomic renames, numpy files): a local
+    path, or a file: URI for a mounted shared filesystem (cluster deploy mode)."""
+
+    path: str = Field(min_length=1)
+
+    @field_validator("path")
+    @classmethod
+    def _local_or_file_uri(cls, value: str) -> str:
+        scheme, sep, rest = value.partition(":")
+        if not sep or len(scheme) < 2 or "/" in scheme:   # a plain path (or a Windows drive letter)
+            return value
+        if scheme == "file":
+            path = rest[2:] if rest.startswith("//") else rest
+            return path if path.startswith("/") else value
+        raise ValueError(f"{scheme}: URIs are not supported for run directories yet (they are "
+                         "written with the local file API); use a local path or a file:// URI of a "
+                         "filesystem the driver mounts. lake.path takes any Hadoop URI")
 
 
 class DataSection(_Section):
@@ -44,6 +65,7 @@ class DataSection(_Section):
     version: Optional[int] = Field(ge=0)
     partitions: int = Field(ge=1, le=10_000)
     validation_fraction: float = Field(ge=0.0, lt=1.0)
+    worker_cache_gb: float = Field(ge=0.0)
 
 
 class ModelSection(_Section):
@@ -150,7 +172,7 @@ class MllibSection(_Section):
 class Config(_Section):
     spark: SparkSection
     lake: PathSection
-    runs: PathSection
+    runs: RunsSection
     data: DataSection
     model: ModelSection
     trainer: TrainerSection

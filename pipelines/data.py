@@ -10,9 +10,10 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from functools import partial
+from typing import Callable, TypeVar
 
 import numpy as np
-from pyspark import RDD
+from pyspark import RDD, SparkContext
 from pyspark.sql import Column, DataFrame, Row, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -21,6 +22,10 @@ from pipelines import lake
 from pipelines.errors import UserError
 from udfs import blocks
 
+R = TypeVar("R")
+MAX_REBUILDS = 3
+DEFAULT_CACHE_GB = 4.0   # data.worker_cache_gb
+SPARSE_FEATURES = "struct<size:int,indices:array<int>,values:array<float>>"
 LABEL_TYPES = (T.IntegerType, T.LongType, T.ShortType, T.ByteType, T.FloatType, T.DoubleType)
 
 
@@ -36,6 +41,8 @@ class Blocks:
     n_features: int
     n_classes: int          # 1 + the largest label (classification); 0 when labels are real numbers
     test_rows: int
+    feature_bytes: int = 0  # of all blocks, as stored on the executors' disks
+    rebuilds: int = 0       # times a job found a block missing and the blocks were rebuilt
 
     @property
     def train_rows(self) -> int:
@@ -47,6 +54,25 @@ class Blocks:
 
     def release(self) -> None:
         release(self.handles)
+
+    def run(self, job: Callable[[RDD], R]) -> R:
+        """`job(handles)`, rebuilding the blocks when a task finds its block missing (it ran on an
+        executor that does not hold it, or the files were removed) and running the job again.
+
+        The rebuild recomputes the cached handles from their lineage: the shuffled, sorted rows
+        (Spark keeps the shuffle files, or re-reads the Delta version if they are gone) stream
+        into blocks again, on whichever executors Spark picks, and later tasks run where the new
+        handles are cached. A block is the same wherever it is built, so results do not change."""
+        for attempt in range(MAX_REBUILDS + 1):
+            try:
+                return job(self.handles)
+            except Exception as exc:  # noqa: BLE001 - py4j wraps the task's BlockMissing
+                if blocks.MISSING not in str(exc) or attempt == MAX_REBUILDS:
+                    raise
+            self.handles.unpersist(blocking=True)
+            self.handles.cache().count()
+            self.rebuilds += 1
+        raise AssertionError("unreachable")
 
 
 def release(handles: RDD) -> None:
@@ -60,12 +86,12 @@ def check_schema(df: DataFrame, table: str) -> None:
     fields = {f.name: f.dataType for f in df.schema.fields}
     rules = {
         "id": lambda t: isinstance(t, (T.LongType, T.IntegerType)),
-        "features": lambda t: isinstance(t, T.ArrayType) and isinstance(
-            t.elementType, (T.FloatType, T.DoubleType)),
+        "features": lambda t: _dense_features(t) or _sparse_features(t),
         "label": lambda t: isinstance(t, LABEL_TYPES),
         "split": lambda t: isinstance(t, T.StringType),
     }
-    expected = {"id": "long", "features": "array<float>", "label": "int or double",
+    expected = {"id": "long", "features": f"array<float> or sparse {SPARSE_FEATURES}",
+                "label": "int or double",
                 "split": "string ('train' | 'test')"}
     for column, ok in rules.items():
         if column not in fields:
@@ -74,6 +100,21 @@ def check_schema(df: DataFrame, table: str) -> None:
         if not ok(fields[column]):
             raise UserError(f"table {table!r}: column {column!r} is {fields[column].simpleString()}, "
                             f"expected {expected[column]}")
+
+
+def _dense_features(t: T.DataType) -> bool:
+    return isinstance(t, T.ArrayType) and isinstance(t.elementType, (T.FloatType, T.DoubleType))
+
+
+def _sparse_features(t: T.DataType) -> bool:
+    """struct<size, indices, values>, the fields of Spark's SparseVector, with numeric types."""
+    if not isinstance(t, T.StructType) or set(t.names) != {"size", "indices", "values"}:
+        return False
+    kinds = {f.name: f.dataType for f in t.fields}
+    return (isinstance(kinds["size"], (T.IntegerType, T.LongType))
+            and isinstance(kinds["indices"], T.ArrayType)
+            and isinstance(kinds["indices"].elementType, (T.IntegerType, T.LongType))
+            and _dense_features(kinds["values"]))
 
 
 def partition_keys(spark: SparkSession, partitions: int) -> list[int]:
@@ -105,9 +146,10 @@ def training_rows(df: DataFrame, name: str, extra: tuple[str, ...] = ()) -> Data
         if column not in df.columns:
             raise UserError(f"table {name!r} has no column {column!r}; its columns are "
                             f"{df.columns}")
+    sparse = _sparse_features(df.schema["features"].dataType)
     return df.select(
         F.col("id").cast("long").alias("id"),
-        F.col("features").cast("array<float>").alias("features"),
+        F.col("features").cast(SPARSE_FEATURES if sparse else "array<float>").alias("features"),
         F.col("label"),
         F.col("split"),
         F.pmod(F.xxhash64("id"), F.lit(blocks.N_SHARDS)).cast("int").alias("shard"),
@@ -123,12 +165,27 @@ def read_rows(spark: SparkSession, lake_path: str, ref: lake.TableRef,
     return training_rows(df, ref.name, extra).filter(F.col("split").isin(*splits)), version
 
 
+def worker_cache_bytes(sc: SparkContext, total_gb: float) -> int:
+    """One Python worker's share of data.worker_cache_gb: the budget is for all the Python workers
+    of an executor, which runs as many at once as it has cores (spark.executor.cores; in local mode
+    and when unset, the application's cores, which can only make the share smaller)."""
+    cores = int(sc.getConf().get("spark.executor.cores", str(sc.defaultParallelism)))
+    return int(total_gb * 2 ** 30 / max(cores, 1))
+
+
 def build(spark: SparkSession, rows: DataFrame, partitions: int, target: Column,
-          name: str) -> tuple[RDD, list[Row]]:
-    """Build one block per partition on the executors; the cached handles and their rows."""
+          name: str, cache_gb: float = DEFAULT_CACHE_GB) -> tuple[RDD, list[Row]]:
+    """Build one block per partition on the executors; the cached handles and their rows.
+
+    Spark sorts each partition by (split, shard, id) before the rows reach Python (an external
+    sort that spills to disk), so a block streams to the executor's disk batch by batch and no
+    task ever holds a whole partition in memory."""
     key = f"{name}-{uuid.uuid4().hex[:12]}"
+    build_fn = partial(blocks.build_partition, key=key,
+                       cache_bytes=worker_cache_bytes(spark.sparkContext, cache_gb))
     handles = (place(spark, rows, partitions, target)
-               .mapInArrow(partial(blocks.build_partition, key=key), blocks.HANDLE_SCHEMA)
+               .sortWithinPartitions(F.col("split") == "test", "shard", "id")
+               .mapInArrow(build_fn, blocks.HANDLE_SCHEMA)
                .rdd.cache())
     try:
         return handles, handles.collect()
@@ -153,21 +210,23 @@ def shape(described: list[Row], name: str) -> tuple[int, int]:
 
 def load_blocks(spark: SparkSession, lake_path: str, ref: lake.TableRef, partitions: int,
                 seed: int, validation_fraction: float,
-                splits: tuple[str, ...] = ("train", "test")) -> Blocks:
+                splits: tuple[str, ...] = ("train", "test"),
+                cache_gb: float = DEFAULT_CACHE_GB) -> Blocks:
     """Read the table version once and build, cache and describe its blocks."""
     rows, version = read_rows(spark, lake_path, ref, splits)
     return blocks_from_rows(spark, rows, ref.name, version, partitions, seed, validation_fraction,
-                            splits)
+                            splits, cache_gb)
 
 
 def blocks_from_rows(spark: SparkSession, rows: DataFrame, table: str, version: int, partitions: int,
                      seed: int, validation_fraction: float,
-                     splits: tuple[str, ...] = ("train", "test")) -> Blocks:
+                     splits: tuple[str, ...] = ("train", "test"),
+                     cache_gb: float = DEFAULT_CACHE_GB) -> Blocks:
     """Build, cache and describe the blocks of training_rows: rows of shard s in partition s mod P,
     so every shard lives in one partition."""
     name = f"{table}@{version}"
     handles, described = build(spark, rows, partitions, F.pmod(F.col("shard"), F.lit(partitions)),
-                               name)
+                               name, cache_gb)
     if not described:
         raise UserError(f"table {name} has no rows in split(s) {', '.join(splits)}")
     counts = sum((np.frombuffer(h.shard_counts, dtype=np.int64) for h in described),
@@ -179,4 +238,5 @@ def blocks_from_rows(spark: SparkSession, rows: DataFrame, table: str, version: 
                         f"after holding out validation_fraction={validation_fraction}")
     n_features, n_classes = shape(described, name)
     return Blocks(handles, layout, table, version, partitions, n_features, n_classes,
-                  sum(int(h.test_rows) for h in described))
+                  sum(int(h.test_rows) for h in described),
+                  sum(int(h.feature_bytes) for h in described))

@@ -43,7 +43,7 @@ def main(argv: list[str]) -> None:
         raise UserError(f"--model {run_dir}: not a run directory (no config.yaml)")
     config = load_config(config_file)
     ref = lake.TableRef.parse(args.table) if args.table else lake.TableRef(meta["table"], meta["version"])
-    spark = build_session("fedspark-evaluate", config.spark.conf)
+    spark = build_session("fedspark-evaluate", config.spark.conf, config.spark.delta_packages)
     data = load_blocks(spark, config.lake.path, ref, config.data.partitions, config.trainer.seed,
                        config.data.validation_fraction)
     if data.n_features != spec.layers[0]:

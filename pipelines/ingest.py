@@ -426,7 +426,7 @@ def main(argv: list[str]) -> None:
     lake.TableRef.parse(args.table)
     config = load_config(args.config or DEFAULT_FILE, args.sets)
     started = time.perf_counter()
-    spark = build_session("fedspark-ingest", config.spark.conf)
+    spark = build_session("fedspark-ingest", config.spark.conf, config.spark.delta_packages)
     with progress(spark.sparkContext, f"ingest {args.source} into {args.table}"):
         summary = ingest(spark, source, args.table, config.lake.path, args)
     summary["seconds"] = round(time.perf_counter() - started, 3)

@@ -80,7 +80,7 @@ def show(run_rows: list[dict[str, Any]], metric_rows: list[dict[str, Any]]) -> d
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
     config = load_config(args.config or DEFAULT_FILE, args.sets)
-    spark = build_session("fedspark-runs", config.spark.conf)
+    spark = build_session("fedspark-runs", config.spark.conf, config.spark.delta_packages)
     if args.command == "list":
         rows = records.latest_rows(spark, config.lake.path).orderBy(F.desc("started_at")).collect()
         print("\n".join(list_lines([r.asDict() for r in rows])), flush=True)

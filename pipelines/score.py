@@ -144,7 +144,7 @@ def main(argv: list[str]) -> None:
     input_ref = lake.TableRef.parse(args.input)
     lake.TableRef.parse(args.output)
     config = load_config(args.config or DEFAULT_FILE, args.sets)
-    spark = build_session("fedspark-score", config.spark.conf)
+    spark = build_session("fedspark-score", config.spark.conf, config.spark.delta_packages)
     started = time.perf_counter()
     summary = score(spark, config.lake.path, args.model, input_ref, args.output)
     seconds = time.perf_counter() - started

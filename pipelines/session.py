@@ -7,7 +7,8 @@ would silently beat `spark-submit --master`, so the master is `local[*]` only wh
 Delta's JVM side: when Python starts the JVM itself (pytest, `python pipelines/train.py`), the Delta
 artifact is requested through `spark.jars.packages` and cached by Ivy. Under spark-submit the JVM is
 already running, so the jar must come from `--packages` (scripts/train.sh passes it; see
-`submit_args`), or already be on the cluster (set FEDSPARK_DELTA_PACKAGES=none to skip Maven).
+`submit_args`), or already be on the cluster: the setting `spark.delta_packages: none` (or the
+environment variable FEDSPARK_DELTA_PACKAGES=none, which wins) skips Maven.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import os
 import sys
 from typing import Any
 
-from pyspark import SparkConf
+from pyspark import SparkConf, SparkContext
 from pyspark.sql import SparkSession
 
 from pipelines.errors import UserError
@@ -50,10 +51,20 @@ def delta_package() -> str:
     return f"io.delta:delta-spark_{spark_minor}_2.13:{delta_version}"
 
 
-def submit_args() -> list[str]:
+def packages_setting(setting: str = "auto") -> str | None:
+    """The Delta package to ask Maven for, from the `spark.delta_packages` setting (auto: the one
+    that pairs with the pip packages; none: skip, the cluster ships Delta) and the environment
+    variable FEDSPARK_DELTA_PACKAGES, which wins; None when nothing should be fetched."""
+    value = os.environ.get("FEDSPARK_DELTA_PACKAGES", setting)
+    if value == "none":
+        return None
+    return delta_package() if value == "auto" else value
+
+
+def submit_args(setting: str = "auto") -> list[str]:
     """Arguments scripts/train.sh gives spark-submit so the Delta jar is on the driver and executors."""
-    packages = os.environ.get("FEDSPARK_DELTA_PACKAGES", delta_package())
-    args = [] if packages == "none" else ["--packages", packages]
+    packages = packages_setting(setting)
+    args = [] if packages is None else ["--packages", packages]
     for key in ("spark.sql.extensions", "spark.sql.catalog.spark_catalog"):
         args += ["--conf", f"{key}={DEFAULTS[key]}"]
     return args
@@ -64,14 +75,21 @@ def _jvm_running() -> bool:
     return "PYSPARK_GATEWAY_PORT" in os.environ or SparkSession.getActiveSession() is not None
 
 
-def build_session(app_name: str, extra: dict[str, Any] | None = None) -> SparkSession:
-    """Get or create the job's SparkSession with Delta enabled."""
+def build_session(app_name: str, extra: dict[str, Any] | None = None,
+                  delta_packages: str = "auto") -> SparkSession:
+    """Get or create the job's SparkSession with Delta enabled (`delta_packages`: the
+    spark.delta_packages setting, see packages_setting)."""
+    if _jvm_running():
+        # connect to spark-submit's JVM first: only then does SparkConf() read what spark-submit
+        # set (--master, --conf); before that it is an empty Python-side conf, and our local[*]
+        # default would beat `spark-submit --master`
+        SparkContext._ensure_initialized()
     given = SparkConf()  # holds what spark-submit and spark-defaults.conf set
     conf: dict[str, str] = {**DEFAULTS, "spark.master": "local[*]"}
     conf.update({k: str(v) for k, v in (extra or {}).items()})
     if not _jvm_running() and not given.contains("spark.jars.packages"):
-        packages = os.environ.get("FEDSPARK_DELTA_PACKAGES", delta_package())
-        if packages != "none":
+        packages = packages_setting(delta_packages)
+        if packages is not None:
             conf["spark.jars.packages"] = packages
     builder = SparkSession.builder.appName(app_name)
     for key, value in conf.items():

@@ -65,9 +65,9 @@ def evaluate(sc: SparkContext, data: Blocks, spec: ModelSpec, dtype: str, theta:
     """Loss and accuracy (or RMSE and R^2) of theta on the named roles, computed on the executors."""
     bc = sc.broadcast(theta)
     try:
-        sums = data.handles.mapPartitions(
+        sums = data.run(lambda handles: handles.mapPartitions(
             partial(tasks.evaluate, spec=spec, layout=data.layout, dtype=dtype, which=which, weights=bc)
-        ).treeAggregate(None, tasks.add, tasks.add, depth)
+        ).treeAggregate(None, tasks.add, tasks.add, depth))
     finally:
         bc.destroy()
     return {role: metrics_from_sums(spec, sums[role]) for role in which} if sums else {}
@@ -95,9 +95,9 @@ def _local_epoch(sc: SparkContext, data: Blocks, job: tasks.Job, settings: Setti
         bc = sc.broadcast((state.theta, state.opt_state))
         try:
             task = tasks.LocalRound(job, state.epoch, round_, settings.average_every)
-            total = data.handles.mapPartitions(partial(tasks.local_round, task=task, weights=bc)
-                                               ).treeAggregate(None, tasks.add,
-                                                               tasks.add, settings.depth)
+            total = data.run(lambda handles: handles.mapPartitions(
+                partial(tasks.local_round, task=task, weights=bc)
+            ).treeAggregate(None, tasks.add, tasks.add, settings.depth))
         finally:
             bc.destroy()
         n, theta_sum, state_sums, round_loss, round_batches = total
@@ -117,9 +117,9 @@ def _sync_epoch(sc: SparkContext, data: Blocks, job: tasks.Job, settings: Settin
     for batch in range(state.step - state.epoch * steps, steps):
         bc = sc.broadcast(state.theta)
         try:
-            grad_sum, batch_loss, count = data.handles.mapPartitions(partial(
+            grad_sum, batch_loss, count = data.run(lambda handles: handles.mapPartitions(partial(
                 tasks.sync_gradient, job=job, epoch=state.epoch, batch=batch, weights=bc)
-            ).treeAggregate(None, tasks.add, tasks.add, settings.depth)
+            ).treeAggregate(None, tasks.add, tasks.add, settings.depth))
         finally:
             bc.destroy(blocking=False)
         state.step += 1

@@ -158,7 +158,7 @@ def train_data_parallel(job: Job) -> dict:
     ref = lake.TableRef(config.data.table, config.data.version)
     with progress(spark.sparkContext, f"building blocks from {ref.name}"):
         data = load_blocks(spark, config.lake.path, ref, config.data.partitions, t.seed,
-                           config.data.validation_fraction)
+                           config.data.validation_fraction, cache_gb=config.data.worker_cache_gb)
     job.timings["blocks"] = time.perf_counter() - mark
     spec = model_spec(config, data.n_features, data.n_classes)
     opt = optimizer_from(config)
@@ -395,7 +395,7 @@ def run(config: Config, args: argparse.Namespace, resume_dir: Path | None, start
     """Train, record and save one run; the summary line is the last thing printed."""
     t = config.trainer
     mark = time.perf_counter()
-    spark = build_session("fedspark-train", config.spark.conf)
+    spark = build_session("fedspark-train", config.spark.conf, config.spark.delta_packages)
     job = Job(spark, config, args, resume_dir, {"session": time.perf_counter() - mark})
     try:
         part = RUNNERS[t.strategy](job)

@@ -67,8 +67,10 @@ SUBMIT_OPTS=()
 
 # Ingest Fashion-MNIST into <lake>/fashion_mnist unless that Delta table is already there.
 ensure_fashion_mnist_table() {
-  local lake_path="$1"
-  if [ -d "$lake_path/fashion_mnist/_delta_log" ]; then
+  local lake_path="$1" local_path
+  local_path="${lake_path#file:}"
+  local_path="${local_path#//}"   # file:///x and file:/x are the directory /x
+  if [ -d "$local_path/fashion_mnist/_delta_log" ]; then
     return
   fi
   ensure_fashion_mnist

@@ -3,17 +3,20 @@
 #                  [--resume RUN_DIR | --resume-if-exists]
 # Set up (venv, Fashion-MNIST), ingest Fashion-MNIST into Delta when the table is missing, then run
 # `spark-submit pipelines/train.py`. Without --master, spark-submit's own default applies and the
-# job falls back to local[*]. The last line printed is the run's summary JSON.
+# job falls back to local[*]. With a master that is not local (spark://, yarn, k8s://), the code
+# and a Python environment go with the job (scripts/package.sh: --py-files, --archives), so
+# executors whose Python lacks the project run it. The last line printed is the run's summary JSON.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 cd "$ROOT"
 
 train_args=()
 cfg_args=()
+master=""
 while [ $# -gt 0 ]; do
   case "$1" in
-    --master) SUBMIT_OPTS+=(--master "$2"); shift 2 ;;
-    --master=*) SUBMIT_OPTS+=(--master "${1#--master=}"); shift ;;
+    --master) master="$2"; shift 2 ;;
+    --master=*) master="${1#--master=}"; shift ;;
     --config|--set) cfg_args+=("$1" "$2"); train_args+=("$1" "$2"); shift 2 ;;
     --run-name|--resume) train_args+=("$1" "$2"); shift 2 ;;
     *) train_args+=("$1"); shift ;;
@@ -23,9 +26,19 @@ done
 ensure_java
 ensure_venv
 
-# The config decides the table and lake; ingest Fashion-MNIST only when that table is missing.
-{ read -r table; read -r lake_path; } < <(python -m pipelines.config "${cfg_args[@]}" \
-  data.table lake.path 2>/dev/null || printf -- '-\n-\n')
+if [ -n "$master" ]; then
+  SUBMIT_OPTS+=(--master "$master")
+  if [[ "$master" != local* ]]; then
+    mapfile -t ship < <(bash "$ROOT/scripts/package.sh")
+    SUBMIT_OPTS+=("${ship[@]}")
+  fi
+fi
+
+# The config decides the table, the lake and whether Delta's jar comes from Maven; ingest
+# Fashion-MNIST only when that table is missing.
+{ read -r table; read -r lake_path; read -r delta_packages; } < <(python -m pipelines.config \
+  "${cfg_args[@]}" data.table lake.path spark.delta_packages 2>/dev/null || printf -- '-\n-\nauto\n')
+export FEDSPARK_DELTA_PACKAGES="${FEDSPARK_DELTA_PACKAGES:-$delta_packages}"
 if [ "$table" = "fashion_mnist" ]; then
   ensure_fashion_mnist_table "$lake_path"
 fi

@@ -17,6 +17,7 @@ global mini-batches, so results never depend on how many partitions there are.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
+from scipy import sparse
 
 from udfs import worker
 from udfs.secagg import SECRET_BYTES
@@ -33,27 +35,44 @@ from udfs.seeding import Stream, rng
 N_SHARDS = 1024
 
 HANDLE_SCHEMA = ("part int, path string, rows long, test_rows long, width int, label_max double, "
-                 "float_label boolean, distinct_labels int, shard_counts binary")
-ARRAYS = ("X", "y", "id", "shard", "test")
+                 "float_label boolean, distinct_labels int, shard_counts binary, "
+                 "feature_bytes long, sparse boolean")
+SMALL = ("y", "id", "shard", "test")
 SECRET_FILE = "secret.key"
+META_FILE = "meta.json"
+MISSING = "fedspark-block-missing"   # marks the error a task raises on an executor without its block
 
 
 class BlockError(ValueError):
     """A row of the training table cannot become part of a block (named by its id)."""
 
 
+class BlockMissing(FileNotFoundError):
+    """The block's files are not on this executor; the driver rebuilds the blocks (data.Blocks.run)."""
+
+
 @dataclass(frozen=True)
 class Block:
-    X: np.ndarray        # float32 [n, d]
+    X: np.ndarray | sparse.csr_matrix   # float32 [n, d]: in memory or memory-mapped
     y: np.ndarray        # int32 (classification) or float64 (regression) [n]
     id: np.ndarray       # int64 [n]
     shard: np.ndarray    # int32 [n]
     test: np.ndarray     # bool [n]
+    in_memory: bool = True
+
+    @property
+    def feature_bytes(self) -> int:
+        return feature_bytes(self.X)
 
 
-def _features(column: pa.ChunkedArray | pa.Array, ids: np.ndarray, width: int | None) -> np.ndarray:
+def feature_bytes(X: np.ndarray | sparse.csr_matrix) -> int:
+    if sparse.issparse(X):
+        return X.data.nbytes + X.indices.nbytes + X.indptr.nbytes
+    return X.nbytes
+
+
+def _dense(arr: pa.Array, ids: np.ndarray, width: int | None) -> np.ndarray:
     """Turn a list<float> Arrow column into a 2-D float32 array without a per-row Python loop."""
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     if arr.null_count:
         bad = ids[np.asarray(arr.is_null())][0]
         raise BlockError(f"row id {bad}: features is null")
@@ -67,34 +86,115 @@ def _features(column: pa.ChunkedArray | pa.Array, ids: np.ndarray, width: int | 
     return values.reshape(len(lengths), width or 0)
 
 
-def assemble(batches: Iterator[pa.RecordBatch]) -> Block:
-    """One block from all the Arrow batches of a partition (columns id, features, label, split,
-    shard), sorted by (is_test, shard, id)."""
-    table = pa.Table.from_batches(list(batches))
-    ids = np.asarray(table.column("id"), dtype=np.int64)
-    X = _features(table.column("features"), ids, None)
-    label = table.column("label")
-    y = np.asarray(label, dtype=np.float64 if pa.types.is_floating(label.type) else np.int32)
-    shard = np.asarray(table.column("shard"), dtype=np.int32)
-    test = np.asarray(table.column("split")) == "test"
-    order = np.lexsort((ids, shard, test))
-    return Block(X[order], y[order], ids[order], shard[order], test[order])
+def _list_parts(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    offsets = np.asarray(arr.offsets)
+    return np.diff(offsets), np.asarray(arr.values.slice(offsets[0], offsets[-1] - offsets[0]))
+
+
+def _sparse(arr: pa.StructArray, ids: np.ndarray, width: int | None
+            ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """(declared size, nonzeros per row, column indices, values) of a struct<size, indices, values>
+    column, checked row by row without a Python loop: every error names the row id."""
+    if arr.null_count:
+        raise BlockError(f"row id {ids[np.asarray(arr.is_null())][0]}: features is null")
+    size, indices, values = (arr.field(n) for n in ("size", "indices", "values"))
+    for name, child in (("size", size), ("indices", indices), ("values", values)):
+        if child.null_count:
+            raise BlockError(f"row id {ids[np.asarray(child.is_null())][0]}: features.{name} is null")
+    sizes = np.asarray(size, dtype=np.int64)
+    width = int(sizes[0]) if width is None and len(sizes) else width
+    if len(sizes) and (sizes != width).any():
+        i = int(np.flatnonzero(sizes != width)[0])
+        raise BlockError(f"row id {ids[i]}: features.size is {sizes[i]}, expected {width}")
+    counts, cols = _list_parts(indices)
+    value_counts, vals = _list_parts(values)
+    if (counts != value_counts).any():
+        i = int(np.flatnonzero(counts != value_counts)[0])
+        raise BlockError(f"row id {ids[i]}: features has {counts[i]} indices but "
+                         f"{value_counts[i]} values")
+    bad = (cols < 0) | (cols >= width)
+    if bad.any():
+        j = int(np.flatnonzero(bad)[0])
+        row = int(np.searchsorted(np.cumsum(counts), j, side="right"))
+        raise BlockError(f"row id {ids[row]}: features index {int(cols[j])} is outside the declared "
+                         f"dimension {width} (indices must be in 0..{width - 1})")
+    return width, counts, cols.astype(np.int32), vals.astype(np.float32)
 
 
 def block_dir(root: str, key: str, part: int) -> str:
     return os.path.join(root, "fedspark-blocks", key, f"part-{part:05d}")
 
 
-def save(block: Block, path: str) -> None:
-    """Write the block's arrays as .npy files, atomically (a retried task may race a dead one)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    for name in ARRAYS:
-        np.save(os.path.join(tmp, f"{name}.npy"), getattr(block, name), allow_pickle=False)
-    _write_secret(os.path.join(tmp, SECRET_FILE))
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+class _Writer:
+    """Streams a partition's Arrow batches into a block directory: the features go straight to
+    files on the executor's local disk (X.bin, or the CSR parts X_indices.bin, X_data.bin), so a
+    partition larger than the Python worker's memory builds in one pass; the per-row columns
+    (label, id, shard, split: 17 bytes a row) are kept until the end and saved as .npy."""
+
+    def __init__(self, tmp: str):
+        self.tmp = tmp
+        self.width: int | None = None
+        self.is_sparse: bool | None = None
+        self.small: dict[str, list[np.ndarray]] = {name: [] for name in SMALL}
+        self.counts: list[np.ndarray] = []
+        self.files: dict[str, Any] = {}
+
+    def _file(self, name: str) -> Any:
+        if name not in self.files:
+            self.files[name] = open(os.path.join(self.tmp, name), "wb")
+        return self.files[name]
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        ids = np.asarray(batch.column("id"), dtype=np.int64)
+        features = batch.column("features")
+        if self.is_sparse is None:
+            self.is_sparse = pa.types.is_struct(features.type)
+        if self.is_sparse:
+            self.width, counts, cols, vals = _sparse(features, ids, self.width)
+            self.counts.append(counts)
+            self._file("X_indices.bin").write(cols.tobytes())
+            self._file("X_data.bin").write(vals.tobytes())
+        else:
+            X = _dense(features, ids, self.width)
+            self.width = X.shape[1]
+            self._file("X.bin").write(X.tobytes())
+        label = batch.column("label")
+        self.small["y"].append(np.asarray(
+            label, dtype=np.float64 if pa.types.is_floating(label.type) else np.int32))
+        self.small["id"].append(ids)
+        self.small["shard"].append(np.asarray(batch.column("shard"), dtype=np.int32))
+        self.small["test"].append(np.asarray(batch.column("split")) == "test")
+
+    def finish(self, cache_bytes: int) -> dict[str, Any]:
+        """Close the feature files, save the per-row arrays and meta.json; the block's facts."""
+        for fh in self.files.values():
+            fh.close()
+        small = {name: np.concatenate(parts) for name, parts in self.small.items()}
+        _check_order(small)
+        for name, arr in small.items():
+            np.save(os.path.join(self.tmp, f"{name}.npy"), arr, allow_pickle=False)
+        meta = {"rows": len(small["id"]), "width": self.width or 0, "sparse": bool(self.is_sparse),
+                "cache_bytes": int(cache_bytes)}
+        if self.is_sparse:
+            indptr = np.concatenate(([0], np.cumsum(np.concatenate(self.counts))))
+            if indptr[-1] >= 2 ** 31:
+                raise BlockError(f"a partition holds {indptr[-1]} non-zeros, more than 2^31-1: "
+                                 "use more data.partitions")
+            np.save(os.path.join(self.tmp, "X_indptr.npy"), indptr.astype(np.int32),
+                    allow_pickle=False)
+            meta["nnz"] = int(indptr[-1])
+        with open(os.path.join(self.tmp, META_FILE), "w") as fh:
+            json.dump(meta, fh)
+        return {**meta, **small}
+
+
+def _check_order(small: dict[str, np.ndarray]) -> None:
+    """Rows must arrive sorted by (is_test, shard, id): Spark sorts them (data.build)."""
+    t, s, i = small["test"].astype(np.int8), small["shard"], small["id"]
+    up = (t[1:] > t[:-1]) | ((t[1:] == t[:-1]) & ((s[1:] > s[:-1]) | ((s[1:] == s[:-1]) & (i[1:] >= i[:-1]))))
+    if not up.all():
+        raise RuntimeError("block rows are not sorted by (split, shard, id): the build must sort "
+                           "them within partitions")
 
 
 def _write_secret(path: str) -> None:
@@ -111,40 +211,69 @@ def secret(path: str) -> bytes:
         return fh.read()
 
 
-def build_partition(batches: Iterator[pa.RecordBatch], key: str) -> Iterator[pa.RecordBatch]:
-    """mapInArrow function: assemble this partition's block, store it on the executor's local disk
-    and return one handle row: where it is, its size and labels, and train-split rows per shard."""
+def build_partition(batches: Iterator[pa.RecordBatch], key: str, cache_bytes: int
+                    ) -> Iterator[pa.RecordBatch]:
+    """mapInArrow function: stream this partition's rows (sorted by split, shard, id) into a block
+    on the executor's local disk, atomically (a retried task may race a dead one), and return one
+    handle row: where it is, its size and labels, and train-split rows per shard. `cache_bytes` is
+    what one Python worker may keep in memory (see load)."""
     from pyspark import SparkFiles, TaskContext
 
     worker.prepare()
     part = TaskContext.get().partitionId()
-    batches = [b for b in batches if b.num_rows]
-    if not batches:
-        return
-    block = assemble(iter(batches))
     path = block_dir(SparkFiles.getRootDirectory(), key, part)
-    save(block, path)
-    counts = np.bincount(block.shard[~block.test], minlength=N_SHARDS).astype(np.int64)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        writer = _Writer(tmp)
+        for batch in batches:
+            if batch.num_rows:
+                writer.add(batch)
+        if writer.width is None:
+            shutil.rmtree(tmp)
+            return
+        facts = writer.finish(cache_bytes)
+        _write_secret(os.path.join(tmp, SECRET_FILE))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+    test, y = facts["test"], facts["y"]
+    counts = np.bincount(facts["shard"][~test], minlength=N_SHARDS).astype(np.int64)
     yield pa.RecordBatch.from_pydict({
         "part": pa.array([part], pa.int32()),
         "path": pa.array([path]),
-        "rows": pa.array([len(block.id)], pa.int64()),
-        "test_rows": pa.array([int(block.test.sum())], pa.int64()),
-        "width": pa.array([block.X.shape[1]], pa.int32()),
-        "label_max": pa.array([float(block.y.max())], pa.float64()),
-        "float_label": pa.array([block.y.dtype.kind == "f"]),
-        "distinct_labels": pa.array([len(np.unique(block.y))], pa.int32()),
+        "rows": pa.array([facts["rows"]], pa.int64()),
+        "test_rows": pa.array([int(test.sum())], pa.int64()),
+        "width": pa.array([facts["width"]], pa.int32()),
+        "label_max": pa.array([float(y.max())], pa.float64()),
+        "float_label": pa.array([y.dtype.kind == "f"]),
+        "distinct_labels": pa.array([len(np.unique(y))], pa.int32()),
         "shard_counts": pa.array([counts.tobytes()], pa.binary()),
+        "feature_bytes": pa.array([_stored_feature_bytes(path, facts)], pa.int64()),
+        "sparse": pa.array([facts["sparse"]]),
     })
 
 
-# What this Python worker holds in memory, by block path: the block, and values derived from it
-# (roles, a float64 copy, sync's batch plan). Spark reuses Python workers across tasks, so a block is
-# read from disk once per worker. Everything of other datasets is dropped when a new one arrives,
-# and `remove_partition` drops a dataset's files and memory when the driver releases it.
+def _stored_feature_bytes(path: str, meta: dict[str, Any]) -> int:
+    names = ("X_indptr.npy", "X_indices.bin", "X_data.bin") if meta["sparse"] else ("X.bin",)
+    return sum(os.path.getsize(os.path.join(path, n)) for n in names)
+
+
+# What this Python worker holds, by block path: the block, and values derived from it (roles,
+# sync's batch plan). Spark reuses Python workers across tasks, so a block is opened once per
+# worker. The memory budget: a worker keeps a block's features in memory while the blocks it already
+# holds in memory plus this one fit in `cache_bytes` (the dataset's share per worker of
+# data.worker_cache_gb); any other block is memory-mapped from the executor's local disk, so the
+# operating system streams it from the page cache or the disk on every pass and a table larger than
+# the budget still trains. Blocks are not evicted to make room (two blocks taking turns would reread
+# each other every pass); everything of other datasets is dropped when a new one arrives, and
+# `remove_partition` drops a dataset's files and memory when the driver releases it.
 _LOADED: dict[str, Block] = {}
 _DERIVED: dict[str, dict[Any, Any]] = {}
-_DERIVED_PER_BLOCK = 8
+_DERIVED_PER_BLOCK = 3
 
 
 def _forget(keep: Callable[[str], bool]) -> None:
@@ -153,16 +282,52 @@ def _forget(keep: Callable[[str], bool]) -> None:
         _DERIVED.pop(path, None)
 
 
+def resident_bytes() -> int:
+    """Feature bytes this worker holds in memory (memory-mapped blocks not counted)."""
+    return sum(b.feature_bytes for b in _LOADED.values() if b.in_memory)
+
+
+def _read(path: str, name: str, dtype: type, shape: tuple[int, ...], in_memory: bool) -> np.ndarray:
+    file = os.path.join(path, name)
+    if in_memory:
+        return np.fromfile(file, dtype=dtype).reshape(shape)
+    if not np.prod(shape):
+        return np.zeros(shape, dtype=dtype)
+    return np.memmap(file, dtype=dtype, mode="r", shape=shape)
+
+
+def _open(path: str) -> Block:
+    with open(os.path.join(path, META_FILE)) as fh:
+        meta = json.load(fh)
+    n, d = meta["rows"], meta["width"]
+    stored = _stored_feature_bytes(path, meta)
+    in_memory = resident_bytes() + stored <= meta["cache_bytes"]
+    if meta["sparse"]:
+        indptr = np.load(os.path.join(path, "X_indptr.npy"), allow_pickle=False)
+        nnz = meta["nnz"]
+        X = sparse.csr_matrix((_read(path, "X_data.bin", np.float32, (nnz,), in_memory),
+                               _read(path, "X_indices.bin", np.int32, (nnz,), in_memory), indptr),
+                              shape=(n, d), copy=False)
+    else:
+        X = _read(path, "X.bin", np.float32, (n, d), in_memory)
+    small = (np.load(os.path.join(path, f"{name}.npy"), allow_pickle=False) for name in SMALL)
+    return Block(X, *small, in_memory=in_memory)
+
+
 def load(path: str) -> Block:
+    """The block at `path`, opened once per worker (see the budget above). The files decide: a block
+    whose directory is gone (released, or built on another executor) is missing even if this worker
+    still remembers it."""
+    if not os.path.isdir(path):
+        _forget(lambda p: p != path)
+        raise BlockMissing(
+            f"{MISSING}: block {path} is not on this executor (the task ran away from the executor "
+            "that built it, or the executor's files were removed)")
     block = _LOADED.get(path)
     if block is None:
-        if not os.path.isdir(path):
-            raise FileNotFoundError(
-                f"block {path} is not on this executor: the task ran away from the executor that "
-                "built it (raise spark.locality.wait), or the executor's files were removed")
         dataset = os.path.dirname(path)
         _forget(lambda p: os.path.dirname(p) == dataset)
-        block = Block(*(np.load(os.path.join(path, f"{n}.npy"), allow_pickle=False) for n in ARRAYS))
+        block = _open(path)
         _LOADED[path] = block
     return block
 
@@ -176,6 +341,16 @@ def derived(path: str, key: Any, compute: Callable[[Block], Any]) -> Any:
             del cache[next(iter(cache))]
         cache[key] = compute(block)
     return cache[key]
+
+
+def rows_of(X: np.ndarray | sparse.csr_matrix, rows: np.ndarray, dtype: str
+            ) -> np.ndarray | sparse.csr_matrix:
+    """X[rows] in `dtype`; a run of consecutive rows is sliced (no copy of float32 features)."""
+    if len(rows) and rows[-1] - rows[0] == len(rows) - 1 and (np.diff(rows) == 1).all():
+        part = X[int(rows[0]):int(rows[-1]) + 1]
+    else:
+        part = X[rows]
+    return part.astype(dtype, copy=False)
 
 
 def remove_partition(rows: Iterable[Any]) -> Iterator[int]:
@@ -244,3 +419,13 @@ def roles(block: Block, layout: Layout) -> Roles:
     val_before = np.concatenate(([0], np.cumsum(held_out)))
     train_index = g[~is_val] - val_before[g[~is_val]]
     return Roles(split_rows[~is_val], train_index, split_rows[is_val], np.flatnonzero(block.test))
+
+
+def residency(rows: Iterable[Any]) -> Iterator[dict]:
+    """mapPartitions function: how this partition's block is held by the worker that runs the task
+    (in memory or memory-mapped, and the worker's resident feature bytes); for tests and benchmarks."""
+    for row in rows:
+        block = load(row.path)
+        yield {"part": int(row.part), "in_memory": block.in_memory,
+               "feature_bytes": block.feature_bytes, "worker_resident_bytes": resident_bytes(),
+               "sparse": bool(sparse.issparse(block.X))}

@@ -8,6 +8,8 @@ kinds users name are one implementation:
     logistic = [d, 1]            sigmoid binary cross-entropy (labels 0/1)
     linear   = [d, 1]            mean squared error
 
+X may be a scipy CSR matrix (sparse wide input): the first layer multiplies it without densifying.
+
 Parameters are laid out layer by layer as W (in x out, row-major) then b (out). Keeping them in one
 flat vector makes averaging, clipping, noise, masking and checkpoints plain vector operations.
 """
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
+from scipy import sparse
 
 HEADS = {"mlp": "softmax", "softmax": "softmax", "logistic": "sigmoid", "linear": "identity"}
 CLASSIFIERS = {"mlp", "softmax", "logistic"}
@@ -107,7 +110,7 @@ def _forward(spec: ModelSpec, theta: np.ndarray, X: np.ndarray) -> tuple[list[np
     inputs = [X]
     h = X
     for i, (w, b) in enumerate(layers):
-        z = h @ w
+        z = np.asarray(h @ w)
         z += b
         if i < len(layers) - 1:
             np.maximum(z, 0, out=z)
@@ -159,7 +162,10 @@ def loss_and_grad(spec: ModelSpec, theta: np.ndarray, X: np.ndarray,
     weights = [w for w, _ in unpack(spec, theta)]
     for i in range(len(weights) - 1, -1, -1):
         gw, gb = grads[i]
-        np.matmul(inputs[i].T, delta, out=gw)
+        if sparse.issparse(inputs[i]):   # a sparse input row block: the gradient stays dense, X does too
+            gw[...] = inputs[i].T @ delta
+        else:
+            np.matmul(inputs[i].T, delta, out=gw)
         gb[...] = delta.sum(axis=0)
         if i:
             delta = delta @ weights[i].T

@@ -21,7 +21,9 @@ class Stream(IntEnum):
     ATTACK = 8
     DP_NOISE = 9
     CLIENT_NOISE = 10
-    SPARSE_ROWS = 11
+    GENERATE = 11        # synthetic rows, per chunk of ids (udfs/generate.py)
+    TRUTH = 12           # the true model of a synthetic table
+    SPARSE_ROWS = 13     # the model-parallel benchmark's wide sparse rows (udfs/sparse_rows.py)
 
 
 def rng(seed: int, stream: Stream, *keys: int) -> np.random.Generator:

@@ -17,12 +17,11 @@ from udfs.optimizers import Optimizer
 from udfs.seeding import Stream, rng
 
 
-def _placed(path: str, layout: blocks.Layout, dtype: str) -> tuple[blocks.Block, blocks.Roles, np.ndarray]:
-    """The block at `path`, its row roles under `layout`, and X in the training dtype."""
+def _placed(path: str, layout: blocks.Layout) -> tuple[blocks.Block, blocks.Roles]:
+    """The block at `path` and its row roles under `layout`. Features stay float32 in the block (in
+    memory or memory-mapped); rows are converted to the training dtype as they are used."""
     block = blocks.load(path)
-    roles = blocks.derived(path, ("roles", layout), lambda b: blocks.roles(b, layout))
-    X = block.X if dtype == "float32" else blocks.derived(path, dtype, lambda b: b.X.astype(dtype))
-    return block, roles, X
+    return block, blocks.derived(path, ("roles", layout), lambda b: blocks.roles(b, layout))
 
 
 def handle_of(rows: Iterable[Any]) -> tuple[int, str] | None:
@@ -86,7 +85,7 @@ def local_round(rows: Iterable[Any], task: LocalRound, weights: Any) -> Iterator
         return
     part, path = handle
     job = task.job
-    block, roles, X = _placed(path, job.layout, job.dtype)
+    block, roles = _placed(path, job.layout)
     train = roles.train  # already in global train-index order: blocks are sorted by (shard, id)
     n = len(train)
     per_epoch = steps_per_epoch(job.layout.n_train, job.batch_size)
@@ -104,7 +103,8 @@ def local_round(rows: Iterable[Any], task: LocalRound, weights: Any) -> Iterator
         if start == stop:
             continue
         rows_b = order[start:stop]
-        loss, grad = models.loss_and_grad(job.spec, theta, X[rows_b], block.y[rows_b])
+        loss, grad = models.loss_and_grad(job.spec, theta, blocks.rows_of(block.X, rows_b, job.dtype),
+                                          block.y[rows_b])
         job.optimizer.step(theta, grad, state, task.epoch * per_epoch + j + 1)
         loss_sum += loss
         batches += 1
@@ -121,26 +121,30 @@ def _sync_epoch_plan(path: str, job: Job, epoch: int) -> tuple[np.ndarray, np.nd
 
 
 def _batch_plan(path: str, job: Job, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-    _, roles, _ = _placed(path, job.layout, job.dtype)
+    _, roles = _placed(path, job.layout)
     return batch_plan(roles, job.layout, job.batch_size, epoch)
 
 
 def batch_plan(roles: blocks.Roles, layout: blocks.Layout, batch_size: int,
                epoch: int) -> tuple[np.ndarray, np.ndarray]:
-    """A block's train rows grouped by the global batch of `epoch` they fall in (in global
-    train-index order inside a batch), and the start of each batch: `sync`'s batches, which
-    `model_parallel` forms the same way."""
+    """A block's train rows grouped by the global batch of `epoch` they fall in (in block order,
+    which is global train-index order, inside a batch), and the start of each batch: `sync`'s
+    batches, which `model_parallel` forms the same way."""
     n = layout.n_train
+    if batch_size >= n:   # full batch: every train row, in block order
+        return roles.train, np.array([0, len(roles.train)])
     position = np.empty(n, dtype=np.int64)
     position[rng(layout.seed, Stream.SYNC_EPOCH, epoch).permutation(n)] = np.arange(n)
     batch = position[roles.train_index] // batch_size
-    order = np.argsort(batch, kind="stable")
+    order = np.argsort(batch, kind="stable")   # within a batch, rows stay in block order
     bounds = np.searchsorted(batch[order], np.arange(steps_per_epoch(n, batch_size) + 1))
     return roles.train[order], bounds
 
 
-def sync_gradient(rows: Iterable[Any], job: Job, epoch: int, batch: int, weights: Any) -> Iterator[tuple]:
-    """Gradient and loss summed over this partition's rows of global batch `batch` of `epoch`.
+def sync_gradient(rows: Iterable[Any], job: Job, epoch: int, batch: int, weights: Any,
+                  chunk: int = 65_536) -> Iterator[tuple]:
+    """Gradient and loss summed over this partition's rows of global batch `batch` of `epoch`, in
+    chunks of rows (a full batch over a memory-mapped block never copies the whole block).
 
     Yields (grad_sum, loss_sum, count); the driver's sum over partitions divided by count is the
     gradient of the global mini-batch, exactly as one machine would compute it."""
@@ -149,14 +153,20 @@ def sync_gradient(rows: Iterable[Any], job: Job, epoch: int, batch: int, weights
     if handle is None:
         return
     _, path = handle
-    block, _, X = _placed(path, job.layout, job.dtype)
+    block, _ = _placed(path, job.layout)
     rows_in_batch, bounds = _sync_epoch_plan(path, job, epoch)
     chosen = rows_in_batch[bounds[batch]:bounds[batch + 1]]
     if not len(chosen):
         return
-    loss, grad = models.loss_and_grad(job.spec, weights.value, X[chosen], block.y[chosen])
-    k = len(chosen)
-    yield grad * k, loss * k, k
+    theta = weights.value
+    grad_sum, loss_sum = np.zeros_like(theta), 0.0
+    for start in range(0, len(chosen), chunk):
+        rows_c = chosen[start:start + chunk]
+        loss, grad = models.loss_and_grad(job.spec, theta, blocks.rows_of(block.X, rows_c, job.dtype),
+                                          block.y[rows_c])
+        grad_sum += grad * len(rows_c)
+        loss_sum += loss * len(rows_c)
+    yield grad_sum, loss_sum, len(chosen)
 
 
 # --- evaluation ----------------------------------------------------------------------------------
@@ -171,7 +181,7 @@ def evaluate(rows: Iterable[Any], spec: ModelSpec, layout: blocks.Layout, dtype:
     if handle is None:
         return
     _, path = handle
-    block, roles, X = _placed(path, layout, dtype)
+    block, roles = _placed(path, layout)
     theta = weights.value
     out = {}
     for role in which:
@@ -179,8 +189,7 @@ def evaluate(rows: Iterable[Any], spec: ModelSpec, layout: blocks.Layout, dtype:
         sums = np.zeros(6)
         for start in range(0, len(idx), chunk):
             rows_c = idx[start:start + chunk]
-            Xc, yc = X[rows_c], block.y[rows_c]
-            sums += metric_sums(spec, theta, Xc, yc)
+            sums += metric_sums(spec, theta, blocks.rows_of(block.X, rows_c, dtype), block.y[rows_c])
         out[role] = sums
     yield out
 

@@ -40,3 +40,13 @@ def prepare() -> None:
     threadpool_limits(1)
     _freeze_zip_importers()
     _PREPARED = True
+
+
+def origin(_: object = None) -> dict[str, str]:
+    """Where this Python worker runs from: its interpreter and the files `udfs` and numpy were
+    imported from (map it over a few rows to see what an executor actually uses)."""
+    import numpy
+
+    import udfs
+
+    return {"python": sys.executable, "udfs": udfs.__file__, "numpy": numpy.__file__}

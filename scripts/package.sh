@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# scripts/package.sh — what spark-submit ships to executors whose Python lacks the project:
+#   build/fedspark.zip          the `pipelines` and `udfs` packages, for --py-files
+#   build/fedspark-env.tar.gz   a Python environment with the runtime dependencies, for --archives
+#                               (unpacked as ./fedspark-env in each executor's directory)
+# Prints the spark-submit options that ship both, one per line.
+#
+# The environment is a venv built from the same base interpreter as .venv, holding the pinned
+# dependencies of pyproject.toml except pyspark (the cluster's Spark puts its own pyspark.zip on the
+# workers' PYTHONPATH) and without the project itself (that comes from the zip, so executors run
+# the code being submitted). A venv links its python to the base interpreter's absolute path, so
+# the workers need that interpreter at the same path: true for the local standalone cluster and for
+# machines built from one image; elsewhere build the environment with conda-pack, or use a
+# container image (Kubernetes). We pack with tar rather than venv-pack (unmaintained since 2018):
+# the archive is the venv as it is, which is all Spark's --archives needs.
+# Rebuilt only when pyproject.toml or the sources change.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
+cd "$ROOT"
+ensure_venv >/dev/null
+
+BUILD="$ROOT/build"
+ENV_DIR="$BUILD/pyenv"
+ENV_TAR="$BUILD/fedspark-env.tar.gz"
+ZIP="$BUILD/fedspark.zip"
+mkdir -p "$BUILD"
+
+build_zip() {
+  "$VENV/bin/python" - "$ZIP" <<'PY'
+import os, sys, zipfile
+target = sys.argv[1]
+tmp = target + ".tmp"
+with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
+    for package in ("pipelines", "udfs"):
+        for folder, dirs, files in os.walk(package):
+            dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+            for name in sorted(files):
+                if name.endswith(".py"):
+                    zf.write(os.path.join(folder, name))
+os.replace(tmp, target)
+PY
+}
+
+build_env() {
+  local stamp="$ENV_DIR/.fedspark-deps" want
+  want="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -f "$ENV_TAR" ]; then
+    return
+  fi
+  say "building the executors' Python environment in $ENV_DIR"
+  rm -rf "$ENV_DIR"
+  "$("$VENV/bin/python" -c 'import sys; print(sys._base_executable)')" -m venv "$ENV_DIR"
+  mapfile -t deps < <("$VENV/bin/python" - "$ROOT/pyproject.toml" <<'PY'
+import sys, tomllib
+for dep in tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]:
+    print(dep)
+PY
+)
+  local runtime=() dep
+  for dep in "${deps[@]}"; do
+    case "$dep" in
+      pyspark==*) ;;
+      delta-spark==*) delta="$dep" ;;
+      *) runtime+=("$dep") ;;
+    esac
+  done
+  "$ENV_DIR/bin/pip" install --quiet "${runtime[@]}"
+  "$ENV_DIR/bin/pip" install --quiet --no-deps "$delta"   # its Python half; it requires pyspark
+  echo "$want" >"$stamp"
+  say "packing $ENV_TAR"
+  tar -C "$ENV_DIR" -cf - . | gzip -1 >"$ENV_TAR.tmp"
+  mv "$ENV_TAR.tmp" "$ENV_TAR"
+}
+
+build_zip
+build_env
+printf '%s\n' --py-files "$ZIP" --archives "$ENV_TAR#fedspark-env" \
+  --conf spark.pyspark.python=./fedspark-env/bin/python \
+  --conf "spark.pyspark.driver.python=$VENV/bin/python"
