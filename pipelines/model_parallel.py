@@ -28,6 +28,7 @@ import pyarrow as pa
 from pyspark import RDD, SparkContext, StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql import types as T
 
 from pipelines import artifacts, lake, vertical
 from pipelines.config import Config
@@ -86,20 +87,22 @@ def _keyed(df: DataFrame) -> DataFrame:
 
 
 def _kind(df: DataFrame, where: str) -> str:
-    """dense (`features` array<float>) or sparse (`indices` array<int> + `values` array<float>)."""
+    """dense (`features` array<float>) or sparse (`features` struct<size, indices, values> as
+    pipelines/generate.py writes it, or `indices` array<int> + `values` array<float> columns)."""
     if "features" in df.columns:
-        return shards.DENSE
+        return shards.SPARSE if isinstance(df.schema["features"].dataType, T.StructType) else shards.DENSE
     if {"indices", "values"} <= set(df.columns):
         return shards.SPARSE
     raise UserError(f"{where} has neither a `features` column (dense) nor `indices` and `values` "
                     f"columns (sparse); its columns are {df.columns}")
 
 
-def _feature_columns(kind: str) -> list:
+def _feature_columns(df: DataFrame, kind: str) -> list:
     if kind == shards.DENSE:
         return [F.col("features").cast("array<float>").alias("x")]
-    return [F.col("indices").cast("array<int>").alias("idx"),
-            F.col("values").cast("array<float>").alias("val")]
+    prefix = "features." if "features" in df.columns else ""
+    return [F.col(f"{prefix}indices").cast("array<int>").alias("idx"),
+            F.col(f"{prefix}values").cast("array<float>").alias("val")]
 
 
 def _check_labels(df: DataFrame, where: str) -> None:
@@ -147,8 +150,10 @@ def _single_table(spark: SparkSession, config: Config) -> dict[str, Any]:
     _check_labels(df, where)
     kind = _kind(df, where)
     rows = _keyed(df).filter(F.col("split").isin(*SPLITS))
-    features = rows.select("id", "shard", "split", *_feature_columns(kind))
+    features = rows.select("id", "shard", "split", *_feature_columns(rows, kind))
     n_features = _width(features, kind, where)
+    if "features" in df.columns and kind == shards.SPARSE:   # the struct says its width
+        n_features = max(n_features, rows.agg(F.max("features.size")).first()[0] or 0)
     S = config.model_parallel.shards
     if S > n_features:
         raise UserError(f"model_parallel.shards={S} is more than the {n_features} features of {where}; "
@@ -172,7 +177,8 @@ def _parties(spark: SparkSession, config: Config, parties: vertical.Parties) -> 
     kind = next(iter(kinds.values()))
     cells = None
     for s, party in enumerate(parties.features):
-        part = (frames[party.name].select(F.col("id").cast("long").alias("id"), *_feature_columns(kind))
+        frame = frames[party.name]
+        part = (frame.select(F.col("id").cast("long").alias("id"), *_feature_columns(frame, kind))
                 .join(order, "id").withColumn("s", F.lit(s)))
         cells = part if cells is None else cells.unionByName(part)
     return {"cells": cells, "labels": labels, "kind": kind, "bounds": parties.bounds,

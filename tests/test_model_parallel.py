@@ -123,6 +123,24 @@ def test_sparse_table_trains_like_the_dense_one(lake, tmp_path, capsys):
     assert np.abs(dense - sparse).max() <= 1e-10
 
 
+def test_generated_sparse_table_equals_sync(lake, tmp_path, capsys):
+    """A sparse table from pipelines/generate.py (features as struct<size, indices, values>):
+    model_parallel gives sync's weights on it."""
+    from pipelines import generate
+
+    path, *_ = lake
+    capsys.readouterr()
+    assert main_wrapper(generate.main, ["--table", "gen_sparse", "--rows", "300", "--features", "40",
+                                        "--classes", "3", "--density", "0.2", "--partitions", "2",
+                                        "--set", f"lake.path={path}"]) == 0
+    common = ["model.kind=softmax", "trainer.epochs=1"]
+    _, ref = run(path, tmp_path, capsys, *common, "trainer.strategy=sync", table="gen_sparse")
+    summary, theta = run(path, tmp_path, capsys, *common, "trainer.strategy=model_parallel",
+                         "model_parallel.shards=3", "data.partitions=2", table="gen_sparse")
+    assert summary["input"] == "sparse" and summary["n_features"] == 40
+    assert np.abs(theta - ref).max() <= 1e-5
+
+
 def test_resume_continues_to_the_same_model(lake, tmp_path, capsys):
     path, *_ = lake
     common = ["model.kind=mlp", "model.hidden=[5]", "trainer.epochs=2", "trainer.checkpoint_every=1",

@@ -127,9 +127,9 @@ def _batch_plan(path: str, job: Job, epoch: int) -> tuple[np.ndarray, np.ndarray
 
 def batch_plan(roles: blocks.Roles, layout: blocks.Layout, batch_size: int,
                epoch: int) -> tuple[np.ndarray, np.ndarray]:
-    """A block's train rows grouped by the global batch of `epoch` they fall in (in global
-    train-index order inside a batch), and the start of each batch: `sync`'s batches, which
-    `model_parallel` forms the same way."""
+    """A block's train rows grouped by the global batch of `epoch` they fall in (in block order,
+    which is global train-index order, inside a batch), and the start of each batch: `sync`'s
+    batches, which `model_parallel` forms the same way."""
     n = layout.n_train
     if batch_size >= n:   # full batch: every train row, in block order
         return roles.train, np.array([0, len(roles.train)])
