@@ -6,7 +6,8 @@ Delta by pipelines/generate.py; an existing identical table is reused):
   * blocks: build time, bytes on the executors' disks, how many the workers hold in memory;
   * ours: seconds per full-batch gradient pass (one Spark job: every partition sums the gradient
     over its training rows in chunks, treeAggregate adds them), median of --passes;
-  * memory: peak RSS of the JVM, the sum of the Python workers' peaks, the driver Python's peak.
+  * memory, per size (build and passes): peak RSS of the JVM, peaks of the summed RSS and anonymous
+    RSS of the Python workers, the driver Python's peak.
 On the largest size (or --compare-rows) also:
   * MLlib LogisticRegression: fit times at two maxIter values (tol=0) and a converged fit (tol 1e-6,
     maxIter --mllib-converge) -> marginal seconds per iteration, fixed cost, the converged model's
@@ -96,6 +97,11 @@ class MemoryWatch:
                "python_workers_anon_mb": sum(w.get("RssAnon", 0) for w in workers) / 1024}
         for k, v in now.items():
             self.peak[k] = max(self.peak[k], v)
+
+    def reset(self) -> None:
+        """Start new peaks (per table size) from the current sample."""
+        self.peak = dict.fromkeys(self.peak, 0.0)
+        self._sample()
 
     def _run(self) -> None:
         while not self._stop.wait(self.every):
@@ -257,7 +263,8 @@ def main() -> None:
     p.add_argument("--passes", type=int, default=5)
     p.add_argument("--cache-gb", type=float, default=4.0)
     p.add_argument("--driver-memory", default="6g")
-    p.add_argument("--mllib-iters", default="5,15", help="two maxIter values for the marginal cost")
+    p.add_argument("--mllib-iters", default="5,15", help="maxIter values of the short fits (tol 0); the marginal cost comes from the "
+                        "last of them and the converged fit")
     p.add_argument("--mllib-converge", type=int, default=100)
     p.add_argument("--adam-lr", type=float, default=0.05)
     p.add_argument("--max-passes", type=int, default=200)
@@ -278,22 +285,23 @@ def main() -> None:
     with MemoryWatch(jvm_pid) as watch:
         for rows in sizes:
             table = ensure_table(spark, lake_path, rows, args.features, args.partitions)
+            watch.reset()
             measured = measure_passes(spark, lake_path, table, args)
+            measured["memory"] = watch.report()   # peaks while building and passing this size
             log(f"{table}: {measured}")
             result["sizes"].append(measured)
-        result["memory_after_passes"] = watch.report()
-        log(f"memory after the passes: {result['memory_after_passes']}")
         compare_rows = args.compare_rows or sizes[-1]
         largest = ensure_table(spark, lake_path, compare_rows, args.features, args.partitions)
         if "mllib" not in skip:
-            a, b = (int(x) for x in args.mllib_iters.split(","))
-            fits = [mllib_fit(spark, lake_path, largest, it, 0.0) for it in (a, b)]
+            fits = [mllib_fit(spark, lake_path, largest, int(it), 0.0)
+                    for it in args.mllib_iters.split(",")]
             log(f"mllib: {fits}")
             converged = mllib_fit(spark, lake_path, largest, args.mllib_converge, 1e-6)
             log(f"mllib converged: {converged}")
-            # the first fit also pays the JVM's warm-up: the marginal cost comes from the later two
-            # when the converged fit ran more iterations, otherwise from the first two
-            hi, lo = (converged, fits[1]) if converged["iterations"] > fits[1]["iterations"] else (fits[1], fits[0])
+            # the first fit also pays the JVM's warm-up: the marginal cost comes from the last short
+            # fit and the converged one when that ran more iterations, otherwise from the short fits
+            hi, lo = ((converged, fits[-1]) if converged["iterations"] > fits[-1]["iterations"]
+                      else (fits[-1], fits[0]))
             per_iter = (hi["seconds"] - lo["seconds"]) / (hi["iterations"] - lo["iterations"])
             result["mllib"] = {"table": largest, "fits": fits, "converged": converged,
                                "marginal_iteration_seconds": round(per_iter, 3),

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from scipy import sparse
 
@@ -213,3 +214,38 @@ def test_sparse_index_beyond_the_declared_dimension_names_the_row(spark, lake_di
     spark.createDataFrame(rows, schema).write.format("delta").save(str(lake_dir / "badsparse"))
     err = _bad(spark, lake_dir, tmp_path, capsys, "badsparse")
     assert "row id 41: features index 10 is outside the declared dimension 10" in err
+
+
+def _block_on_disk(directory: Path, rows: int, width: int, budget: int) -> str:
+    """A block directory written by the executors' writer (no Spark needed to read it back)."""
+    directory.mkdir(parents=True)
+    writer = blocks._Writer(str(directory))
+    ids = np.arange(rows, dtype=np.int64)
+    writer.add(pa.RecordBatch.from_pydict({
+        "id": ids,
+        "features": pa.array(list(np.ones((rows, width), dtype=np.float32)), pa.list_(pa.float32())),
+        "label": pa.array(ids % 2, pa.int32()),
+        "shard": pa.array(np.zeros(rows, dtype=np.int32)),
+        "split": pa.array(["train"] * rows),
+    }))
+    writer.finish(budget)
+    return str(directory)
+
+
+def test_the_worker_cache_budget_bounds_blocks_and_derived_values(tmp_path):
+    rows, width = 1000, 50
+    stored = rows * width * 4 + rows * (4 + 8 + 4 + 1)      # features + y, id, shard, test
+    layout = blocks.Layout(tuple([0] + [rows] * blocks.N_SHARDS), seed=0, validation_fraction=0.0)
+    roles_bytes = 2 * rows * 8                                 # train rows and their global index
+    for budget, in_memory, roles_kept in ((stored + roles_bytes + 4096, True, True),
+                                          (stored + 4096, True, False),
+                                          (stored // 2, False, True),
+                                          (0, False, False)):
+        path = _block_on_disk(tmp_path / str(budget) / "part-00000", rows, width, budget)
+        block = blocks.load(path)
+        assert block.in_memory is in_memory
+        assert isinstance(block.X, np.memmap) is not in_memory
+        roles = blocks.derived(path, ("roles", layout), lambda b: blocks.roles(b, layout))
+        assert len(roles.train) == rows
+        assert (len(blocks._DERIVED.get(path, {})) == 1) is roles_kept
+        assert blocks.resident_bytes() <= budget

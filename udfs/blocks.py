@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from functools import lru_cache
 from typing import Any, Callable, Iterable, Iterator
 
@@ -59,10 +59,34 @@ class Block:
     shard: np.ndarray    # int32 [n]
     test: np.ndarray     # bool [n]
     in_memory: bool = True
+    budget: int = 0      # the worker's cache budget in bytes (meta cache_bytes)
 
     @property
     def feature_bytes(self) -> int:
         return feature_bytes(self.X)
+
+    @property
+    def cached_bytes(self) -> int:
+        """What this block keeps in the worker's memory: nothing when memory-mapped."""
+        return nbytes((self.X, self.y, self.id, self.shard, self.test)) if self.in_memory else 0
+
+
+def nbytes(value: Any) -> int:
+    """Bytes of the numpy arrays in `value` (nested tuples, lists, dicts, dataclasses, CSR
+    matrices); memory-mapped arrays count nothing: their pages belong to the OS page cache."""
+    if isinstance(value, np.memmap):
+        return 0
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if sparse.issparse(value):
+        return nbytes((value.data, value.indices, value.indptr))
+    if isinstance(value, dict):
+        value = tuple(value.values())
+    elif is_dataclass(value) and not isinstance(value, type):
+        value = tuple(getattr(value, f.name) for f in fields(value))
+    if isinstance(value, (tuple, list)):
+        return sum(nbytes(v) for v in value)
+    return 0
 
 
 def feature_bytes(X: np.ndarray | sparse.csr_matrix) -> int:
@@ -264,13 +288,15 @@ def _stored_feature_bytes(path: str, meta: dict[str, Any]) -> int:
 
 # What this Python worker holds, by block path: the block, and values derived from it (roles,
 # sync's batch plan). Spark reuses Python workers across tasks, so a block is opened once per
-# worker. The memory budget: a worker keeps a block's features in memory while the blocks it already
-# holds in memory plus this one fit in `cache_bytes` (the dataset's share per worker of
-# data.worker_cache_gb); any other block is memory-mapped from the executor's local disk, so the
-# operating system streams it from the page cache or the disk on every pass and a table larger than
-# the budget still trains. Blocks are not evicted to make room (two blocks taking turns would reread
-# each other every pass); everything of other datasets is dropped when a new one arrives, and
-# `remove_partition` drops a dataset's files and memory when the driver releases it.
+# worker. The memory budget (`cache_bytes`, the dataset's share per worker of data.worker_cache_gb)
+# bounds everything this cache keeps: a block is held in memory (features and per-row columns) only
+# while what the worker already keeps plus the block fit in it, and any other block is
+# memory-mapped from the executor's local disk, so the operating system streams it from the page
+# cache or the disk on every pass and a table larger than the budget still trains; a derived value
+# that does not fit is computed again each time it is asked for instead of kept. Blocks are not
+# evicted to make room (two blocks taking turns would reread each other every pass); everything of
+# other datasets is dropped when a new one arrives, and `remove_partition` drops a dataset's files
+# and memory when the driver releases it.
 _LOADED: dict[str, Block] = {}
 _DERIVED: dict[str, dict[Any, Any]] = {}
 _DERIVED_PER_BLOCK = 3
@@ -283,8 +309,9 @@ def _forget(keep: Callable[[str], bool]) -> None:
 
 
 def resident_bytes() -> int:
-    """Feature bytes this worker holds in memory (memory-mapped blocks not counted)."""
-    return sum(b.feature_bytes for b in _LOADED.values() if b.in_memory)
+    """Bytes this worker's cache keeps in memory: in-memory blocks and kept derived values."""
+    return (sum(b.cached_bytes for b in _LOADED.values())
+            + sum(nbytes(v) for cache in _DERIVED.values() for v in cache.values()))
 
 
 def _read(path: str, name: str, dtype: type, shape: tuple[int, ...], in_memory: bool) -> np.ndarray:
@@ -296,22 +323,31 @@ def _read(path: str, name: str, dtype: type, shape: tuple[int, ...], in_memory: 
     return np.memmap(file, dtype=dtype, mode="r", shape=shape)
 
 
+def _load_npy(path: str, name: str, in_memory: bool) -> np.ndarray:
+    return np.load(os.path.join(path, name), mmap_mode=None if in_memory else "r", allow_pickle=False)
+
+
+def _stored_bytes(path: str, meta: dict[str, Any]) -> int:
+    """What the block takes in memory when held there: its features and per-row columns."""
+    return _stored_feature_bytes(path, meta) + sum(
+        os.path.getsize(os.path.join(path, f"{name}.npy")) for name in SMALL)
+
+
 def _open(path: str) -> Block:
     with open(os.path.join(path, META_FILE)) as fh:
         meta = json.load(fh)
-    n, d = meta["rows"], meta["width"]
-    stored = _stored_feature_bytes(path, meta)
-    in_memory = resident_bytes() + stored <= meta["cache_bytes"]
+    n, d, budget = meta["rows"], meta["width"], meta["cache_bytes"]
+    in_memory = resident_bytes() + _stored_bytes(path, meta) <= budget
     if meta["sparse"]:
-        indptr = np.load(os.path.join(path, "X_indptr.npy"), allow_pickle=False)
+        indptr = _load_npy(path, "X_indptr.npy", in_memory)
         nnz = meta["nnz"]
         X = sparse.csr_matrix((_read(path, "X_data.bin", np.float32, (nnz,), in_memory),
                                _read(path, "X_indices.bin", np.int32, (nnz,), in_memory), indptr),
                               shape=(n, d), copy=False)
     else:
         X = _read(path, "X.bin", np.float32, (n, d), in_memory)
-    small = (np.load(os.path.join(path, f"{name}.npy"), allow_pickle=False) for name in SMALL)
-    return Block(X, *small, in_memory=in_memory)
+    small = (_load_npy(path, f"{name}.npy", in_memory) for name in SMALL)
+    return Block(X, *small, in_memory=in_memory, budget=budget)
 
 
 def load(path: str) -> Block:
@@ -333,14 +369,18 @@ def load(path: str) -> Block:
 
 
 def derived(path: str, key: Any, compute: Callable[[Block], Any]) -> Any:
-    """`compute(block)` for the block at `path`, kept while the block is (the newest few per block)."""
+    """`compute(block)` for the block at `path`, kept while the block is (the newest few per block)
+    if the worker's budget has room for it."""
     block = load(path)
     cache = _DERIVED.setdefault(path, {})
-    if key not in cache:
-        if len(cache) >= _DERIVED_PER_BLOCK:
-            del cache[next(iter(cache))]
-        cache[key] = compute(block)
-    return cache[key]
+    if key in cache:
+        return cache[key]
+    if len(cache) >= _DERIVED_PER_BLOCK:
+        del cache[next(iter(cache))]
+    value = compute(block)
+    if resident_bytes() + nbytes(value) <= block.budget:
+        cache[key] = value
+    return value
 
 
 def rows_of(X: np.ndarray | sparse.csr_matrix, rows: np.ndarray, dtype: str
