@@ -1,7 +1,8 @@
-"""spark-submit pipelines/ingest.py --source idx:DIR | csv:PATH | parquet:PATH --table NAME ...
+"""spark-submit pipelines/ingest.py --source idx:DIR | csv:PATH | parquet:PATH | libsvm:PATH --table NAME
 
-Validate raw data and write it to a Delta training table (id long, features array<float>, label int
-or double, split string, optional client_id string). Bad rows go to `<NAME>_rejects` with their row
+Validate raw data and write it to a Delta training table (id long, features array<float> -- or, from
+LibSVM, sparse struct<size, indices, values> --, label int or double, split string, optional
+client_id string). Bad rows go to `<NAME>_rejects` with their row
 number, raw text and reason, never silently dropped. The source's SHA-256 is stored in the commit's
 userMetadata: re-ingesting an unchanged source writes nothing; a changed one writes a new version
 (earlier versions stay readable as NAME@VERSION). A table that fedspark did not write is never
@@ -40,19 +41,21 @@ REJECTS_SUFFIX = "_rejects"
 DEFAULT_TEST_FRACTION = 0.2
 METADATA_KEY = "fedspark_ingest"
 # Options that change what a source becomes: a re-run with other values is not "unchanged".
-CONTENT_OPTIONS = ("label", "features", "features_prefix", "classes", "client_column")
+CONTENT_OPTIONS = ("label", "features", "features_prefix", "classes", "client_column", "num_features")
+KINDS = ("idx", "csv", "parquet", "libsvm")
 
 
 @dataclass(frozen=True)
 class Source:
-    kind: str   # idx | csv | parquet
+    kind: str   # one of KINDS
     path: str
 
     @classmethod
     def parse(cls, text: str) -> "Source":
         kind, sep, path = text.partition(":")
-        if not sep or kind not in ("idx", "csv", "parquet") or not path:
-            raise UserError(f"--source {text!r}: expected idx:DIR, csv:PATH or parquet:PATH")
+        if not sep or kind not in KINDS or not path:
+            raise UserError(f"--source {text!r}: expected idx:DIR, csv:PATH, parquet:PATH or "
+                            "libsvm:PATH")
         if not Path(path).exists():
             raise UserError(f"--source {text!r}: {path} does not exist")
         return cls(kind, path)
@@ -211,6 +214,44 @@ def _as_float(text: Column) -> Column:
     return text.try_cast("float")
 
 
+def _label_rule(text: Column, classes: int | None) -> tuple[Column, Column]:
+    """The label parsed from its text, and the reason it is bad (null when good)."""
+    if classes:
+        number = text.try_cast("double")
+        label = number.cast("int")
+        return label, F.when(number.isNull() | F.isnan(number) | (number != F.floor(number)),
+                             F.format_string("label is not an integer: '%s'",
+                                             F.coalesce(text, F.lit(""))))\
+            .when((label < 0) | (label >= classes), F.format_string(
+                "label %d outside the declared classes 0..%d", label, F.lit(classes - 1)))
+    label = text.try_cast("double")
+    return label, F.when(label.isNull() | F.isnan(label), F.format_string(
+        "label is not a number: '%s'", F.coalesce(text, F.lit(""))))
+
+
+def _split_rule(text: Column | None, id_base: int) -> tuple[Column, Column]:
+    """The row's split (without a split column: drawn by a hash of the row id), and the reason it
+    is bad."""
+    split = F.lower(F.trim(text)) if text is not None else F.when(
+        F.abs(F.xxhash64(F.col("row_number") + id_base)) % 1000 < int(DEFAULT_TEST_FRACTION * 1000),
+        F.lit("test")).otherwise(F.lit("train"))
+    return split, F.when(~split.isin("train", "test") | split.isNull(), F.format_string(
+        "split must be train or test, got '%s'", F.coalesce(split, F.lit(""))))
+
+
+def _checked(rows: DataFrame, features: Column, reasons: list[Column], label: Column,
+             split: Column, client: Column | None, id_base: int) -> tuple[DataFrame, DataFrame]:
+    """Good rows in the training schema and rejects (row_number, raw, reason): the first non-null
+    of `reasons` names a row's fault."""
+    checked = rows.withColumn("reason", F.coalesce(*reasons))
+    good = checked.filter(F.col("reason").isNull()).select(
+        (F.col("row_number") - 1 + id_base).alias("id"), features.alias("features"),
+        label.alias("label"), split.alias("split"),
+        *([client.alias("client_id")] if client is not None else []))
+    bad = checked.filter(F.col("reason").isNotNull()).select("row_number", "raw", "reason")
+    return good, bad
+
+
 def validate(rows: DataFrame, cols: Columns, n_columns: int | None, classes: int | None,
              unit: str = "columns", id_base: int = 0) -> tuple[DataFrame, DataFrame]:
     """Split parsed rows into good rows (training schema) and rejects (row_number, raw, reason).
@@ -225,35 +266,75 @@ def validate(rows: DataFrame, cols: Columns, n_columns: int | None, classes: int
             "feature %d is not a number: '%s'", F.lit(i), F.coalesce(cols.features[i], F.lit(""))))\
             .when(F.isnan(feats[i]), F.format_string("feature %d is NaN", F.lit(i)))\
             .otherwise(bad_feature)
-    if classes:
-        number = cols.label.try_cast("double")
-        label = number.cast("int")
-        label_bad = F.when(number.isNull() | F.isnan(number) | (number != F.floor(number)),
-                           F.format_string("label is not an integer: '%s'",
-                                           F.coalesce(cols.label, F.lit(""))))\
-            .when((label < 0) | (label >= classes), F.format_string(
-                "label %d outside the declared classes 0..%d", label, F.lit(classes - 1)))
-    else:
-        label = cols.label.try_cast("double")
-        label_bad = F.when(label.isNull() | F.isnan(label), F.format_string(
-            "label is not a number: '%s'", F.coalesce(cols.label, F.lit(""))))
-    split = F.lower(F.trim(cols.split)) if cols.split is not None else F.when(
-        F.abs(F.xxhash64(F.col("row_number") + id_base)) % 1000 < int(DEFAULT_TEST_FRACTION * 1000),
-        F.lit("test"))\
-        .otherwise(F.lit("train"))
-    split_bad = F.when(~split.isin("train", "test") | split.isNull(), F.format_string(
-        "split must be train or test, got '%s'", F.coalesce(split, F.lit(""))))
+    label, label_bad = _label_rule(cols.label, classes)
+    split, split_bad = _split_rule(cols.split, id_base)
     width_bad = F.when(F.col("cells").isNull(), F.lit(f"{unit} is null")).when(
         F.size("cells") != n_columns, F.format_string(
             f"expected %d {unit}, got %d", F.lit(n_columns), F.size("cells"))) if n_columns else None
     reasons = [r for r in (width_bad, label_bad, bad_feature, split_bad) if r is not None]
-    checked = rows.withColumn("reason", F.coalesce(*reasons))
-    good = checked.filter(F.col("reason").isNull()).select(
-        (F.col("row_number") - 1 + id_base).alias("id"),
-        F.array(*feats).alias("features"), label.alias("label"), split.alias("split"),
-        *([cols.client.alias("client_id")] if cols.client is not None else []))
-    bad = checked.filter(F.col("reason").isNotNull()).select("row_number", "raw", "reason")
-    return good, bad
+    return _checked(rows, F.array(*feats), reasons, label, split, cols.client, id_base)
+
+
+# --- LibSVM --------------------------------------------------------------------------------------
+# `label index:value index:value ...`, indices 1-based and ascending, `#` starts a comment. Rows
+# become sparse features struct<size, indices (0-based), values> (Spark's SparseVector layout), never
+# densified.
+
+def libsvm_frame(spark: SparkSession, path: str) -> DataFrame:
+    """Every non-blank line: row_number (the line in the file), raw text, label text and pairs."""
+    lines = _numbered(spark.read.text(path))
+    body = F.trim(F.regexp_replace("value", "#.*$", ""))
+    tokens = F.split(body, r"\s+")
+    return (lines.withColumn("_body", body).filter(F.col("_body") != "")
+            .select("row_number", F.col("value").alias("raw"),
+                    F.get(tokens, 0).alias("label_text"),
+                    F.slice(tokens, 2, F.size(tokens) - 1).alias("pairs")))
+
+
+def _pair_index(p: Column) -> Column:
+    return F.when(F.size(F.split(p, ":")) == 2, F.substring_index(p, ":", 1).try_cast("int"))
+
+
+def _pair_value(p: Column) -> Column:
+    return F.when(F.size(F.split(p, ":")) == 2, F.substring_index(p, ":", -1).try_cast("float"))
+
+
+def libsvm_width(rows: DataFrame) -> int:
+    """The largest index of a LibSVM source (its dimension when --num-features is not given)."""
+    top = rows.select(F.max(F.array_max(F.transform("pairs", _pair_index)))).first()[0]
+    return int(top or 0)
+
+
+def validate_libsvm(rows: DataFrame, width: int, classes: int | None,
+                    id_base: int = 0) -> tuple[DataFrame, DataFrame]:
+    """LibSVM rows as good rows with sparse features, and rejects naming the pair at fault: not
+    `index:value`, an index outside 1..width, indices not ascending, a non-numeric or NaN value.
+    With --classes 2 a label of -1 (LibSVM's usual negative class) becomes 0."""
+    def pair_fault(p: Column, i: Column) -> Column:
+        index, value = _pair_index(p), _pair_value(p)
+        where = F.format_string("pair %d '%s'", i + 1, p)
+        previous = _pair_index(F.get(F.col("pairs"), i - 1))
+        return (F.when(index.isNull() | value.isNull(),
+                       F.format_string("%s is not index:value with an integer index and a number",
+                                       where))
+                .when((index < 1) | (index > width), F.format_string(
+                    f"%s: index %d outside 1..{width} (LibSVM indices start at 1; "
+                    f"--num-features is {width})", where, index))
+                .when((i > 0) & (index <= previous), F.format_string(
+                    "%s: indices must be ascending, %d follows %d", where, index, previous))
+                .when(F.isnan(value), F.format_string("%s: value is NaN", where)))
+
+    text = F.col("label_text")
+    if classes == 2:
+        text = F.when(F.trim(text).try_cast("double") == -1, F.lit("0")).otherwise(text)
+    label, label_bad = _label_rule(text, classes)
+    split, split_bad = _split_rule(None, id_base)
+    faults = F.filter(F.transform("pairs", pair_fault), lambda r: r.isNotNull())
+    features = F.struct(F.lit(width).alias("size"),
+                        F.transform("pairs", lambda p: _pair_index(p) - 1).alias("indices"),
+                        F.transform("pairs", _pair_value).alias("values"))
+    return _checked(rows, features, [label_bad, F.get(faults, 0), split_bad], label, split, None,
+                    id_base)
 
 
 # --- writing -------------------------------------------------------------------------------------
@@ -288,7 +369,11 @@ def read_source(spark: SparkSession, kind: str, path: str, args: argparse.Namesp
     """One source file (or IDX directory) as good rows and rejects, ids from `id_base`."""
     if kind == "idx":
         return idx_frame(spark, path), None
-    if kind == "csv":
+    if kind == "libsvm":
+        rows = libsvm_frame(spark, path).cache()
+        good, bad = validate_libsvm(rows, args.num_features or libsvm_width(rows), args.classes,
+                                    id_base)
+    elif kind == "csv":
         rows, header = csv_frame(spark, path)
         good, bad = validate(rows, csv_columns(header, args, path), len(header), args.classes,
                              id_base=id_base)
@@ -299,9 +384,9 @@ def read_source(spark: SparkSession, kind: str, path: str, args: argparse.Namesp
 
 
 def _line_count(spark: SparkSession, kind: str, path: str) -> int:
-    """How many ids a file takes: its lines (CSV, header and blank lines included, as row_number
-    counts them) or its rows (Parquet)."""
-    return (spark.read.text(path) if kind == "csv" else spark.read.parquet(path)).count()
+    """How many ids a file takes: its lines (CSV and LibSVM, header, comment and blank lines
+    included, as row_number counts them) or its rows (Parquet)."""
+    return (spark.read.parquet(path) if kind == "parquet" else spark.read.text(path)).count()
 
 
 def ingest(spark: SparkSession, source: Source, table: str, lake_path: str,
@@ -355,6 +440,9 @@ def ingest_new_files(spark: SparkSession, source: Source, table: str, path: str,
     """A directory of CSV or Parquet files, ingested incrementally: only files not ingested before
     are read, validated and appended in one commit, their ids after the table's. A file that changed
     after it was ingested is an error (append new data as new files)."""
+    if source.kind == "libsvm" and not args.num_features:
+        raise UserError(f"--source {source.kind}:{source.path} is a directory: give --num-features "
+                        "(files added later cannot widen the table)")
     files = data_files(source)
     options = {k: getattr(args, k) for k in CONTENT_OPTIONS}
     label = f"{source.kind}:{source.path}"
@@ -401,7 +489,7 @@ def _union(frames: list[DataFrame]) -> DataFrame:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="ingest.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--source", required=True, help="idx:DIR | csv:PATH | parquet:PATH")
+    p.add_argument("--source", required=True, help="idx:DIR | csv:PATH | parquet:PATH | libsvm:PATH")
     p.add_argument("--table", required=True, help="Delta table name under lake.path")
     p.add_argument("--label", default="label", help="label column (csv, parquet)")
     p.add_argument("--features", type=lambda s: [c.strip() for c in s.split(",") if c.strip()],
@@ -410,6 +498,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--classes", type=int, help="number of classes: labels must be 0..N-1 "
                    "(without it the label is a regression target)")
     p.add_argument("--client-column", help="column to keep as client_id (federated data)")
+    p.add_argument("--num-features", type=int, help="LibSVM: the dimension, indices 1..N (default: "
+                   "the largest index in the file; required for a directory)")
     p.add_argument("--config", help="job config whose lake.path and spark.conf apply "
                    "(default: conf/default.yaml)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
@@ -417,6 +507,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.classes is not None and args.classes < 2:
         p.error("--classes must be at least 2")
+    if args.num_features is not None and args.num_features < 1:
+        p.error("--num-features must be at least 1")
     return args
 
 

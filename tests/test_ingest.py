@@ -564,3 +564,101 @@ def test_a_directory_ingests_only_new_files(spark, lake_dir, tmp_path, capsys):
     code, _, err = run(capsys, f"csv:{source}", "t", lake_dir, "--classes", "2")
     assert code == 2 and "['day1.csv'] changed since they were ingested" in err
     assert load(spark, lake_dir, "t").count() == 5
+
+
+# --- 6. LibSVM -----------------------------------------------------------------------------------
+
+LIBSVM_LINES = [            # (line, reason fragment or None)
+    ("# a comment line", None),
+    ("1 3:0.5 7:-1.25 20:3", None),
+    ("-1 1:2 2:1e-3  # trailing comment", None),
+    ("", None),
+    ("+1 5:1", None),
+    ("0", None),                                  # a row with no non-zeros
+    ("1 3:0.5 3:1", "ascending"),
+    ("1 0:1", "outside 1..20"),
+    ("1 21:1", "outside 1..20"),
+    ("1 4:abc", "pair 1 '4:abc'"),
+    ("1 4", "not index:value"),
+    ("2 4:1", "outside the declared classes"),
+    ("1 2:nan", "NaN"),
+]
+
+
+def test_libsvm_ingest_matches_scikit_learn_and_rejects_bad_pairs(spark, lake_dir, tmp_path, capsys):
+    from sklearn.datasets import load_svmlight_file
+
+    text = write_text(tmp_path / "data.svm", [line for line, _ in LIBSVM_LINES])
+    code, out, err = run(capsys, f"libsvm:{text}", "s", lake_dir, "--classes", "2",
+                         "--num-features", "20")
+    assert code == 0, err
+    bad = {n: why for n, (_, why) in enumerate(LIBSVM_LINES, start=1) if why}
+    good_lines = [n for n, (line, why) in enumerate(LIBSVM_LINES, start=1)
+                  if not why and line and not line.startswith("#")]
+    summary = summary_of(out)
+    assert (summary["rows"], summary["rejected"]) == (len(good_lines), len(bad))
+
+    df = load(spark, lake_dir, "s")
+    assert dict(df.dtypes)["features"] == "struct<size:int,indices:array<int>,values:array<float>>"
+    rows = sorted(df.collect(), key=lambda r: r.id)
+    assert [r.id for r in rows] == [n - 1 for n in good_lines]
+    reference = tmp_path / "good.svm"
+    write_text(reference, [LIBSVM_LINES[n - 1][0] for n in good_lines])
+    X, y = load_svmlight_file(str(reference), n_features=20, zero_based=False)
+    for r, x_ref, y_ref in zip(rows, X, y):
+        assert r.features.size == 20
+        assert r.features.indices == list(x_ref.indices)
+        assert np.allclose(r.features.values, x_ref.data, rtol=1e-7)
+        assert r.label == (1 if y_ref > 0 else 0)
+
+    by_line = {r.row_number: r.reason for r in load(spark, lake_dir, "s_rejects").collect()}
+    assert sorted(by_line) == sorted(bad)
+    for n, why in bad.items():
+        assert why in by_line[n], (n, by_line[n])
+
+
+def test_libsvm_width_defaults_to_the_largest_index_and_a_directory_needs_it(spark, lake_dir,
+                                                                             tmp_path, capsys):
+    text = write_text(tmp_path / "d.svm", ["1 2:1 9:2", "0 4:1"])
+    code, out, err = run(capsys, f"libsvm:{text}", "w", lake_dir)
+    assert code == 0, err
+    assert {r.features.size for r in load(spark, lake_dir, "w").collect()} == {9}
+    directory = tmp_path / "daily"
+    directory.mkdir()
+    write_text(directory / "a.svm", ["1 2:1"])
+    code, _, err = run(capsys, f"libsvm:{directory}", "wd", lake_dir)
+    assert code == 2 and "--num-features" in err
+    assert not (lake_dir / "wd").exists()
+
+
+def test_a_libsvm_table_trains_sparse_and_matches_the_dense_table(spark, lake_dir, tmp_path, capsys):
+    """The same rows as LibSVM (sparse) and as CSV (dense) train to the same weights."""
+    from pipelines import train
+
+    rng = np.random.default_rng(5)
+    X = np.where(rng.random((400, 30)) < 0.2, rng.integers(1, 5, (400, 30)), 0).astype(float)
+    y = (X[:, :5].sum(axis=1) > X[:, 5:10].sum(axis=1)).astype(int)
+    # a comment first line, so every row has the line number (and so the id and split) of its CSV row
+    write_text(tmp_path / "t.svm", ["# label index:value ..."] + [f"{label} " + " ".join(f"{j + 1}:{v:g}" for j, v in
+                                                           enumerate(row) if v) for row, label in zip(X, y)])
+    write_text(tmp_path / "t.csv", ["label," + ",".join(f"f{j}" for j in range(30))] +
+               [f"{label}," + ",".join(f"{v:g}" for v in row) for row, label in zip(X, y)])
+    for source, table in ((f"libsvm:{tmp_path / 't.svm'}", "sp"), (f"csv:{tmp_path / 't.csv'}", "de")):
+        extra = ("--num-features", "30") if table == "sp" else ()
+        code, _, err = run(capsys, source, table, lake_dir, "--classes", "2", *extra)
+        assert code == 0, err
+    got = {}
+    for table in ("sp", "de"):
+        capsys.readouterr()
+        code = main_wrapper(train.main, [
+            "--set", f"lake.path={lake_dir}", "--set", f"runs.path={tmp_path / 'runs'}",
+            "--set", f"data.table={table}", "--set", "model.kind=logistic",
+            "--set", "trainer.strategy=sync", "--set", "trainer.epochs=2",
+            "--set", "trainer.batch_size=64", "--set", "trainer.dtype=float64",
+            "--set", "data.partitions=2", "--run-name", table])
+        out = capsys.readouterr()
+        assert code == 0, out.err
+        summary = json.loads(out.out.strip().splitlines()[-1])
+        with np.load(Path(summary["model_path"]) / "weights.npz") as z:
+            got[table] = z["theta"]
+    assert np.allclose(got["sp"], got["de"], atol=1e-10)
