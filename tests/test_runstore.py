@@ -16,7 +16,7 @@ import tempfile
 import numpy as np
 import pytest
 
-from pipelines import artifacts, evaluate, runstore, score, train
+from pipelines import artifacts, runstore, score, train
 from pipelines.cli import main_wrapper
 from pipelines.errors import UserError
 from tests.conftest import ROOT, blobs, write_table
@@ -109,9 +109,16 @@ def test_a_run_on_hdfs_is_written_whole(spark, hdfs, finished):
 
 
 def test_evaluate_and_score_read_the_model_by_uri(spark, lake, finished, tmp_path, capsys):
-    code, out, err = job(evaluate, ["--model", finished["run_dir"]], capsys)
-    assert code == 0, err[-3000:]
-    result = json.loads(out[-1])
+    # spark-submit, as on a cluster: evaluate.py reads the run's config from HDFS before its
+    # SparkContext exists, through spark-submit's JVM
+    from pipelines.session import submit_args
+
+    spark_submit = os.path.join(os.path.dirname(sys.executable), "spark-submit")
+    proc = subprocess.run([spark_submit, *submit_args(), "--master", "local[1]", "pipelines/evaluate.py",
+                           "--model", finished["run_dir"]], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYSPARK_PYTHON": sys.executable})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["run_id"] == finished["run_id"]
     assert abs(result["test_accuracy"] - finished["test_accuracy"]) < 1e-9
 
