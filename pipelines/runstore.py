@@ -271,7 +271,16 @@ def _is_stale(holder: str) -> bool:
     fields = dict(zip(words[::2], words[1::2]))
     if fields.get("host") != socket.gethostname() or not fields.get("pid", "").isdigit():
         return False
-    return _started(int(fields["pid"])) != fields.get("start")
+    pid = int(fields["pid"])
+    if not os.path.isdir("/proc/self"):   # no /proc: only whether that pid is alive
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass
+        return False
+    return _started(pid) != fields.get("start")
 
 
 class HadoopRunLock:
