@@ -8,7 +8,7 @@ for why and for how rows get their global order and roles.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, TypeVar
 
@@ -30,27 +30,11 @@ LABEL_TYPES = (T.IntegerType, T.LongType, T.ShortType, T.ByteType, T.FloatType, 
 
 
 @dataclass
-class Blocks:
-    """The cached block handles of one table version and what the driver knows about them."""
+class BlockSet:
+    """Cached block handles, one per partition, that jobs run over."""
 
     handles: RDD
-    layout: blocks.Layout
-    table: str
-    version: int
-    partitions: int
-    n_features: int
-    n_classes: int          # 1 + the largest label (classification); 0 when labels are real numbers
-    test_rows: int
-    feature_bytes: int = 0  # of all blocks, as stored on the executors' disks
-    rebuilds: int = 0       # times a job found a block missing and the blocks were rebuilt
-
-    @property
-    def train_rows(self) -> int:
-        return self.layout.n_train
-
-    @property
-    def validation_rows(self) -> int:
-        return self.layout.n_validation
+    rebuilds: int = field(default=0, kw_only=True)   # times a job found a block missing
 
     def release(self) -> None:
         release(self.handles)
@@ -73,6 +57,28 @@ class Blocks:
             self.handles.cache().count()
             self.rebuilds += 1
         raise AssertionError("unreachable")
+
+
+@dataclass
+class Blocks(BlockSet):
+    """The cached block handles of one table version and what the driver knows about them."""
+
+    layout: blocks.Layout
+    table: str
+    version: int
+    partitions: int
+    n_features: int
+    n_classes: int          # 1 + the largest label (classification); 0 when labels are real numbers
+    test_rows: int
+    feature_bytes: int = 0  # of all blocks, as stored on the executors' disks
+
+    @property
+    def train_rows(self) -> int:
+        return self.layout.n_train
+
+    @property
+    def validation_rows(self) -> int:
+        return self.layout.n_validation
 
 
 def release(handles: RDD) -> None:

@@ -17,14 +17,14 @@ from typing import Callable
 
 import numpy as np
 import pyarrow as pa
-from pyspark import RDD, SparkContext
+from pyspark import SparkContext
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from pipelines import lake, partitioners, privacy, robust, secagg, secure_round
 from pipelines.aggregation import ServerRule
 from pipelines.config import Config, ConfigError, FederatedSection
-from pipelines.data import Blocks, build, load_blocks, read_rows, release, shape
+from pipelines.data import Blocks, BlockSet, build, load_blocks, read_rows, shape
 from pipelines.errors import UserError
 from pipelines.strategies import evaluate, optimizer_from
 from udfs import clients
@@ -35,10 +35,9 @@ from udfs.seeding import Stream, rng
 
 
 @dataclass
-class Clients:
+class Clients(BlockSet):
     """One cached block per client (partition i = client i) and what the driver knows of them."""
 
-    handles: RDD
     table: str
     version: int
     names: list[str]
@@ -50,9 +49,6 @@ class Clients:
     @property
     def count(self) -> int:
         return len(self.names)
-
-    def release(self) -> None:
-        release(self.handles)
 
 
 def _column_clients(rows: DataFrame, column: str, table: str) -> tuple[DataFrame, list[str]]:
@@ -95,7 +91,7 @@ def prepare_clients(spark: SparkSession, config: Config) -> tuple[Clients, Block
     pinned = lake.TableRef(ref.name, version)
     has_test = read_rows(spark, config.lake.path, pinned, ("test",))[0].limit(1).count() > 0
     test = load_blocks(spark, config.lake.path, pinned, config.data.partitions, config.trainer.seed,
-                       0.0, ("test",)) if has_test else None
+                       0.0, ("test",), config.data.worker_cache_gb) if has_test else None
     return clients, test
 
 
@@ -112,7 +108,8 @@ def clients_from_rows(spark: SparkSession, config: Config, rows: DataFrame, tabl
     if len(names) < fed.min_clients:
         raise UserError(f"table {name} has {len(names)} client(s), fewer than "
                         f"federated.min_clients={fed.min_clients}")
-    handles, described = build(spark, assigned, len(names), F.col("client"), name)
+    handles, described = build(spark, assigned, len(names), F.col("client"), name,
+                               config.data.worker_cache_gb)
     by_part = {int(h.part): h for h in described}
     missing = [names[i] for i in range(len(names)) if i not in by_part]
     if missing:
@@ -267,7 +264,7 @@ def run_round(sc: SparkContext, c: Clients, task: clients.ClientRound, theta: np
     """Train the sampled clients, one task each; (reports, dropped) as the tasks returned them."""
     bc = sc.broadcast(theta)
     try:
-        results = sc.runJob(c.handles, partial(update, task=task, weights=bc), sampled)
+        results = c.run(lambda h: sc.runJob(h, partial(update, task=task, weights=bc), sampled))
     finally:
         bc.destroy()
     reports = [r for r in results if "dropped" not in r]
@@ -280,8 +277,8 @@ def federated_eval(sc: SparkContext, c: Clients, spec: ModelSpec, dtype: str, sp
     and minimum."""
     bc = sc.broadcast(theta)
     try:
-        per_client = c.handles.mapPartitions(partial(
-            clients.client_evaluate, spec=spec, dtype=dtype, split=split, weights=bc)).collect()
+        per_client = c.run(lambda h: h.mapPartitions(partial(
+            clients.client_evaluate, spec=spec, dtype=dtype, split=split, weights=bc)).collect())
     finally:
         bc.destroy()
     if not per_client:

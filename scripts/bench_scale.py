@@ -148,7 +148,6 @@ def measure_passes(spark, lake_path: str, table: str, args) -> dict:
     got = data.load_blocks(spark, lake_path, lake.TableRef(table), args.block_partitions, 0, 0.0,
                            cache_gb=args.cache_gb)
     build = time.perf_counter() - started
-    held = got.handles.mapPartitions(blocks.residency).collect()
     spec = ModelSpec("logistic", (got.n_features, 1))
     job = tasks.Job(spec, got.layout, "float32", got.layout.n_train, Optimizer("sgd", 0.1))
     theta = np.zeros(spec.n_params, dtype=np.float32)
@@ -158,10 +157,15 @@ def measure_passes(spark, lake_path: str, table: str, args) -> dict:
         grad, loss, count = gradient_pass(sc, got, job, theta, args.depth)
         seconds.append(time.perf_counter() - t0)
         theta -= np.float32(1.0) * (grad / count).astype(np.float32)
+    held = got.handles.mapPartitions(blocks.residency).collect()
+    cached = {}   # what each Python worker's block cache keeps, by process
+    for h in held:
+        cached[h["worker_pid"]] = max(cached.get(h["worker_pid"], 0), h["worker_resident_bytes"])
     out = {"table": table, "train_rows": got.train_rows, "partitions": args.block_partitions,
            "depth": args.depth,
            "build_seconds": round(build, 2), "feature_gb_on_disk": round(got.feature_bytes / 2**30, 2),
            "blocks_in_memory": sum(h["in_memory"] for h in held), "blocks": len(held),
+           "workers_cache_mb": round(sum(cached.values()) / 2**20), "cache_budget_mb": round(args.cache_gb * 1024),
            "pass_seconds": [round(s, 3) for s in seconds],
            "pass_median_seconds": round(statistics.median(seconds[1:] or seconds), 3),
            "rebuilds": got.rebuilds}

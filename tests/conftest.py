@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+IDX_DIR = Path("/usr/share/datasets/fashion-mnist")   # Debian's dataset-fashion-mnist (scripts/setup.sh)
 
 
 @pytest.fixture(scope="session")
@@ -51,6 +52,24 @@ def write_table(spark, lake: Path, name: str, X: np.ndarray, y: np.ndarray,
     path = str(lake / name)
     spark.createDataFrame(table).write.format("delta").mode("overwrite").save(path)
     return path
+
+
+def require_fashion_mnist() -> None:
+    if not (IDX_DIR / "train-images-idx3-ubyte.gz").is_file():
+        pytest.fail(f"{IDX_DIR} has no Fashion-MNIST: scripts/test.sh installs dataset-fashion-mnist")
+
+
+def fashion_mnist(every: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Fashion-MNIST as (X float32 [n, 784] scaled to [0, 1], y int32, split), train then test,
+    taking every `every`-th image of each split."""
+    from pipelines import idx
+
+    require_fashion_mnist()
+    parts = [idx.read_split(IDX_DIR, s) for s in ("train", "test")]
+    X = np.concatenate([p[0][::every] for p in parts]).astype(np.float32) / np.float32(255)
+    y = np.concatenate([p[1][::every] for p in parts]).astype(np.int32)
+    split = np.array([s for s, p in zip(("train", "test"), parts) for _ in p[1][::every]])
+    return X.reshape(len(y), -1), y, split
 
 
 def blobs(n, d, k, seed, spread=1.0):

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import fashion_mnist, write_table
+
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.cluster
 
@@ -86,6 +88,16 @@ def test_executors_import_udfs_from_the_shipped_zip(cluster, tmp_path):
     assert all("/fedspark-env/lib/" in w["numpy"] for w in where)
 
 
+@pytest.fixture(scope="module")
+def small_lake(spark, tmp_path_factory):
+    """Every 10th Fashion-MNIST image of each split (6,000 train, 1,000 test) as `fashion_mnist`:
+    the jobs are the real sample and federated configs on real images, small enough that each
+    application's start-up, not its training, is most of its time."""
+    path = tmp_path_factory.mktemp("cluster-lake")
+    write_table(spark, path, "fashion_mnist", *fashion_mnist(every=10))
+    return path
+
+
 SAMPLE = ("--set", "trainer.epochs=1")
 FEDERATED = ("--config", "conf/fedavg_iid.yaml", "--set", "federated.clients=4",
              "--set", "federated.fraction=0.5", "--set", "federated.rounds=2",
@@ -93,9 +105,9 @@ FEDERATED = ("--config", "conf/fedavg_iid.yaml", "--set", "federated.clients=4",
 
 
 @pytest.mark.parametrize("job", [SAMPLE, FEDERATED], ids=["sample", "federated"])
-def test_cluster_gives_the_same_test_accuracy_as_local(cluster, tmp_path, job):
+def test_cluster_gives_the_same_test_accuracy_as_local(cluster, small_lake, tmp_path, job):
     master, _ = cluster
-    runs = ("--set", f"runs.path={tmp_path}")
+    runs = ("--set", f"runs.path={tmp_path}", "--set", f"lake.path={small_lake}")
     on_cluster = train_sh("--master", master, *job, *runs)
     on_local = train_sh("--master", "local[2]", *job, *runs)
     assert on_cluster["test_accuracy"] == on_local["test_accuracy"]

@@ -3,15 +3,14 @@ the MLP 784-128-10 job with `local`, evaluate the saved model again, and score t
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from pyspark.sql import functions as F
 
 from pipelines import evaluate, ingest, score, train
 from pipelines.cli import main_wrapper
+from tests.conftest import IDX_DIR, require_fashion_mnist
 
-IDX_DIR = Path("/usr/share/datasets/fashion-mnist")
 pytestmark = pytest.mark.slow
 
 
@@ -21,8 +20,7 @@ def last_json(capsys) -> dict:
 
 @pytest.fixture(scope="module")
 def fmnist_lake(spark, tmp_path_factory):
-    if not (IDX_DIR / "train-images-idx3-ubyte.gz").is_file():
-        pytest.fail(f"{IDX_DIR} has no Fashion-MNIST: scripts/test.sh installs dataset-fashion-mnist")
+    require_fashion_mnist()
     return tmp_path_factory.mktemp("fmnist-lake")
 
 

@@ -147,6 +147,26 @@ def test_a_client_task_returns_only_an_update_a_count_and_scalars(spark, lake):
         test.release()
 
 
+def test_a_client_whose_block_went_missing_is_rebuilt_and_the_round_is_the_same(spark, lake):
+    from udfs import blocks
+
+    config, clients, test, spec = _prepared(spark, lake)
+    try:
+        theta = train.initial_theta(config, spec)
+        sampled = federated.sample(config.federated, 1, clients.count, config.trainer.seed)
+        task = federated.client_round(config, spec, 1)
+        sc = spark.sparkContext
+        before, _ = federated.run_round(sc, clients, task, theta, sampled)
+        clients.handles.mapPartitions(blocks.remove_partition).count()   # the executors lose the files
+        after, _ = federated.run_round(sc, clients, task, theta, sampled)
+        assert clients.rebuilds == 1
+        assert [(r["client"], r["n"]) for r in after] == [(r["client"], r["n"]) for r in before]
+        assert all(np.array_equal(a["update"], b["update"]) for a, b in zip(after, before))
+    finally:
+        clients.release()
+        test.release()
+
+
 def test_partition_report_and_shards_hold_at_most_two_labels(spark, lake):
     config, clients, test, _ = _prepared(spark, lake, partitioner="shards", shards_per_client=2)
     try:

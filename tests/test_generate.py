@@ -45,13 +45,16 @@ def rows_of(spark, lake_dir, table: str) -> list:
     return sorted(spark.read.format("delta").load(f"{lake_dir}/{table}").collect(), key=lambda r: r.id)
 
 
+WIDE = 1_000_000   # the issue's widest linear model: 10^6 features, never densified
+
+
 @pytest.fixture(scope="module")
 def gen_lake(spark, tmp_path_factory):
-    """dense: 6000 x 8 binary; sparse: 4000 x 50,000 at 10 non-zeros a row, binary."""
+    """dense: 6000 x 8 binary; wide (sparse): 4000 x 10^6 at 10 non-zeros a row, binary."""
     path = tmp_path_factory.mktemp("genlake")
     for argv in (["--table", "dense", "--rows", "6000", "--features", "8", "--partitions", "3",
                   "--seed", "3"],
-                 ["--table", "wide", "--rows", "4000", "--features", "50000", "--density", "0.0002",
+                 ["--table", "wide", "--rows", "4000", "--features", str(WIDE), "--density", str(10 / WIDE),
                   "--partitions", "2", "--seed", "4"]):
         assert main_wrapper(generate.main, [*argv, "--set", f"lake.path={path}"]) == 0
     return path
@@ -106,26 +109,26 @@ def test_sparse_wide_logistic_equals_a_scipy_gradient_descent_loop(spark, gen_la
         "trainer.optimizer.name=sgd", "trainer.optimizer.lr=0.5", "trainer.dtype=float64",
         "data.validation_fraction=0.0")
     assert code == 0, err
-    assert summary["model"]["layers"] == [50000, 1]
+    assert summary["model"]["layers"] == [WIDE, 1]
     train_rows = [r for r in rows_of(spark, gen_lake, "wide") if r.split == "train"]
     indptr = np.concatenate(([0], np.cumsum([len(r.features.indices) for r in train_rows])))
     X = sparse.csr_matrix((np.concatenate([r.features.values for r in train_rows]).astype(np.float32),
                            np.concatenate([r.features.indices for r in train_rows]), indptr),
-                          shape=(len(train_rows), 50000)).astype(np.float64)
+                          shape=(len(train_rows), WIDE)).astype(np.float64)
     y = np.array([r.label for r in train_rows], dtype=np.float64)
-    w, b = np.zeros(50000), 0.0
+    w, b = np.zeros(WIDE), 0.0
     for _ in range(5):
         p = 1.0 / (1.0 + np.exp(-(X @ w + b)))
         w, b = w - 0.5 * (X.T @ (p - y)) / len(y), b - 0.5 * (p - y).mean()
     theta = weights(summary)
-    assert np.abs(theta[:50000] - w).max() <= 1e-5 and abs(theta[50000] - b) <= 1e-5
+    assert np.abs(theta[:WIDE] - w).max() <= 1e-5 and abs(theta[WIDE] - b) <= 1e-5
 
 
 def test_sparse_blocks_stay_sparse(spark, gen_lake):
     got = data.load_blocks(spark, str(gen_lake), lake.TableRef("wide"), 2, 0, 0.0)
     try:
-        assert got.n_features == 50000
-        dense_bytes = 4000 * 50000 * 4
+        assert got.n_features == WIDE
+        dense_bytes = 4000 * WIDE * 4
         assert got.feature_bytes < dense_bytes / 100
         held = got.handles.mapPartitions(blocks.residency).collect()
         assert all(h["sparse"] for h in held) and len(held) == 2

@@ -16,13 +16,12 @@ import pytest
 from pipelines import evaluate, model_parallel, train, vertical
 from pipelines.cli import main_wrapper
 from pipelines.config import ConfigError, config_from_dict
-from tests.conftest import blobs, train_and_load, write_table
+from tests.conftest import blobs, fashion_mnist, train_and_load, write_table
 from udfs import models, shards
 from udfs.models import ModelSpec, init_params
 from udfs.seeding import Stream, rng
 
 N, D, K = 240, 12, 3
-IDX_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
 def write_sparse(spark, lake: Path, name: str, X: np.ndarray, y: np.ndarray, split: np.ndarray,
@@ -288,15 +287,8 @@ def test_bad_input_exits_2_before_training(spark, lake, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def fmnist(spark, tmp_path_factory):
-    from pipelines import idx
-
-    if not (IDX_DIR / "train-images-idx3-ubyte.gz").is_file():
-        pytest.fail(f"{IDX_DIR} has no Fashion-MNIST: scripts/test.sh installs dataset-fashion-mnist")
     path = tmp_path_factory.mktemp("mp-fmnist")
-    parts = [idx.read_split(IDX_DIR, s) for s in ("train", "test")]
-    X = np.concatenate([p[0] for p in parts]).reshape(70_000, -1).astype(np.float32) / np.float32(255)
-    y = np.concatenate([p[1] for p in parts]).astype(np.int32)
-    split = np.array(["train"] * 60_000 + ["test"] * 10_000)
+    X, y, split = fashion_mnist()
     write_table(spark, path, "fashion_mnist", X, y, split)
     return path, X, y, split
 

@@ -463,9 +463,9 @@ def roles(block: Block, layout: Layout) -> Roles:
 
 def residency(rows: Iterable[Any]) -> Iterator[dict]:
     """mapPartitions function: how this partition's block is held by the worker that runs the task
-    (in memory or memory-mapped, and the worker's resident feature bytes); for tests and benchmarks."""
+    (in memory or memory-mapped, and the bytes that worker's cache keeps); for tests and benchmarks."""
     for row in rows:
         block = load(row.path)
         yield {"part": int(row.part), "in_memory": block.in_memory,
                "feature_bytes": block.feature_bytes, "worker_resident_bytes": resident_bytes(),
-               "sparse": bool(sparse.issparse(block.X))}
+               "worker_pid": os.getpid(), "sparse": bool(sparse.issparse(block.X))}

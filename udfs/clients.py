@@ -128,6 +128,8 @@ def client_update(rows: Iterable[Any], task: ClientRound, weights: Any) -> Itera
     client, path = handle
     try:
         report = local_update(path, client, task, weights.value)
+    except blocks.BlockMissing:
+        raise   # the executor lost the block, not the client: the driver rebuilds and reruns
     except Exception as exc:  # noqa: BLE001 - a client's failure must not fail the round
         yield dropped(client, exc)
         return
