@@ -9,6 +9,9 @@ metadata, each written to a temporary name and renamed into place so a reader ne
         curves.png       loss and accuracy per epoch or round (clients.png: federated clients)
         checkpoints/     epoch-NNNN / round-NNNN .npz + .json
         summary.json     the summary line, written last: a run with it is finished
+
+runs.path may be a Hadoop URI: every function here works on a runstore.RunDir, writing its local
+files and then publishing them (copied to the URI, atomically) in the order written.
 """
 from __future__ import annotations
 
@@ -22,7 +25,9 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from pipelines import runstore
 from pipelines.errors import UserError
+from pipelines.runstore import RunDir
 from udfs.models import ModelSpec
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -32,6 +37,12 @@ def atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def write(run_dir: RunDir, rel: str, data: bytes) -> None:
+    """One file of a run, whole or not at all, at its local path and then at the run's URI."""
+    atomic_write(run_dir.file(rel), data)
+    run_dir.publish(rel)
 
 
 def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
@@ -51,43 +62,46 @@ def check_run_name(name: str) -> str:
     return name
 
 
-def new_run_dir(runs_path: str, run_name: str | None, label: str) -> Path:
+def new_run_dir(runs_path: str, run_name: str | None, label: str) -> RunDir:
     """Create a run directory `<name or label>-<UTC time>` (made unique) holding run.json, which
     records the run's name: scheduled jobs find their runs by it."""
-    root = Path(runs_path)
-    root.mkdir(parents=True, exist_ok=True)
     prefix = check_run_name(run_name) if run_name else label
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     for i in range(1000):
-        path = root / (f"{prefix}-{stamp}" if i == 0 else f"{prefix}-{stamp}-{i}")
-        try:
-            path.mkdir()
-        except FileExistsError:
-            continue
-        atomic_write(path / RUN_FILE, json.dumps({"run_id": path.name, "run_name": run_name,
-                                                  "created": time.time()}).encode())
-        return path
-    raise RuntimeError(f"cannot create a unique run directory under {root}")
+        name = f"{prefix}-{stamp}" if i == 0 else f"{prefix}-{stamp}-{i}"
+        info = json.dumps({"run_id": name, "run_name": run_name, "created": time.time()}).encode()
+        run_dir = runstore.claim_run(runs_path, name, RUN_FILE, info)
+        if run_dir is not None:
+            atomic_write(run_dir.file(RUN_FILE), info)  # a remote run's claim wrote it there
+            return run_dir
+    raise RuntimeError(f"cannot create a unique run directory under {runs_path}")
 
 
-def run_name_of(run_dir: Path) -> str | None:
+def run_name_of(run_dir: RunDir) -> str | None:
     try:
-        return json.loads((run_dir / RUN_FILE).read_text()).get("run_name")
+        return json.loads(run_dir.read(RUN_FILE) or b"").get("run_name")
     except (OSError, ValueError):
         return None
 
 
-def newest_run(runs_path: str, run_name: str) -> Path | None:
+def newest_run(runs_path: str, run_name: str) -> RunDir | None:
     """The most recently created run directory with that name, finished or not."""
     found = []
-    for run_file in Path(runs_path).glob(f"*/{RUN_FILE}"):
+    for name, data in runstore.run_files(runs_path, RUN_FILE):
         try:
-            info = json.loads(run_file.read_text())
-        except (OSError, ValueError):
+            info = json.loads(data)
+        except ValueError:
             continue
         if info.get("run_name") == run_name:
-            found.append((info.get("created", 0.0), run_file.parent.name, run_file.parent))
-    return max(found)[2] if found else None
+            found.append((info.get("created", 0.0), name))
+    return runstore.open_run(runstore.join(str(runs_path), max(found)[1])) if found else None
+
+
+def lock_run_name(runs_path: str, name: str) -> "RunLock | runstore.HadoopRunLock":
+    """The run-name lock for runs.path: a file lock locally, an exclusive lock file on Hadoop."""
+    if runstore.is_remote(runs_path):
+        return runstore.HadoopRunLock(runs_path, name)
+    return RunLock(runs_path, name)
 
 
 class RunLock:
@@ -122,36 +136,33 @@ class RunLock:
         self._fh.close()  # releases the lock
 
 
-def save_model(run_dir: Path, spec: ModelSpec, theta: np.ndarray | None,
-               metadata: dict[str, Any]) -> Path:
+def save_model(run_dir: RunDir, spec: ModelSpec, theta: np.ndarray | None,
+               metadata: dict[str, Any]) -> str:
     """weights.npz then spec.json; without weights (an MLlib model saved by MLlib beside them) only
-    spec.json, which says so."""
-    model_dir = run_dir / "model"
-    model_dir.mkdir(exist_ok=True)
+    spec.json, which says so. Returns the model directory's URI (or path)."""
     if theta is not None:
-        atomic_write(model_dir / "weights.npz", _npz_bytes({"theta": theta}))
-    _write_spec(model_dir, spec, str(theta.dtype) if theta is not None else None,
-                {} if theta is not None else {"format": "mllib", "mllib_path": str(model_dir / "mllib")},
+        write(run_dir, "model/weights.npz", _npz_bytes({"theta": theta}))
+    _write_spec(run_dir, spec, str(theta.dtype) if theta is not None else None,
+                {} if theta is not None else {"format": "mllib", "mllib_path": run_dir.child("model/mllib")},
                 metadata)
-    return model_dir
+    return run_dir.child("model")
 
 
-def save_model_chunks(run_dir: Path, spec: ModelSpec, dtype: str, chunks: Iterable[np.ndarray],
-                      metadata: dict[str, Any]) -> Path:
+def save_model_chunks(run_dir: RunDir, spec: ModelSpec, dtype: str, chunks: Iterable[np.ndarray],
+                      metadata: dict[str, Any]) -> str:
     """save_model for weights that arrive in consecutive pieces of the flat vector (a model-parallel
     model, one feature block at a time): the same weights.npz, never whole in memory."""
-    model_dir = run_dir / "model"
-    model_dir.mkdir(exist_ok=True)
-    stream_npz(model_dir / "weights.npz", {"theta": (dtype, spec.n_params, chunks)})
-    _write_spec(model_dir, spec, dtype, {}, metadata)
-    return model_dir
+    stream_npz(run_dir.file("model/weights.npz"), {"theta": (dtype, spec.n_params, chunks)})
+    run_dir.publish("model/weights.npz")
+    _write_spec(run_dir, spec, dtype, {}, metadata)
+    return run_dir.child("model")
 
 
-def _write_spec(model_dir: Path, spec: ModelSpec, dtype: str | None, extra: dict[str, Any],
+def _write_spec(run_dir: RunDir, spec: ModelSpec, dtype: str | None, extra: dict[str, Any],
                 metadata: dict[str, Any]) -> None:
     meta = {"kind": spec.kind, "layers": list(spec.layers), "n_params": spec.n_params,
             "dtype": dtype, **extra, **metadata}
-    atomic_write(model_dir / "spec.json", json.dumps(meta, indent=2).encode())
+    write(run_dir, "model/spec.json", json.dumps(meta, indent=2).encode())
 
 
 def stream_npz(path: Path, members: dict[str, tuple[str, int, Iterable[np.ndarray]]]) -> None:
@@ -188,20 +199,28 @@ def read_npz_slice(path: Path, name: str, start: int, stop: int) -> np.ndarray:
 
 
 def load_model(model_or_run_dir: str | Path) -> tuple[ModelSpec, np.ndarray, dict[str, Any]]:
-    """A saved model from its run directory or its model/ directory."""
-    path = Path(model_or_run_dir)
-    model_dir = path / "model" if (path / "model").is_dir() else path
-    spec_file, weights_file = model_dir / "spec.json", model_dir / "weights.npz"
-    if spec_file.is_file() and not weights_file.is_file():
-        meta = json.loads(spec_file.read_text())
+    """A saved model from its run directory or its model/ directory (a path or a URI)."""
+    run_dir = runstore.open_run(model_or_run_dir)
+    try:
+        return _load_model(run_dir, "model/" if run_dir.exists("model") else "")
+    finally:
+        run_dir.close()
+
+
+def _load_model(run_dir: RunDir, prefix: str) -> tuple[ModelSpec, np.ndarray, dict[str, Any]]:
+    spec_file, weights_file = run_dir.child(f"{prefix}spec.json"), run_dir.child(f"{prefix}weights.npz")
+    spec_json = run_dir.read(f"{prefix}spec.json")
+    weights = run_dir.fetch(f"{prefix}weights.npz")
+    if spec_json is not None and weights is None:
+        meta = json.loads(spec_json)
         if meta.get("format") == "mllib":
-            raise UserError(f"{path}: this model is MLlib's own ({meta['kind']} with sigmoid hidden "
+            raise UserError(f"{run_dir}: this model is MLlib's own ({meta['kind']} with sigmoid hidden "
                             f"units), saved at {meta['mllib_path']}: load it with pyspark.ml "
                             "(MultilayerPerceptronClassificationModel.load)")
-    if not spec_file.is_file() or not weights_file.is_file():
-        raise UserError(f"{path}: no saved model (expected {spec_file} and {weights_file})")
-    meta = json.loads(spec_file.read_text())
-    with np.load(weights_file, allow_pickle=False) as z:
+    if spec_json is None or weights is None:
+        raise UserError(f"{run_dir}: no saved model (expected {spec_file} and {weights_file})")
+    meta = json.loads(spec_json)
+    with np.load(weights, allow_pickle=False) as z:
         theta = z["theta"]
     spec = ModelSpec.from_dict(meta)
     if theta.shape != (spec.n_params,):
@@ -210,45 +229,50 @@ def load_model(model_or_run_dir: str | Path) -> tuple[ModelSpec, np.ndarray, dic
     return spec, theta, meta
 
 
-def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
-    with open(run_dir / "metrics.jsonl", "a") as fh:
+def append_metrics(run_dir: RunDir, record: dict[str, Any]) -> None:
+    with open(run_dir.file("metrics.jsonl"), "a") as fh:
         fh.write(json.dumps(record) + "\n")
+    run_dir.publish("metrics.jsonl")
 
 
-def rewrite_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
+def rewrite_metrics(run_dir: RunDir, history: list[dict[str, Any]]) -> None:
     """metrics.jsonl as of a restored checkpoint: drops lines a killed attempt wrote after it."""
-    atomic_write(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history).encode())
+    write(run_dir, "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history).encode())
 
 
-def save_checkpoint(run_dir: Path, name: str, arrays: dict[str, np.ndarray], meta: dict) -> None:
+def save_checkpoint(run_dir: RunDir, name: str, arrays: dict[str, np.ndarray], meta: dict) -> None:
     """checkpoints/<name>.npz then <name>.json; a name ends in its epoch, step or round number
     (epoch-0003), which orders them."""
-    ckpt = run_dir / "checkpoints"
-    ckpt.mkdir(exist_ok=True)
-    atomic_write(ckpt / f"{name}.npz", _npz_bytes(arrays))
+    write(run_dir, f"checkpoints/{name}.npz", _npz_bytes(arrays))
     # the JSON is written second: a checkpoint counts only once both files are there
-    atomic_write(ckpt / f"{name}.json", json.dumps(meta).encode())
+    write(run_dir, f"checkpoints/{name}.json", json.dumps(meta).encode())
 
 
-def save_checkpoint_chunks(run_dir: Path, name: str,
+def save_checkpoint_chunks(run_dir: RunDir, name: str,
                            members: dict[str, tuple[str, int, Iterable[np.ndarray]]], meta: dict) -> None:
     """save_checkpoint for arrays that arrive in pieces (stream_npz): the same two files."""
-    ckpt = run_dir / "checkpoints"
-    ckpt.mkdir(exist_ok=True)
-    stream_npz(ckpt / f"{name}.npz", members)
-    atomic_write(ckpt / f"{name}.json", json.dumps(meta).encode())
+    stream_npz(run_dir.file(f"checkpoints/{name}.npz"), members)
+    run_dir.publish(f"checkpoints/{name}.npz")
+    write(run_dir, f"checkpoints/{name}.json", json.dumps(meta).encode())
 
 
-def latest_checkpoint_file(run_dir: Path) -> tuple[Path, dict] | None:
-    """The last complete checkpoint's .npz and its metadata, without reading the arrays."""
-    metas = sorted((run_dir / "checkpoints").glob("*.json"),
-                   key=lambda p: int(p.stem.rpartition("-")[2]) if p.stem.rpartition("-")[2].isdigit() else -1)
+def _number(name: str) -> int:
+    tail = name.removesuffix(".json").rpartition("-")[2]
+    return int(tail) if tail.isdigit() else -1
+
+
+def latest_checkpoint_file(run_dir: RunDir) -> tuple[Path, dict] | None:
+    """The last complete checkpoint's .npz (a local file: a remote run's is copied to its staging
+    directory) and its metadata."""
+    metas = sorted((n for n in run_dir.names("checkpoints") if n.endswith(".json")), key=_number)
     if not metas:
         return None
-    return metas[-1].with_suffix(".npz"), json.loads(metas[-1].read_text())
+    stem = metas[-1].removesuffix(".json")
+    meta = json.loads(run_dir.read(f"checkpoints/{stem}.json"))
+    return run_dir.fetch(f"checkpoints/{stem}.npz"), meta
 
 
-def latest_checkpoint(run_dir: Path) -> tuple[dict[str, np.ndarray], dict] | None:
+def latest_checkpoint(run_dir: RunDir) -> tuple[dict[str, np.ndarray], dict] | None:
     found = latest_checkpoint_file(run_dir)
     if found is None:
         return None

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pipelines.errors import UserError
 from pipelines.robust import NEEDS_INDIVIDUAL_UPDATES
+from pipelines.runstore import local_path
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 DEFAULT_FILE = CONF_DIR / "default.yaml"
@@ -41,23 +42,18 @@ class PathSection(_Section):
 
 
 class RunsSection(_Section):
-    """Run directories are written with the local file API (atomic renames, numpy files): a local
-    path, or a file: URI for a mounted shared filesystem (cluster deploy mode)."""
+    """Run directories: a local path, or any Hadoop URI (pipelines/runstore.py). A file: URI is made
+    a local path, so it keeps the local file API's fast path (no copies)."""
 
     path: str = Field(min_length=1)
 
     @field_validator("path")
     @classmethod
-    def _local_or_file_uri(cls, value: str) -> str:
-        scheme, sep, rest = value.partition(":")
-        if not sep or len(scheme) < 2 or "/" in scheme:   # a plain path (or a Windows drive letter)
-            return value
-        if scheme == "file":
-            path = rest[2:] if rest.startswith("//") else rest
+    def _file_uri_as_path(cls, value: str) -> str:
+        if value.startswith("file:"):
+            path = str(local_path(value))
             return path if path.startswith("/") else value
-        raise ValueError(f"{scheme}: URIs are not supported for run directories yet (they are "
-                         "written with the local file API); use a local path or a file:// URI of a "
-                         "filesystem the driver mounts. lake.path takes any Hadoop URI")
+        return value
 
 
 class DataSection(_Section):

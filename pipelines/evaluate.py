@@ -13,9 +13,8 @@ if __package__ in (None, ""):  # run as a script by spark-submit: make the proje
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
-from pathlib import Path
 
-from pipelines import artifacts, lake
+from pipelines import artifacts, lake, runstore
 from pipelines.cli import main_wrapper, print_summary
 from pipelines.config import load_config
 from pipelines.data import load_blocks
@@ -28,7 +27,8 @@ SPLITS = {"test": "test", "validation": "validation", "train": "train"}
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[1])
-    p.add_argument("--model", required=True, metavar="RUN_DIR", help="a run directory")
+    p.add_argument("--model", required=True, metavar="RUN_DIR",
+                   help="a run directory (a path or a Hadoop URI)")
     p.add_argument("--table", help="NAME or NAME@VERSION (default: what the run trained on)")
     p.add_argument("--split", default="test", choices=sorted(SPLITS))
     return p.parse_args(argv)
@@ -36,12 +36,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
-    run_dir = Path(args.model)
-    spec, theta, meta = artifacts.load_model(run_dir)
-    config_file = run_dir / "config.yaml"
-    if not config_file.is_file():
-        raise UserError(f"--model {run_dir}: not a run directory (no config.yaml)")
-    config = load_config(config_file)
+    run_dir = runstore.open_run(args.model)
+    try:
+        spec, theta, meta = artifacts.load_model(run_dir.uri)
+        config_file = run_dir.fetch("config.yaml")
+        if config_file is None:
+            raise UserError(f"--model {run_dir}: not a run directory (no config.yaml)")
+        config = load_config(config_file)
+    finally:
+        run_dir.close()
     ref = lake.TableRef.parse(args.table) if args.table else lake.TableRef(meta["table"], meta["version"])
     spark = build_session("fedspark-evaluate", config.spark.conf, config.spark.delta_packages)
     data = load_blocks(spark, config.lake.path, ref, config.data.partitions, config.trainer.seed,

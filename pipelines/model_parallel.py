@@ -20,7 +20,6 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -34,6 +33,7 @@ from pipelines import artifacts, lake, vertical
 from pipelines.config import Config
 from pipelines.data import LABEL_TYPES, place
 from pipelines.errors import UserError
+from pipelines.runstore import RunDir
 from pipelines.strategies import metrics_from_sums, optimizer_from
 from udfs import blocks, shards, tasks
 from udfs.models import ModelSpec
@@ -284,12 +284,12 @@ class Carrier:
     LINEAGE_EVERY steps. The dZ broadcasts since the last checkpoint are kept (a lost partition is
     recomputed from the checkpoint through them) and destroyed once a newer checkpoint is written."""
 
-    def __init__(self, sc: SparkContext, grid: Grid, handles: RDD, wire: Wire, checkpoint_dir: Path,
+    def __init__(self, sc: SparkContext, grid: Grid, handles: RDD, wire: Wire, checkpoint_dir: str,
                  restored: dict[int, Any] | None = None) -> None:
         self.sc, self.grid, self.wire = sc, grid, wire
         self.sizes = sc.accumulator({}, shards.MaxSizes())
         if sc._jsc.sc().getCheckpointDir().isEmpty():
-            sc.setCheckpointDir(str(checkpoint_dir))
+            sc.setCheckpointDir(checkpoint_dir)
         self.pending: list = list(restored.values()) if restored else []
         self.steps = 0
         self.checkpoint_file: str | None = None
@@ -469,7 +469,7 @@ def summary_fields(carrier: Carrier, cells: Cells) -> dict[str, Any]:
     return out
 
 
-def restore(sc: SparkContext, run_dir: Path, spec: ModelSpec, grid: Grid,
+def restore(sc: SparkContext, run_dir: RunDir, spec: ModelSpec, grid: Grid,
             names: tuple[str, ...]) -> tuple[dict[int, Any], HeadState] | None:
     """The last checkpoint of a run, read one shard at a time: a broadcast per shard for its cells
     to start from ({s: (W_s, buffers)}), and the head's state."""

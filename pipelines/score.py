@@ -16,16 +16,16 @@ if __package__ in (None, ""):  # run as a script by spark-submit: make the proje
 
 import argparse
 import time
-from pathlib import Path
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from pipelines import artifacts, lake, records
+from pipelines import artifacts, lake, records, runstore
 from pipelines.cli import main_wrapper, print_summary
 from pipelines.config import DEFAULT_FILE, load_config
 from pipelines.errors import UserError
+from pipelines.runstore import RunDir
 from pipelines.scoring import score_column
 from pipelines.session import build_session
 
@@ -53,15 +53,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def model_dir(spark: SparkSession, lake_path: str, model: str) -> Path:
-    """The run directory --model names; `latest[:NAME]` is looked up in the runs table."""
+def model_dir(spark: SparkSession, lake_path: str, model: str) -> RunDir:
+    """The run directory --model names (a path or a Hadoop URI); `latest[:NAME]` is looked up in
+    the runs table."""
     name, sep, run_name = model.partition(":")
     if name == "latest":
-        return Path(records.latest_completed(spark, lake_path, run_name if sep else None)["run_dir"])
-    path = Path(model)
-    if not path.exists():
+        return runstore.open_run(records.latest_completed(spark, lake_path, run_name if sep else None)["run_dir"])
+    run_dir = runstore.open_run(model)
+    if not run_dir.exists(""):
         raise UserError(f"--model {model}: no such run directory")
-    return path
+    return run_dir
 
 
 def check_input(df: DataFrame, ref: lake.TableRef, width: int) -> None:
@@ -105,7 +106,7 @@ def _quote(text: str) -> str:
 def score(spark: SparkSession, lake_path: str, model: str, input_ref: lake.TableRef, output: str
           ) -> dict:
     run_dir = model_dir(spark, lake_path, model)
-    spec, theta, meta = artifacts.load_model(run_dir)
+    spec, theta, meta = artifacts.load_model(run_dir.uri)
     model_id = meta.get("run_id", run_dir.name)
     df, version = lake.read(spark, lake_path, input_ref)
     check_input(df, input_ref, spec.layers[0])

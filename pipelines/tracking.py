@@ -20,13 +20,14 @@ from pipelines import artifacts, plots, records
 from pipelines.config import Config, dump_yaml
 from pipelines.errors import UserError
 from pipelines.progress import clock
+from pipelines.runstore import RunDir, is_remote
 
 
 class Tracker:
     """One attempt of one run. `unit` is what the records count (`epoch` or `round`), `total` how
     many the run will have."""
 
-    def __init__(self, spark: SparkSession, config: Config, run_dir: Path, unit: str, total: int,
+    def __init__(self, spark: SparkSession, config: Config, run_dir: RunDir, unit: str, total: int,
                  table: str, version: int) -> None:
         self.spark, self.config, self.run_dir, self.unit, self.total = spark, config, run_dir, unit, total
         self.lake = config.lake.path
@@ -37,7 +38,7 @@ class Tracker:
             run_id=run_dir.name, run_name=artifacts.run_name_of(run_dir),
             attempt=records.next_attempt(spark, self.lake, run_dir.name),
             strategy=config.trainer.strategy, data_table=table, data_version=version,
-            started_at=datetime.now(timezone.utc).replace(tzinfo=None), run_dir=str(run_dir),
+            started_at=datetime.now(timezone.utc).replace(tzinfo=None), run_dir=run_dir.uri,
             config=dump_yaml(config))
         records.started(spark, self.lake, self.info)
         self.event(f"run started: attempt {self.info.attempt}, {config.trainer.strategy} on "
@@ -80,7 +81,8 @@ class Tracker:
                   ) -> None:
         """Metrics, plots, MLflow, then the `completed` row; summary.json is the caller's last write."""
         self.flush(history)
-        plots.save_run_plots(self.run_dir, history, self.unit, classifier)
+        written = plots.save_run_plots(self.run_dir.local, history, self.unit, classifier)
+        self.run_dir.publish(*(path.name for path in written))
         if self.config.tracking.mlflow:
             log_to_mlflow(self.config, self.run_dir, summary, history, self.unit)
         records.ended(self.spark, self.lake, self.info, "completed", summary)
@@ -106,11 +108,12 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def log_to_mlflow(config: Config, run_dir: Path, summary: dict[str, Any],
+def log_to_mlflow(config: Config, run_dir: RunDir, summary: dict[str, Any],
                   history: list[dict[str, Any]], unit: str) -> str:
     """One MLflow run per completed fedspark run: the config as params, every record's numbers as
     metrics by step, and the model, plots and summary as artifacts. Without MLFLOW_TRACKING_URI the
-    store is MLflow's local file store under runs.path. Returns MLflow's run id."""
+    store is MLflow's local file store under runs.path, or ./mlruns when runs.path is a Hadoop URI
+    (MLflow's file store is local only). Returns MLflow's run id."""
     try:
         import mlflow
     except ImportError as exc:
@@ -118,7 +121,8 @@ def log_to_mlflow(config: Config, run_dir: Path, summary: dict[str, Any],
                         "(mlflow-skinny), or set tracking.mlflow: false") from exc
     if "MLFLOW_TRACKING_URI" not in os.environ:
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks to opt in
-        mlflow.set_tracking_uri(Path(config.runs.path).resolve().joinpath("mlruns").as_uri())
+        root = Path(".") if is_remote(config.runs.path) else Path(config.runs.path)
+        mlflow.set_tracking_uri(root.resolve().joinpath("mlruns").as_uri())
     mlflow.set_experiment("fedspark")
     params = _flat(config.to_dict())
     with mlflow.start_run(run_name=run_dir.name, tags={"fedspark.run_id": run_dir.name}) as run:
@@ -129,9 +133,9 @@ def log_to_mlflow(config: Config, run_dir: Path, summary: dict[str, Any],
         final = {k: float(v) for k, v in summary.items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool)}
         mlflow.log_metrics(final)
-        mlflow.log_artifacts(str(run_dir / "model"), artifact_path="model")
+        mlflow.log_artifacts(str(run_dir.local / "model"), artifact_path="model")
         for name in ("curves.png", "clients.png", "config.yaml"):
-            if (run_dir / name).is_file():
-                mlflow.log_artifact(str(run_dir / name))
+            if (run_dir.local / name).is_file():
+                mlflow.log_artifact(str(run_dir.local / name))
         mlflow.log_dict(summary, "summary.json")
         return run.info.run_id

@@ -24,12 +24,13 @@ import numpy as np
 
 from pyspark.sql import SparkSession
 
-from pipelines import artifacts, federated, lake, mllib, model_parallel, vertical
+from pipelines import artifacts, federated, lake, mllib, model_parallel, runstore, vertical
 from pipelines.cli import main_wrapper, print_summary, process_start_time
 from pipelines.config import Config, ConfigError, dump_yaml, load_config
 from pipelines.data import load_blocks
 from pipelines.errors import UserError
 from pipelines.progress import progress
+from pipelines.runstore import RunDir
 from pipelines.session import build_session
 from pipelines.strategies import Settings, TrainState, evaluate, optimizer_from, train
 from pipelines.tracking import Tracker
@@ -72,7 +73,7 @@ def initial_theta(config: Config, spec: ModelSpec) -> np.ndarray:
                        np.dtype(config.trainer.dtype))
 
 
-def restore(run_dir: Path, n_params: int) -> tuple[np.ndarray, dict[str, np.ndarray], dict] | None:
+def restore(run_dir: RunDir, n_params: int) -> tuple[np.ndarray, dict[str, np.ndarray], dict] | None:
     """(theta, optimizer or server state, metadata) of the run's last checkpoint, if any."""
     found = artifacts.latest_checkpoint(run_dir)
     if found is None:
@@ -96,7 +97,7 @@ class Job:
     spark: SparkSession
     config: Config
     args: argparse.Namespace
-    resume_dir: Path | None
+    resume_dir: RunDir | None
     timings: dict[str, float] = field(default_factory=dict)
     tracker: Tracker | None = None
     history: list[dict] = field(default_factory=list)
@@ -109,30 +110,38 @@ class Job:
             label = Path(self.args.config).stem if self.args.config else "fashion_mnist"
             run_dir = artifacts.new_run_dir(self.config.runs.path, self.args.run_name,
                                             f"{label}-{self.config.trainer.strategy}-s{self.config.trainer.seed}")
-            artifacts.atomic_write(run_dir / "config.yaml", dump_yaml(self.config).encode())
+            artifacts.write(run_dir, "config.yaml", dump_yaml(self.config).encode())
         self.tracker = Tracker(self.spark, self.config, run_dir, unit, total, table, version)
         return self.tracker
 
 
-def resolve_run(args: argparse.Namespace) -> tuple[Config, Path | None, str | None]:
+def resolve_run(args: argparse.Namespace) -> tuple[Config, RunDir | None, str | None]:
     """The config, the existing run directory to continue (if any), and the run name to lock."""
     if args.resume:
-        run_dir = Path(args.resume)
-        if not (run_dir / "config.yaml").is_file():
+        run_dir = runstore.open_run(args.resume)
+        config_file = run_dir.fetch("config.yaml")
+        if config_file is None:
+            run_dir.close()
             raise UserError(f"--resume {run_dir}: not a run directory (no config.yaml)")
         if args.config or args.sets:
+            run_dir.close()
             raise UserError("--resume continues a run with its own config.yaml; drop --config/--set")
-        return load_config(run_dir / "config.yaml"), run_dir, artifacts.run_name_of(run_dir) or run_dir.name
+        return load_config(config_file), run_dir, artifacts.run_name_of(run_dir) or run_dir.name
     config = load_config(args.config, args.sets)
     return config, None, artifacts.check_run_name(args.run_name) if args.run_name else None
 
 
-def interrupted_run(config: Config, run_name: str) -> Path | None:
+def interrupted_run(config: Config, run_name: str) -> RunDir | None:
     """--resume-if-exists: the newest run of that name if it did not finish (to continue it)."""
     run_dir = artifacts.newest_run(config.runs.path, run_name)
-    if run_dir is None or (run_dir / "summary.json").is_file():
+    if run_dir is None:
         return None
-    if load_config(run_dir / "config.yaml") != config:
+    config_file = None if run_dir.exists("summary.json") else run_dir.fetch("config.yaml")
+    if config_file is None:
+        run_dir.close()
+        return None
+    if load_config(config_file) != config:
+        run_dir.close()
         raise ConfigError(f"run {run_dir} was interrupted with a different configuration; resume it "
                           f"with its own config (--resume {run_dir}), or choose another --run-name")
     return run_dir
@@ -279,7 +288,7 @@ def train_federated(job: Job) -> dict:
     }
 
 
-def finish_model(run_dir: Path, config: Config, spec: ModelSpec, theta: np.ndarray | None, table: str,
+def finish_model(run_dir: RunDir, config: Config, spec: ModelSpec, theta: np.ndarray | None, table: str,
                  version: int, chunks: Any = None) -> None:
     """model/weights.npz + spec.json; spec.json alone when there are no weights of ours (MLlib's
     MLP, saved by MLlib under model/mllib). `chunks`: the weights in consecutive pieces instead
@@ -311,7 +320,7 @@ def train_model_parallel(job: Job) -> dict:
         tracker.resumed(head.history, f"epoch {head.epoch}")
     mark = time.perf_counter()
     carrier = mp.Carrier(spark.sparkContext, grid, cells.handles, mp.Wire(spark.sparkContext, mp.WIRE_LOG),
-                         tracker.run_dir / "rdd-checkpoints", restored or None)
+                         tracker.run_dir.child("rdd-checkpoints"), restored or None)
 
     def on_epoch(s: mp.HeadState, record: dict[str, Any]) -> None:
         tracker.log(record, progress_line(record, t.epochs))
@@ -352,7 +361,7 @@ def train_mllib(job: Job) -> dict:
     job.timings["prepare_and_evaluate"] = time.perf_counter() - mark - result["train_seconds"]
     spec, model = result["spec"], result["model"]
     tracker = job.open_run(result["table"], result["version"], "epoch", 0)
-    model.write().overwrite().save(str(tracker.run_dir / "model" / "mllib"))
+    model.write().overwrite().save(tracker.run_dir.child("model/mllib"))
     finish_model(tracker.run_dir, config, spec, mllib.our_weights(model, spec), result["table"],
                  result["version"])
     return {
@@ -382,16 +391,20 @@ def main(argv: list[str]) -> None:
                           f"version; available: {', '.join(RUNNERS)}")
     if config.trainer.strategy == "model_parallel":
         vertical.parse(config.model_parallel)  # bad parties stop the job before Spark starts
-    with artifacts.RunLock(config.runs.path, run_name) if run_name else contextlib.nullcontext():
+    if runstore.is_remote(config.runs.path):  # the run store goes through Spark's JVM
+        build_session("fedspark-train", config.spark.conf, config.spark.delta_packages)
+    with artifacts.lock_run_name(config.runs.path, run_name) if run_name else contextlib.nullcontext():
         if args.resume_if_exists:
             resume_dir = interrupted_run(config, run_name)
-        if resume_dir is not None and (resume_dir / "summary.json").is_file():
-            print_summary(json.loads((resume_dir / "summary.json").read_text()))
+        summary = resume_dir.read("summary.json") if resume_dir is not None else None
+        if summary is not None:
+            resume_dir.close()
+            print_summary(json.loads(summary))
             return
         run(config, args, resume_dir, started)
 
 
-def run(config: Config, args: argparse.Namespace, resume_dir: Path | None, started: float) -> None:
+def run(config: Config, args: argparse.Namespace, resume_dir: RunDir | None, started: float) -> None:
     """Train, record and save one run; the summary line is the last thing printed."""
     t = config.trainer
     mark = time.perf_counter()
@@ -403,7 +416,7 @@ def run(config: Config, args: argparse.Namespace, resume_dir: Path | None, start
         summary = {
             "run_id": run_dir.name,
             "run_name": artifacts.run_name_of(run_dir),
-            "run_dir": str(run_dir),
+            "run_dir": run_dir.uri,
             "strategy": t.strategy,
             "model": part.pop("model"),
             "seed": t.seed,
@@ -413,15 +426,19 @@ def run(config: Config, args: argparse.Namespace, resume_dir: Path | None, start
             **part,
             "train_seconds": round(job.timings["train"], 3),
             "timings": {k: round(v, 3) for k, v in job.timings.items()},
-            "model_path": str(run_dir / "model"),
+            "model_path": run_dir.child("model"),
         }
         summary["total_seconds"] = round(time.time() - started, 3)
         job.tracker.completed(summary, job.history, "test_accuracy" in summary)
     except BaseException as exc:
         if job.tracker is not None:
             job.tracker.failed(exc)
+        opened = job.tracker.run_dir if job.tracker is not None else resume_dir
+        if opened is not None:
+            opened.close()  # a remote run's staging copy: what was finished is published
         raise
-    artifacts.atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2).encode())
+    artifacts.write(run_dir, "summary.json", json.dumps(summary, indent=2).encode())
+    run_dir.close()
     print_summary(summary)
 
 
