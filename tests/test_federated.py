@@ -119,12 +119,16 @@ def _prepared(spark, lake, **fed):
     return config, clients, test, spec
 
 
+def _first_round(config, clients, spec):
+    """Round 1's starting weights, client task and sampled clients."""
+    return (train.initial_theta(config, spec), federated.client_round(config, spec, 1),
+            federated.sample(config.federated, 1, clients.count, config.trainer.seed))
+
+
 def test_a_client_task_returns_only_an_update_a_count_and_scalars(spark, lake):
     config, clients, test, spec = _prepared(spark, lake)
     try:
-        theta = train.initial_theta(config, spec)
-        sampled = federated.sample(config.federated, 1, clients.count, config.trainer.seed)
-        task = federated.client_round(config, spec, 1)
+        theta, task, sampled = _first_round(config, clients, spec)
         sc = spark.sparkContext
         sc.setJobGroup("fed-round-test", "one round")
         reports, dropped = federated.run_round(sc, clients, task, theta, sampled)
@@ -152,9 +156,7 @@ def test_a_client_whose_block_went_missing_is_rebuilt_and_the_round_is_the_same(
 
     config, clients, test, spec = _prepared(spark, lake)
     try:
-        theta = train.initial_theta(config, spec)
-        sampled = federated.sample(config.federated, 1, clients.count, config.trainer.seed)
-        task = federated.client_round(config, spec, 1)
+        theta, task, sampled = _first_round(config, clients, spec)
         sc = spark.sparkContext
         before, _ = federated.run_round(sc, clients, task, theta, sampled)
         clients.handles.mapPartitions(blocks.remove_partition).count()   # the executors lose the files
