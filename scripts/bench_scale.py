@@ -16,7 +16,9 @@ On the largest size (or --compare-rows) also:
     within 0.5 points of MLlib's converged model, vs MLlib's converged fit time;
   * the numpy floor: a separate process reads the table's Parquet files into one float32 array and
     times the same gradient (udfs.models.loss_and_grad) over it.
-Prints one JSON object on stdout; progress on stderr. Run through scripts/bench_scale.sh.
+Prints one JSON object on stdout; progress on stderr; with --out, also rewrites that file with
+what has been measured so far after every part (so a run killed part-way keeps its numbers). Run
+through scripts/bench_scale.sh.
 """
 from __future__ import annotations
 
@@ -255,6 +257,14 @@ print(json.dumps({{'rows': n, 'pass_seconds': [round(s, 3) for s in secs]}}))
     return out
 
 
+def save(result: dict, out: str | None) -> None:
+    """Write what has been measured so far, atomically (a reader never sees half a file)."""
+    if out:
+        tmp = f"{out}.tmp"
+        Path(tmp).write_text(json.dumps(result, indent=1))
+        os.replace(tmp, out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--lake", default="lake")
@@ -275,6 +285,7 @@ def main() -> None:
     p.add_argument("--compare-rows", type=int, default=0,
                    help="table size for MLlib, time to accuracy and the floor (default: the largest)")
     p.add_argument("--skip", default="", help="comma-separated: mllib, floor, accuracy")
+    p.add_argument("--out", help="JSON file rewritten with the results so far after every part")
     args = p.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     args.block_partitions = args.block_partitions or args.partitions
@@ -294,6 +305,7 @@ def main() -> None:
             measured["memory"] = watch.report()   # peaks while building and passing this size
             log(f"{table}: {measured}")
             result["sizes"].append(measured)
+            save(result, args.out)
         compare_rows = args.compare_rows or sizes[-1]
         largest = ensure_table(spark, lake_path, compare_rows, args.features, args.partitions)
         if "mllib" not in skip:
@@ -310,10 +322,12 @@ def main() -> None:
             result["mllib"] = {"table": largest, "fits": fits, "converged": converged,
                                "marginal_iteration_seconds": round(per_iter, 3),
                                "fixed_seconds": round(lo["seconds"] - per_iter * lo["iterations"], 2)}
+            save(result, args.out)
             if "accuracy" not in skip:
                 result["ours_to_accuracy"] = time_to_accuracy(spark, lake_path, largest,
                                                               converged["test_accuracy"], args)
                 log(f"ours to accuracy: {result['ours_to_accuracy']}")
+                save(result, args.out)
     result["memory"] = watch.report()
     spark.stop()
     if len(sizes) > 1:
@@ -324,11 +338,13 @@ def main() -> None:
         result["scaling"] = {"seconds_per_million_rows": round(slope * 1e6, 4),
                              "intercept_seconds": round(intercept, 3),
                              "largest_deviation_seconds": round(float(np.abs(t - fit).max()), 3),
-                             "largest_relative_deviation": round(float(np.abs(t - fit).max() / t.max()), 3)}
+                             "largest_relative_deviation": round(float((np.abs(t - fit) / t).max()), 3)}
+        save(result, args.out)
     if "floor" not in skip:
         result["numpy_floor"] = numpy_floor(lake_path, largest, args.passes)
         log(f"numpy floor: {result['numpy_floor']}")
     result["load_after"] = os.getloadavg()
+    save(result, args.out)
     print(json.dumps(result, indent=1))
 
 

@@ -240,15 +240,23 @@ def test_the_worker_cache_budget_bounds_blocks_and_derived_values(tmp_path):
     stored = rows * width * 4 + rows * (4 + 8 + 4 + 1)      # features + y, id, shard, test
     layout = blocks.Layout(tuple([0] + [rows] * blocks.N_SHARDS), seed=0, validation_fraction=0.0)
     roles_bytes = 2 * rows * 8                                 # train rows and their global index
-    for budget, in_memory, roles_kept in ((stored + roles_bytes + 4096, True, True),
-                                          (stored + 4096, True, False),
-                                          (stored // 2, False, True),
-                                          (0, False, False)):
+    # (budget, block opened in memory, roles kept, block still in memory once the roles are kept)
+    for budget, opened, roles_kept, held in ((stored + roles_bytes + 4096, True, True, True),
+                                             (stored + 4096, True, True, False),
+                                             (stored // 2, False, True, False),
+                                             (roles_bytes // 2, False, False, False)):
         path = _block_on_disk(tmp_path / str(budget) / "part-00000", rows, width, budget)
         block = blocks.load(path)
-        assert block.in_memory is in_memory
-        assert isinstance(block.X, np.memmap) is not in_memory
+        assert block.in_memory is opened
+        assert isinstance(block.X, np.memmap) is not opened
         roles = blocks.derived(path, ("roles", layout), lambda b: blocks.roles(b, layout))
         assert len(roles.train) == rows
         assert (len(blocks._DERIVED.get(path, {})) == 1) is roles_kept
+        again = blocks.load(path)
+        assert again.in_memory is held
+        np.testing.assert_array_equal(again.X, block.X)
         assert blocks.resident_bytes() <= budget
+        plan = blocks.derived(path, ("plan", layout), lambda b: (roles.train, np.array([0, rows])))
+        assert plan[0] is roles.train
+        if roles_kept:   # the plan shares the roles' array: only its bounds are new
+            assert blocks.resident_bytes() == again.cached_bytes + roles_bytes + 16
