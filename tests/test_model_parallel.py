@@ -114,8 +114,8 @@ def test_model_parallel_equals_sync(lake, tmp_path, capsys, monkeypatch, model, 
 
 def test_sparse_table_trains_like_the_dense_one(lake, tmp_path, capsys):
     path, *_ = lake
-    common = ["model.kind=softmax", "trainer.epochs=2", "trainer.strategy=model_parallel",
-              "model_parallel.shards=4", "data.partitions=2"]
+    common = ["model.kind=softmax", "trainer.epochs=1", "trainer.batch_size=48",
+              "trainer.strategy=model_parallel", "model_parallel.shards=4", "data.partitions=2"]
     _, dense = run(path, tmp_path, capsys, *common)
     summary, sparse = run(path, tmp_path, capsys, *common, table="small_sparse")
     assert summary["input"] == "sparse" and summary["n_features"] == D
