@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines import data, generate, lake
+from pipelines import artifacts, data, generate, lake
 from pipelines.session import build_session
 from pipelines.strategies import evaluate
 from scripts.benchlib import log, machine, versions
@@ -260,9 +260,7 @@ print(json.dumps({{'rows': n, 'pass_seconds': [round(s, 3) for s in secs]}}))
 def save(result: dict, out: str | None) -> None:
     """Write what has been measured so far, atomically (a reader never sees half a file)."""
     if out:
-        tmp = f"{out}.tmp"
-        Path(tmp).write_text(json.dumps(result, indent=1))
-        os.replace(tmp, out)
+        artifacts.atomic_write(Path(out), json.dumps(result, indent=1).encode())
 
 
 def main() -> None:
