@@ -72,13 +72,13 @@ def spec_of(args: argparse.Namespace) -> generate.Spec:
                          args.partitions)
 
 
-def truth_table(spark: SparkSession, model: generate.Truth):
+def truth_table(model: generate.Truth) -> pa.Table:
     outputs = model.W.shape[1]
-    return spark.createDataFrame(pa.table({
+    return pa.table({
         "output": pa.array(np.arange(outputs, dtype=np.int32)),
         "weights": pa.array([model.W[:, k] for k in range(outputs)], pa.list_(pa.float64())),
         "bias": pa.array(model.b),
-    }))
+    })
 
 
 def read_truth(spark: SparkSession, lake_path: str, table: str) -> generate.Truth:
@@ -107,7 +107,8 @@ def generate_table(spark: SparkSession, lake_path: str, table: str, spec: genera
                             generate.schema(spec)))
         meta = {"checksum": None, "options": options, "source": "generate", "rows": spec.rows,
                 "rejected": 0}
-        ingest.write(truth_table(spark, model), truth_path, meta)
+        with lake.arrow_frame(spark, truth_table(model)) as truth:
+            ingest.write(truth, truth_path, meta)
         ingest.write(rows, path, meta)
     finally:
         bc.destroy()

@@ -99,7 +99,7 @@ def data_files(source: Source) -> dict[str, str]:
 
 # --- sources -------------------------------------------------------------------------------------
 
-def idx_frame(spark: SparkSession, directory: str) -> DataFrame:
+def idx_table(directory: str) -> pa.Table:
     """Fashion-MNIST / MNIST IDX files: train ids 0..n-1, test ids after them, pixels / 255."""
     tables, first_id = [], 0
     for split in ("train", "test"):
@@ -114,7 +114,7 @@ def idx_frame(spark: SparkSession, directory: str) -> DataFrame:
             "split": pa.array([split] * n),
         }))
         first_id += n
-    return spark.createDataFrame(pa.concat_tables(tables))
+    return pa.concat_tables(tables)
 
 
 def _numbered(df: DataFrame) -> DataFrame:
@@ -366,9 +366,7 @@ def write(df: DataFrame, path: str, metadata: dict, mode: str = "overwrite",
 
 def read_source(spark: SparkSession, kind: str, path: str, args: argparse.Namespace,
                 id_base: int = 0) -> tuple[DataFrame, DataFrame | None]:
-    """One source file (or IDX directory) as good rows and rejects, ids from `id_base`."""
-    if kind == "idx":
-        return idx_frame(spark, path), None
+    """One source file (CSV, Parquet, LibSVM) as good rows and rejects, ids from `id_base`."""
     if kind == "libsvm":
         rows = libsvm_frame(spark, path).cache()
         good, bad = validate_libsvm(rows, args.num_features or libsvm_width(rows), args.classes,
@@ -406,9 +404,13 @@ def ingest(spark: SparkSession, source: Source, table: str, lake_path: str,
             return {"table": table, "version": version, "skipped": True, "rows": previous["rows"],
                     "rejected": previous["rejected"], "source": f"{source.kind}:{source.path}",
                     "checksum": digest}
-    good, bad = read_source(spark, source.kind, source.path, args)
     meta = {"checksum": digest, "options": options, "source": f"{source.kind}:{source.path}"}
-    n_good, n_bad = _write_ingest(spark, good, bad, path, rejects_path, "overwrite", meta)
+    if source.kind == "idx":   # read on the driver: every image is valid or the file is corrupt
+        with lake.arrow_frame(spark, idx_table(source.path)) as good:
+            n_good, n_bad = _write_ingest(spark, good, None, path, rejects_path, "overwrite", meta)
+    else:
+        good, bad = read_source(spark, source.kind, source.path, args)
+        n_good, n_bad = _write_ingest(spark, good, bad, path, rejects_path, "overwrite", meta)
     if n_good == 0:
         raise UserError(f"{source.path}: no valid rows ({n_bad} rejected; reasons in table "
                         f"{table}{REJECTS_SUFFIX})")

@@ -2,11 +2,22 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
+import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql.pandas.types import from_arrow_schema
 
 from pipelines.errors import UserError
+from udfs import worker
+
+# Arrow data made on the driver travels to the executors in broadcasts of about this size: inside
+# the tasks (what createDataFrame does) it would make tasks of many MB, over Spark's recommended
+# 1,000 KiB, and every task of the stage would carry its share through the scheduler.
+ARROW_CHUNK_BYTES = 16 << 20
 
 _REF = re.compile(r"^(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:@(?P<version>\d+))?$")
 
@@ -67,3 +78,24 @@ def read(spark: SparkSession, lake_path: str, ref: TableRef) -> tuple[DataFrame,
     except Exception as exc:  # noqa: BLE001 - a vacuumed version surfaces here
         raise UserError(f"table {ref.name}@{version} cannot be read (vacuumed?): {exc}") from exc
     return df, version
+
+
+@contextmanager
+def arrow_frame(spark: SparkSession, table: pa.Table,
+                chunk_bytes: int = ARROW_CHUNK_BYTES) -> Iterator[DataFrame]:
+    """A DataFrame of an Arrow table held by the driver, one partition per chunk of about
+    `chunk_bytes`, the chunks shipped as broadcasts (cluster-safe: no driver-local file) and
+    destroyed when the block ends, so use the frame (write it, cache and count it) inside."""
+    rows = max(1, int(table.num_rows * chunk_bytes / max(table.nbytes, 1)))
+    sink = []
+    for start in range(0, max(table.num_rows, 1), rows):
+        buffer = pa.BufferOutputStream()
+        with pa.ipc.new_stream(buffer, table.schema) as writer:
+            writer.write_table(table.slice(start, rows))
+        sink.append(spark.sparkContext.broadcast(buffer.getvalue().to_pybytes()))
+    try:
+        yield (spark.range(0, len(sink), numPartitions=len(sink))
+               .mapInArrow(partial(worker.arrow_chunks, chunks=sink), from_arrow_schema(table.schema)))
+    finally:
+        for bc in sink:
+            bc.destroy(blocking=False)

@@ -7,18 +7,19 @@ taken after any epoch resumes either one to the same result:
   share of the epoch) from the broadcast weights and optimizer state; the driver averages weights
   and optimizer buffers by sample count. One Spark job per averaging round.
 * sync: each global mini-batch is one job: every partition sums the gradient over its rows of the
-  batch, treeAggregate adds them up, the driver's optimizer steps. The maths of one machine doing
+  batch, `reduce_in_order` adds them up, the driver's optimizer steps. The maths of one machine doing
   mini-batch SGD on the global batch.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
-from pyspark import SparkContext
+from pyspark import RDD, SparkContext
 
 from pipelines.config import Config
 from pipelines.data import Blocks
@@ -53,6 +54,19 @@ EpochHook = Callable[[TrainState, dict], None]
 StepHook = Callable[[TrainState], None]
 
 
+def reduce_in_order(rdd: RDD, depth: int) -> Any:
+    """The sum (udfs.tasks.add) of everything the tasks of `rdd` yield, added in partition order
+    through a tree of `depth` levels (Spark's treeAggregate shape: fan-in ceil(P^(1/depth)), a level
+    only while it pays), so the same job gives bit-identical sums however its tasks finish."""
+    partials = rdd.mapPartitionsWithIndex(tasks.partition_sum)
+    n = rdd.getNumPartitions()
+    fan = max(math.ceil(n ** (1.0 / max(depth, 1))), 2)
+    while depth > 1 and n > fan + n / fan:
+        n = -(-n // fan)
+        partials = partials.map(partial(tasks.regroup, fan=fan)).groupByKey(n).map(tasks.sum_group)
+    return tasks.sum_group((0, partials.collect()))[1]
+
+
 def optimizer_from(config: Config) -> Optimizer:
     """The optimizer `trainer.optimizer` names: the driver's in `sync`, each partition's in
     `local`, each client's in `federated`."""
@@ -65,9 +79,9 @@ def evaluate(sc: SparkContext, data: Blocks, spec: ModelSpec, dtype: str, theta:
     """Loss and accuracy (or RMSE and R^2) of theta on the named roles, computed on the executors."""
     bc = sc.broadcast(theta)
     try:
-        sums = data.run(lambda handles: handles.mapPartitions(
+        sums = data.run(lambda handles: reduce_in_order(handles.mapPartitions(
             partial(tasks.evaluate, spec=spec, layout=data.layout, dtype=dtype, which=which, weights=bc)
-        ).treeAggregate(None, tasks.add, tasks.add, depth))
+        ), depth))
     finally:
         bc.destroy()
     return {role: metrics_from_sums(spec, sums[role]) for role in which} if sums else {}
@@ -95,9 +109,8 @@ def _local_epoch(sc: SparkContext, data: Blocks, job: tasks.Job, settings: Setti
         bc = sc.broadcast((state.theta, state.opt_state))
         try:
             task = tasks.LocalRound(job, state.epoch, round_, settings.average_every)
-            total = data.run(lambda handles: handles.mapPartitions(
-                partial(tasks.local_round, task=task, weights=bc)
-            ).treeAggregate(None, tasks.add, tasks.add, settings.depth))
+            total = data.run(lambda handles: reduce_in_order(handles.mapPartitions(
+                partial(tasks.local_round, task=task, weights=bc)), settings.depth))
         finally:
             bc.destroy()
         n, theta_sum, state_sums, round_loss, round_batches = total
@@ -117,9 +130,9 @@ def _sync_epoch(sc: SparkContext, data: Blocks, job: tasks.Job, settings: Settin
     for batch in range(state.step - state.epoch * steps, steps):
         bc = sc.broadcast(state.theta)
         try:
-            grad_sum, batch_loss, count = data.run(lambda handles: handles.mapPartitions(partial(
-                tasks.sync_gradient, job=job, epoch=state.epoch, batch=batch, weights=bc)
-            ).treeAggregate(None, tasks.add, tasks.add, settings.depth))
+            grad_sum, batch_loss, count = data.run(lambda handles: reduce_in_order(
+                handles.mapPartitions(partial(tasks.sync_gradient, job=job, epoch=state.epoch,
+                                              batch=batch, weights=bc)), settings.depth))
         finally:
             bc.destroy(blocking=False)
         state.step += 1

@@ -5,7 +5,7 @@ For each size in --rows (binary logistic, --features columns, generated on the e
 Delta by pipelines/generate.py; an existing identical table is reused):
   * blocks: build time, bytes on the executors' disks, how many the workers hold in memory;
   * ours: seconds per full-batch gradient pass (one Spark job: every partition sums the gradient
-    over its training rows in chunks, treeAggregate adds them), median of --passes;
+    over its training rows in chunks, reduce_in_order adds them), median of --passes;
   * memory, per size (build and passes): peak RSS of the JVM, peaks of the summed RSS and anonymous
     RSS of the Python workers, the driver Python's peak.
 On the largest size (or --compare-rows) also:
@@ -43,7 +43,7 @@ import numpy as np
 
 from pipelines import artifacts, data, generate, lake
 from pipelines.session import build_session
-from pipelines.strategies import evaluate
+from pipelines.strategies import evaluate, reduce_in_order
 from scripts.benchlib import log, machine, versions
 from udfs import blocks, tasks
 from udfs import generate as synthetic
@@ -137,9 +137,8 @@ def ensure_table(spark, lake_path: str, rows: int, features: int, partitions: in
 def gradient_pass(sc, got: data.Blocks, job: tasks.Job, theta: np.ndarray, depth: int):
     bc = sc.broadcast(theta)
     try:
-        return got.run(lambda h: h.mapPartitions(partial(
-            tasks.sync_gradient, job=job, epoch=0, batch=0, weights=bc)
-        ).treeAggregate(None, tasks.add, tasks.add, depth))
+        return got.run(lambda h: reduce_in_order(h.mapPartitions(partial(
+            tasks.sync_gradient, job=job, epoch=0, batch=0, weights=bc)), depth))
     finally:
         bc.destroy()
 
@@ -271,7 +270,7 @@ def main() -> None:
     p.add_argument("--partitions", type=int, default=8)
     p.add_argument("--block-partitions", type=int, default=0,
                    help="data.partitions of the blocks (default: --partitions, the table's files)")
-    p.add_argument("--depth", type=int, default=2, help="treeAggregate depth (trainer.aggregation_depth)")
+    p.add_argument("--depth", type=int, default=2, help="reduction tree depth (trainer.aggregation_depth)")
     p.add_argument("--passes", type=int, default=5)
     p.add_argument("--cache-gb", type=float, default=4.0)
     p.add_argument("--driver-memory", default="6g")

@@ -33,6 +33,15 @@ def lake_dir(tmp_path: Path) -> Path:
     return path
 
 
+def save_arrow(spark, table, path: str, mode: str = "overwrite") -> None:
+    """Write an Arrow table as a Delta table at `path`, its data shipped by broadcast (no task over
+    Spark's recommended size)."""
+    from pipelines.lake import arrow_frame
+
+    with arrow_frame(spark, table) as df:
+        df.write.format("delta").mode(mode).option("overwriteSchema", "true").save(path)
+
+
 def write_table(spark, lake: Path, name: str, X: np.ndarray, y: np.ndarray,
                 split: np.ndarray | None = None, ids: np.ndarray | None = None) -> str:
     """Write a training table (id, features array<float>, label, split) as a Delta table."""
@@ -50,7 +59,7 @@ def write_table(spark, lake: Path, name: str, X: np.ndarray, y: np.ndarray,
         "split": pa.array(split.tolist()),
     })
     path = str(lake / name)
-    spark.createDataFrame(table).write.format("delta").mode("overwrite").save(path)
+    save_arrow(spark, table, path)
     return path
 
 

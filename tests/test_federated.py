@@ -19,7 +19,7 @@ from pipelines import federated, partitioners, train
 from pipelines.aggregation import ServerRule, weighted_mean
 from pipelines.cli import main_wrapper
 from pipelines.config import config_from_dict
-from tests.conftest import ROOT, write_table
+from tests.conftest import ROOT, save_arrow, write_table
 
 N, D, K = 240, 5, 3
 
@@ -40,8 +40,7 @@ def write_clients_table(spark, lake: Path, name: str, X, y, client_ids, split=No
     df = spark.read.format("delta").load(path).orderBy("id").toArrow()
     order = np.argsort(np.arange(len(X)) if ids is None else ids)
     df = df.append_column("client_id", pa.array(np.asarray(client_ids)[order].tolist()))
-    spark.createDataFrame(df).write.format("delta").mode("overwrite") \
-        .option("overwriteSchema", "true").save(path)
+    save_arrow(spark, df, path)
 
 
 @pytest.fixture(scope="module")

@@ -476,15 +476,16 @@ def send(state: CellState, grid: Grid, update: Update, sizes: Any) -> Iterator[t
     worker.prepare()
     part_grad = contribution(state, grid, update)
     sizes.add({"bytes_in": _nbytes(update.dZ.value), "bytes_out": _nbytes(part_grad)})
-    _, s = grid.cell(state.part)
+    source, s = grid.cell(state.part)
     for r in range(grid.row_blocks):
-        yield r * grid.shards + s, part_grad
+        yield r * grid.shards + s, (source, part_grad)
 
 
 def gather(items: Iterable[tuple[int, tuple]]) -> Iterator[list]:
-    """mapPartitions after the shuffle: the contributions this replica received, in row-block
-    order (one list per partition, so the result zips with the state RDD)."""
-    yield [grad for _, grad in items]
+    """mapPartitions after the shuffle: the contributions this replica received, sorted by the row
+    block that sent them (the shuffle delivers them in fetch order, and the sum must not depend on
+    it), one list per partition so the result zips with the state RDD."""
+    yield [grad for _, (_, grad) in sorted(items, key=lambda item: item[1][0])]
 
 
 def _apply(state: CellState, parts: list[tuple[np.ndarray | None, np.ndarray]], grid: Grid,

@@ -1,8 +1,8 @@
 """Per-partition functions handed to `mapPartitions` over the block handles.
 
 Each takes the partition's handle rows and a small frozen job description, and yields one tuple of
-numpy arrays and numbers for the driver to reduce with `treeAggregate`. Weights travel in a Spark
-broadcast (`.value` is read inside the task), never in a closure.
+numpy arrays and numbers for the driver to reduce in partition order (`partition_sum`,
+`regroup`, `sum_group` below). Weights travel in a Spark broadcast (`.value` is read inside the task), never in a closure.
 """
 from __future__ import annotations
 
@@ -209,7 +209,7 @@ def output_sums(spec: ModelSpec, out: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def add(a: Any, b: Any) -> Any:
-    """treeAggregate's combiner for every task here: the element-wise sum of nested tuples, dicts,
+    """The combiner for every task here: the element-wise sum of nested tuples, dicts,
     arrays and numbers, with None (an empty partition) as the empty sum."""
     if a is None:
         return b
@@ -220,3 +220,30 @@ def add(a: Any, b: Any) -> Any:
     if isinstance(a, tuple):
         return tuple(add(x, y) for x, y in zip(a, b))
     return a + b
+
+
+# --- reduction in partition order ------------------------------------------------------------------
+# Float addition is not associative, so a sum is reproducible only if its terms are always added in
+# the same order. treeAggregate merges partial sums in shuffle-fetch order; these functions key every
+# partial by its partition and add in index order, so a run repeated on one machine is bit-identical.
+
+def partition_sum(index: int, items: Iterable[Any]) -> Iterator[tuple[int, Any]]:
+    """mapPartitionsWithIndex: (partition, the sum of what its task yielded)."""
+    total = None
+    for item in items:
+        total = add(total, item)
+    yield index, total
+
+
+def regroup(item: tuple[int, Any], fan: int) -> tuple[int, tuple[int, Any]]:
+    """A partial sum keyed for the next level of the tree: `fan` consecutive indices per group."""
+    return item[0] // fan, item
+
+
+def sum_group(group: tuple[int, Iterable[tuple[int, Any]]]) -> tuple[int, Any]:
+    """The partial sums of one group, added in index order."""
+    key, items = group
+    total = None
+    for _, value in sorted(items, key=lambda kv: kv[0]):
+        total = add(total, value)
+    return key, total

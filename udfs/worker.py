@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import sys
 import zipimport
+from collections.abc import Iterator
+from typing import Any
+
+import pyarrow as pa
 
 _PREPARED = False
 
@@ -50,3 +54,11 @@ def origin(_: object = None) -> dict[str, str]:
     import udfs
 
     return {"python": sys.executable, "udfs": udfs.__file__, "numpy": numpy.__file__}
+
+
+def arrow_chunks(batches: Iterator[pa.RecordBatch], chunks: list[Any]) -> Iterator[pa.RecordBatch]:
+    """mapInArrow over `spark.range(len(chunks))`: the record batches of the broadcast Arrow IPC
+    streams whose index arrives in `id` (pipelines.lake.arrow_frame)."""
+    for batch in batches:
+        for i in batch.column("id").to_pylist():
+            yield from pa.ipc.open_stream(chunks[i].value).read_all().to_batches()
