@@ -3,7 +3,9 @@ reduces on the driver: each partition's (or cell's, or client's) result is added
 never in the order the tasks finished or the shuffle delivered them.
 
 Eight partitions with aggregation_depth 2 make the partition sums pass a level of the reduction
-tree (a shuffle), and model_parallel's two row blocks send gradient contributions through one."""
+tree (a shuffle), and model_parallel's three row blocks send gradient contributions through one
+(three: two terms add the same in either order). Federated clients' updates are averaged in float64,
+so their order could not show in float32 weights; the test still pins the whole job."""
 from __future__ import annotations
 
 import numpy as np
@@ -21,8 +23,8 @@ STRATEGIES = {
     "federated": ["trainer.strategy=federated", "federated.clients=8", "federated.fraction=0.5",
                   "federated.rounds=2", "federated.local_epochs=1", "federated.local_batch_size=16",
                   "federated.strategy=fedadam", "model.kind=mlp", "model.hidden=[8]"],
-    "model_parallel": ["trainer.strategy=model_parallel", "model_parallel.shards=3",
-                       "data.partitions=2", "model.kind=mlp", "model.hidden=[8]"],
+    "model_parallel": ["trainer.strategy=model_parallel", "model_parallel.shards=2",
+                       "data.partitions=3", "trainer.batch_size=256", "model.kind=mlp", "model.hidden=[8]"],
 }
 
 
