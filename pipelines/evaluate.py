@@ -14,13 +14,14 @@ if __package__ in (None, ""):  # run as a script by spark-submit: make the proje
 
 import argparse
 
-from pipelines import artifacts, lake, runstore
-from pipelines.cli import main_wrapper, print_summary
-from pipelines.config import load_config
-from pipelines.data import load_blocks
-from pipelines.errors import UserError
-from pipelines.session import build_session
-from pipelines.strategies import evaluate
+from pipelines.store import artifacts, rundir
+from pipelines.data import lake
+from pipelines.core.cli import main_wrapper, print_summary
+from pipelines.core.config import load_config
+from pipelines.data.blocks import load_blocks
+from pipelines.core.errors import UserError
+from pipelines.core.session import build_session
+from pipelines.training.data_parallel import evaluate
 
 SPLITS = {"test": "test", "validation": "validation", "train": "train"}
 
@@ -36,7 +37,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
-    run_dir = runstore.open_run(args.model)
+    run_dir = rundir.open_run(args.model)
     try:
         spec, theta, meta = artifacts.load_model(run_dir.uri)
         config_file = run_dir.fetch("config.yaml")

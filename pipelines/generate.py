@@ -7,7 +7,7 @@ true model), and the true model beside it as the table `<NAME>_truth` (one row p
 `output` int, `weights` array<double>, `bias` double) so tests and benchmarks can check recovery.
 Dense tables have the training-table schema; with --density < 1 `features` is the sparse
 struct<size int, indices array<int>, values array<float>>. How rows and labels are drawn:
-udfs/generate.py. The options are stored in the Delta commit like an ingest's: generating the same
+udfs/data/synthetic.py. The options are stored in the Delta commit like an ingest's: generating the same
 table again writes nothing; a table fedspark did not write is never overwritten.
 """
 from __future__ import annotations
@@ -19,23 +19,17 @@ if __package__ in (None, ""):  # run as a script by spark-submit: make the proje
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
-import dataclasses
 import time
-from functools import partial
 
-import numpy as np
-import pyarrow as pa
-from pyspark.sql import SparkSession
 
-from pipelines import ingest, lake
-from pipelines.cli import main_wrapper, print_summary
-from pipelines.config import DEFAULT_FILE, load_config
-from pipelines.errors import UserError
-from pipelines.session import build_session
-from udfs import generate
-
-TRUTH_SUFFIX = "_truth"
-
+from pipelines import ingest
+from pipelines.data import lake
+from pipelines.core.cli import main_wrapper, print_summary
+from pipelines.core.config import DEFAULT_FILE, load_config
+from pipelines.core.errors import UserError
+from pipelines.core.session import build_session
+from udfs.data import synthetic
+from pipelines.data.synthetic_tables import TRUTH_SUFFIX, generate_table
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="generate.py", description=__doc__.split("\n\n")[1])
@@ -66,54 +60,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def spec_of(args: argparse.Namespace) -> generate.Spec:
+def spec_of(args: argparse.Namespace) -> synthetic.Spec:
     classes = 0 if args.task == "regression" else (args.classes or 2)
-    return generate.Spec(args.rows, args.features, classes, args.density, args.noise, args.seed,
+    return synthetic.Spec(args.rows, args.features, classes, args.density, args.noise, args.seed,
                          args.partitions)
-
-
-def truth_table(model: generate.Truth) -> pa.Table:
-    outputs = model.W.shape[1]
-    return pa.table({
-        "output": pa.array(np.arange(outputs, dtype=np.int32)),
-        "weights": pa.array([model.W[:, k] for k in range(outputs)], pa.list_(pa.float64())),
-        "bias": pa.array(model.b),
-    })
-
-
-def read_truth(spark: SparkSession, lake_path: str, table: str) -> generate.Truth:
-    """The true model stored beside a generated table."""
-    df, _ = lake.read(spark, lake_path, lake.TableRef(table + TRUTH_SUFFIX))
-    rows = sorted(df.collect(), key=lambda r: r.output)
-    return generate.Truth(np.stack([np.asarray(r.weights) for r in rows], axis=1),
-                          np.array([r.bias for r in rows]))
-
-
-def generate_table(spark: SparkSession, lake_path: str, table: str, spec: generate.Spec) -> dict:
-    path = lake.table_path(lake_path, table)
-    truth_path = lake.table_path(lake_path, table + TRUTH_SUFFIX)
-    options = {"generate": dataclasses.asdict(spec)}
-    for existing in (path, truth_path):
-        if lake.exists(spark, existing):
-            previous = ingest.last_ingest(spark, existing)   # refuses a table we did not write
-            if existing == path and previous.get("options") == options:
-                return {"table": table, "version": lake.latest_version(spark, path),
-                        "skipped": True, "rows": spec.rows}
-    model = generate.truth(spec)
-    bc = spark.sparkContext.broadcast(model)
-    try:
-        rows = (spark.range(0, spec.partitions, 1, spec.partitions)
-                .mapInArrow(partial(generate.generate_partitions, spec=spec, model=bc),
-                            generate.schema(spec)))
-        meta = {"checksum": None, "options": options, "source": "generate", "rows": spec.rows,
-                "rejected": 0}
-        with lake.arrow_frame(spark, truth_table(model)) as truth:
-            ingest.write(truth, truth_path, meta)
-        ingest.write(rows, path, meta)
-    finally:
-        bc.destroy()
-    return {"table": table, "version": lake.latest_version(spark, path), "skipped": False,
-            "rows": spec.rows, "truth": table + TRUTH_SUFFIX}
 
 
 def main(argv: list[str]) -> None:

@@ -19,10 +19,10 @@ from typing import Any
 
 from pyspark.sql import functions as F
 
-from pipelines import records
-from pipelines.cli import main_wrapper, print_summary
-from pipelines.config import DEFAULT_FILE, load_config
-from pipelines.session import build_session
+from pipelines.store import records
+from pipelines.core.cli import main_wrapper, print_summary
+from pipelines.core.config import DEFAULT_FILE, load_config
+from pipelines.core.session import build_session
 
 COLUMNS = ("run_id", "run_name", "status", "attempt", "strategy", "data", "started_at", "ended_at",
            "result")

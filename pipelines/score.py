@@ -21,13 +21,14 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from pipelines import artifacts, lake, records, runstore
-from pipelines.cli import main_wrapper, print_summary
-from pipelines.config import DEFAULT_FILE, load_config
-from pipelines.errors import UserError
-from pipelines.runstore import RunDir
-from pipelines.scoring import score_column
-from pipelines.session import build_session
+from pipelines.store import artifacts, records, rundir
+from pipelines.data import lake
+from pipelines.core.cli import main_wrapper, print_summary
+from pipelines.core.config import DEFAULT_FILE, load_config
+from pipelines.core.errors import UserError
+from pipelines.store.rundir import RunDir
+from pipelines.ml.scoring import score_column
+from pipelines.core.session import build_session
 
 OUTPUT_SCHEMA = T.StructType([
     T.StructField("id", T.LongType()),
@@ -58,8 +59,8 @@ def model_dir(spark: SparkSession, lake_path: str, model: str) -> RunDir:
     the runs table."""
     name, sep, run_name = model.partition(":")
     if name == "latest":
-        return runstore.open_run(records.latest_completed(spark, lake_path, run_name if sep else None)["run_dir"])
-    run_dir = runstore.open_run(model)
+        return rundir.open_run(records.latest_completed(spark, lake_path, run_name if sep else None)["run_dir"])
+    run_dir = rundir.open_run(model)
     if not run_dir.exists(""):
         raise UserError(f"--model {model}: no such run directory")
     return run_dir

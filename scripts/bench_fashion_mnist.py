@@ -4,7 +4,7 @@
 Benchmark the seed's sample job (conf/fashion_mnist.yaml: MLP 784-128-10, Adam lr 0.001, 5 epochs,
 batch 64, 20% of the train split held out, tested on the test split) in one run on this machine:
 
-  numpy   the floor: one process, one BLAS thread, the same maths (udfs.models / udfs.optimizers)
+  numpy   the floor: one process, one BLAS thread, the same maths (udfs.core.models / udfs.core.optimizers)
   local   spark-submit pipelines/train.py --set trainer.strategy=local
   sync    spark-submit pipelines/train.py --set trainer.strategy=sync (one Spark job per step)
   mllib   Spark MLlib's MultilayerPerceptronClassifier (l-bfgs) on the same Delta table
@@ -33,13 +33,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipelines.config import Config, load_config
-from pipelines.strategies import optimizer_from  # the Optimizer the jobs build from the same config
-from udfs import models
-from udfs.blocks import validation_mask
-from udfs.models import ModelSpec
-from udfs.seeding import Stream, rng
-from udfs.tasks import steps_per_epoch  # global mini-batch steps, counted as the strategies do
+from pipelines.core.config import Config, load_config
+from pipelines.training.data_parallel import optimizer_from  # the Optimizer the jobs build from the same config
+from udfs.core import models
+from udfs.data.blocks import validation_mask
+from udfs.core.models import ModelSpec
+from udfs.core.seeding import Stream, rng
+from udfs.training.tasks import steps_per_epoch  # global mini-batch steps, counted as the strategies do
 
 from benchlib import DATA_DIR, BenchError, load_split, log, machine, spark_submit, versions
 
@@ -193,8 +193,8 @@ def mllib_job(args: argparse.Namespace) -> None:
     from pyspark.ml.functions import array_to_vector
     from pyspark.sql import functions as F
 
-    from pipelines import lake
-    from pipelines.session import build_session
+    from pipelines.data import lake
+    from pipelines.core.session import build_session
 
     config = sample_config(args.lake)
     timings: dict[str, float] = {}

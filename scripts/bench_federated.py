@@ -46,13 +46,14 @@ import numpy as np
 from pyspark.sql import SparkSession
 from threadpoolctl import threadpool_limits
 
-from pipelines import federated, partitioners
-from pipelines.aggregation import weighted_mean
-from pipelines.config import Config, load_config
-from pipelines.session import build_session
-from pipelines.train import initial_theta, model_spec
-from udfs.clients import ClientSplit, train_client
-from udfs.seeding import Stream, rng
+from pipelines.federated import rounds, partitioners
+from pipelines.federated.clients import Clients, partition_report, prepare_clients
+from pipelines.federated.server import weighted_mean
+from pipelines.core.config import Config, load_config
+from pipelines.core.session import build_session
+from pipelines.training.runners import initial_theta, model_spec
+from udfs.federated.clients import ClientSplit, train_client
+from udfs.core.seeding import Stream, rng
 
 from benchlib import load_split, log, machine, versions
 
@@ -121,18 +122,18 @@ def experiment_config(e: Experiment, lake_path: str, rounds: int) -> Config:
 
 # --- convergence -------------------------------------------------------------------------------
 
-def converge(spark: SparkSession, config: Config, clients: federated.Clients, test: Any,
+def converge(spark: SparkSession, config: Config, clients: Clients, test: Any,
              label: str) -> dict[str, Any]:
     """Train until the config's target accuracy or its round cap; what the benchmark reports."""
     sc = spark.sparkContext
     spec = model_spec(config, clients.n_features, clients.n_classes)
     fed, t = config.federated, config.trainer
-    state = federated.initial_state(config, initial_theta(config, spec), clients.count)
+    state = rounds.initial_state(config, initial_theta(config, spec), clients.count)
     target = fed.target_accuracy
 
     seen: list[dict] = []
 
-    def on_round(_: federated.FedState, record: dict) -> None:
+    def on_round(_: rounds.FedState, record: dict) -> None:
         seen.append(record)
         if "test_accuracy" in record and record["round"] % (10 * fed.eval_every) == 0:
             log(f"{label}: round {record['round']} test_accuracy {record['test_accuracy']:.4f}")
@@ -142,7 +143,7 @@ def converge(spark: SparkSession, config: Config, clients: federated.Clients, te
 
     started = time.perf_counter()
     try:
-        state = federated.fit(sc, config, clients, test, spec, state, on_round,
+        state = rounds.fit(sc, config, clients, test, spec, state, on_round,
                               until=reached if target is not None else None, client_eval=False)
     except RuntimeError as exc:  # e.g. every client's update overflowed under an attack
         raise RoundFailed(str(exc), [[h["round"], h["test_accuracy"]] for h in seen
@@ -153,7 +154,7 @@ def converge(spark: SparkSession, config: Config, clients: federated.Clients, te
     first = next((h["round"] for h in evaluated if target is not None and h["test_accuracy"] >= target),
                  None)
     split = ClientSplit(t.seed, fed.holdout_fraction)
-    by_client, _ = federated.federated_eval(sc, clients, spec, t.dtype, split, state.theta)
+    by_client, _ = rounds.federated_eval(sc, clients, spec, t.dtype, split, state.theta)
     train_seconds = [h["seconds"] - h.get("eval_seconds", 0.0) for h in history[1:]] or [0.0]
     log(f"{label}: rounds_to_target {first} after {state.round} rounds, {wall:.0f} s")
     return {
@@ -174,8 +175,8 @@ def run_group(spark: SparkSession, group: list[Experiment], args: argparse.Names
               ) -> Iterator[dict[str, Any]]:
     """The experiments sharing one client split, with the split built once."""
     base = experiment_config(group[0], args.lake, group[0].cap)
-    clients, test = federated.prepare_clients(spark, base)
-    report = federated.partition_report(clients)
+    clients, test = prepare_clients(spark, base)
+    report = partition_report(clients)
     log(f"{group[0].group}: {report}")
     best: dict[str, int] = {}
     try:
@@ -237,21 +238,21 @@ def overhead(spark: SparkSession, args: argparse.Namespace) -> dict[str, Any]:
     """Rounds of FedAvg on 100 IID clients: Spark round wall time, the tasks' own numpy time, and
     the same training in one process. Round 1 (Python workers start, blocks load) is kept apart."""
     config = experiment_config(Experiment("iid", "fedavg", "fedavg_iid.yaml", (), 1), args.lake, 1)
-    clients, test = federated.prepare_clients(spark, config)
+    clients, test = prepare_clients(spark, config)
     spec = model_spec(config, clients.n_features, clients.n_classes)
     data = client_arrays(config)
     fed, t = config.federated, config.trainer
     split = ClientSplit(t.seed, fed.holdout_fraction)
-    rule = federated.server_rule(fed)
+    rule = rounds.server_rule(fed)
     theta = initial_theta(config, spec)
     server_state = rule.init_state(theta)
     rows = []
     try:
         for r in range(1, args.overhead_rounds + 1):
-            sampled = federated.sample(fed, r, clients.count, t.seed)
-            task = federated.client_round(config, spec, r)
+            sampled = rounds.sample(fed, r, clients.count, t.seed)
+            task = rounds.client_round(config, spec, r)
             started = time.perf_counter()
-            reports, dropped = federated.run_round(spark.sparkContext, clients, task, theta, sampled)
+            reports, dropped = rounds.run_round(spark.sparkContext, clients, task, theta, sampled)
             wall = time.perf_counter() - started
             local = one_process(task, theta, sampled, data, split)
             rows.append({"round": r, "clients": len(sampled), "round_seconds": wall,

@@ -32,11 +32,13 @@ from typing import Any
 
 from pyspark.sql import SparkSession
 
-from pipelines import lake, mllib, strategies, train
-from pipelines.config import Config, load_config
-from pipelines.data import load_blocks
-from pipelines.session import build_session
-from udfs import tasks
+from pipelines.data import lake
+from pipelines.training import mllib, data_parallel
+from pipelines.training import runners
+from pipelines.core.config import Config, load_config
+from pipelines.data.blocks import load_blocks
+from pipelines.core.session import build_session
+from udfs.training import tasks
 
 from benchlib import log, machine, versions
 
@@ -51,7 +53,7 @@ def mllib_runs(spark: SparkSession, kind: str, iters: list[int], lake_path: str)
     runs = []
     for n in iters:
         config = config_for(kind, lake_path, ("trainer.strategy=mllib", f"mllib.max_iter={n}"))
-        result = mllib.fit(spark, config, lambda d, k, c=config: train.model_spec(c, d, k))
+        result = mllib.fit(spark, config, lambda d, k, c=config: runners.model_spec(c, d, k))
         runs.append({"max_iter": n, "iterations": result["iterations"],
                      "train_seconds": round(result["train_seconds"], 2),
                      "test_accuracy": round(result["test"]["accuracy"], 4)})
@@ -66,20 +68,20 @@ def local_until(spark: SparkSession, kind: str, target: float, max_epochs: int,
     t, sc = config.trainer, spark.sparkContext
     data = load_blocks(spark, lake_path, lake.TableRef(config.data.table), config.data.partitions,
                        t.seed, config.data.validation_fraction)
-    spec = train.model_spec(config, data.n_features, data.n_classes)
-    opt = strategies.optimizer_from(config)
+    spec = runners.model_spec(config, data.n_features, data.n_classes)
+    opt = data_parallel.optimizer_from(config)
     job = tasks.Job(spec, data.layout, t.dtype, t.batch_size, opt)
-    theta = train.initial_theta(config, spec)
-    state = strategies.TrainState(theta, opt.init_state(theta))
+    theta = runners.initial_theta(config, spec)
+    state = data_parallel.TrainState(theta, opt.init_state(theta))
     curve: list[list[float]] = []
     seconds = 0.0
     try:
         for epoch in range(1, max_epochs + 1):
-            settings = strategies.Settings("local", epoch, t.average_every, t.aggregation_depth)
+            settings = data_parallel.Settings("local", epoch, t.average_every, t.aggregation_depth)
             started = time.perf_counter()
-            state = strategies.train(sc, data, job, settings, state, lambda s, r: None)
+            state = data_parallel.train(sc, data, job, settings, state, lambda s, r: None)
             seconds += time.perf_counter() - started
-            accuracy = strategies.evaluate(sc, data, spec, t.dtype, state.theta, ("test",))["test"]["accuracy"]
+            accuracy = data_parallel.evaluate(sc, data, spec, t.dtype, state.theta, ("test",))["test"]["accuracy"]
             curve.append([epoch, round(seconds, 2), round(accuracy, 4)])
             log(f"local {kind}: epoch {epoch} {seconds:.1f} s test_accuracy {accuracy:.4f}")
             if accuracy >= target:

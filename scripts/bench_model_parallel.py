@@ -7,7 +7,7 @@ features and `--classes` classes (features x classes first-layer parameters), tr
 `trainer.strategy: model_parallel` for one epoch at each number of feature blocks S, in one Spark
 session on this machine.
 
-The table (id, indices, values, label, split) is generated on the executors (udfs/sparse_rows.py)
+The table (id, indices, values, label, split) is generated on the executors (udfs/data/sparse_rows.py)
 into `<lake>/sparse_<features>x<rows>` unless it is there already. Each run is the ordinary train
 job (pipelines/train.py) with Adam, float32 and no validation hold-out; reported per S: seconds per
 step (the epoch's wall time over its steps, which includes the one forward-only job an epoch
@@ -38,10 +38,11 @@ from typing import Any
 
 from pyspark.sql import SparkSession
 
-from pipelines import lake, train
-from pipelines.cli import main_wrapper
-from pipelines.session import build_session
-from udfs import sparse_rows
+from pipelines.data import lake
+from pipelines import train
+from pipelines.core.cli import main_wrapper
+from pipelines.core.session import build_session
+from udfs.data import sparse_rows
 
 from benchlib import log, machine, versions
 

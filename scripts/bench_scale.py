@@ -41,14 +41,18 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines import artifacts, data, generate, lake
-from pipelines.session import build_session
-from pipelines.strategies import evaluate, reduce_in_order
+from pipelines.store import artifacts
+from pipelines.data import lake
+from pipelines.data.blocks import Blocks, load_blocks
+from pipelines import generate
+from pipelines.core.session import build_session
+from pipelines.training.data_parallel import evaluate, reduce_in_order
 from scripts.benchlib import log, machine, versions
-from udfs import blocks, tasks
-from udfs import generate as synthetic
-from udfs.models import ModelSpec
-from udfs.optimizers import Optimizer
+from udfs.data import blocks
+from udfs.training import tasks
+from udfs.data import synthetic as synthetic
+from udfs.core.models import ModelSpec
+from udfs.core.optimizers import Optimizer
 
 # --- memory ----------------------------------------------------------------------------------------
 
@@ -134,7 +138,7 @@ def ensure_table(spark, lake_path: str, rows: int, features: int, partitions: in
     return name
 
 
-def gradient_pass(sc, got: data.Blocks, job: tasks.Job, theta: np.ndarray, depth: int):
+def gradient_pass(sc, got: Blocks, job: tasks.Job, theta: np.ndarray, depth: int):
     bc = sc.broadcast(theta)
     try:
         return got.run(lambda h: reduce_in_order(h.mapPartitions(partial(
@@ -146,7 +150,7 @@ def gradient_pass(sc, got: data.Blocks, job: tasks.Job, theta: np.ndarray, depth
 def measure_passes(spark, lake_path: str, table: str, args) -> dict:
     sc = spark.sparkContext
     started = time.perf_counter()
-    got = data.load_blocks(spark, lake_path, lake.TableRef(table), args.block_partitions, 0, 0.0,
+    got = load_blocks(spark, lake_path, lake.TableRef(table), args.block_partitions, 0, 0.0,
                            cache_gb=args.cache_gb)
     build = time.perf_counter() - started
     spec = ModelSpec("logistic", (got.n_features, 1))
@@ -179,7 +183,7 @@ def time_to_accuracy(spark, lake_path: str, table: str, target: float, args) -> 
     pass (its job counted in the clock) until within 0.5 points of `target`."""
     sc = spark.sparkContext
     started = time.perf_counter()
-    got = data.load_blocks(spark, lake_path, lake.TableRef(table), args.block_partitions, 0, 0.0,
+    got = load_blocks(spark, lake_path, lake.TableRef(table), args.block_partitions, 0, 0.0,
                            cache_gb=args.cache_gb)
     spec = ModelSpec("logistic", (got.n_features, 1))
     opt = Optimizer("adam", args.adam_lr, 0.9, 0.999, 1e-7, 0.9)
@@ -224,7 +228,7 @@ def numpy_floor(lake_path: str, table: str, passes: int) -> dict:
     array, then `passes` gradient passes over it."""
     code = f"""
 import glob, json, time, numpy as np, pyarrow.parquet as pq
-from udfs.models import ModelSpec, loss_and_grad
+from udfs.core.models import ModelSpec, loss_and_grad
 files = sorted(glob.glob({(lake_path.removeprefix('file:') + '/' + table)!r} + '/*.parquet'))
 meta = [pq.ParquetFile(f).metadata for f in files]
 n = sum(m.num_rows for m in meta)

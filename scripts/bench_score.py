@@ -4,7 +4,7 @@
 Batch scoring throughput: `spark-submit pipelines/score.py` on a synthetic table (written by
 pipelines/generate.py when missing) in local[2] with `spark.driver.maxResultSize=1m`, so the job can
 only succeed if nothing is collected on the driver, against a single-process numpy predict of the
-same rows with the same maths (udfs.models: decision, labels, probabilities; one BLAS thread). The
+same rows with the same maths (udfs.core.models: decision, labels, probabilities; one BLAS thread). The
 model is a softmax regression with random weights: scoring cost does not depend on their values.
 
 Prints one JSON object (machine, versions, date, results, ratio) and a markdown table; progress on
@@ -31,9 +31,9 @@ import numpy as np
 import pyarrow.parquet as pq
 from threadpoolctl import threadpool_limits
 
-from pipelines import artifacts
-from udfs import models
-from udfs.models import ModelSpec, init_params
+from pipelines.store import artifacts
+from udfs.core import models
+from udfs.core.models import ModelSpec, init_params
 
 from benchlib import log, machine, spark_submit, versions
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines import idx
+from pipelines.data import idx
 
 DATA_DIR = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +67,7 @@ def submit_env() -> dict[str, str]:
 def submit_command(script: str, args: list[str], conf: dict[str, str] | None = None) -> list[str]:
     """scripts/setup.sh's spark_submit: the venv's spark-submit plus the Delta package and conf,
     and any `--conf` the benchmark fixes (driver memory, maxResultSize)."""
-    from pipelines.session import submit_args
+    from pipelines.core.session import submit_args
 
     extra = [arg for key, value in (conf or {}).items() for arg in ("--conf", f"{key}={value}")]
     return [str(VENV / "bin" / "spark-submit"), *submit_args(), *extra, script, *args]

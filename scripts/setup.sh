@@ -60,7 +60,7 @@ ensure_fashion_mnist() {
 # Delta jar must be given here; it is resolved from Maven Central once and cached under ~/.ivy2).
 spark_submit() {
   local args
-  mapfile -t args < <("$VENV/bin/python" -c 'from pipelines.session import submit_args; print("\n".join(submit_args()))')
+  mapfile -t args < <("$VENV/bin/python" -c 'from pipelines.core.session import submit_args; print("\n".join(submit_args()))')
   "$VENV/bin/spark-submit" "${SUBMIT_OPTS[@]}" "${args[@]}" "$@"
 }
 SUBMIT_OPTS=()

@@ -36,7 +36,7 @@ fi
 
 # The config decides the table, the lake and whether Delta's jar comes from Maven; ingest
 # Fashion-MNIST only when that table is missing.
-{ read -r table; read -r lake_path; read -r delta_packages; } < <(python -m pipelines.config \
+{ read -r table; read -r lake_path; read -r delta_packages; } < <(python -m pipelines.core.config \
   "${cfg_args[@]}" data.table lake.path spark.delta_packages 2>/dev/null || printf -- '-\n-\nauto\n')
 export FEDSPARK_DELTA_PACKAGES="${FEDSPARK_DELTA_PACKAGES:-$delta_packages}"
 if [ "$table" = "fashion_mnist" ]; then

@@ -15,7 +15,7 @@ IDX_DIR = Path("/usr/share/datasets/fashion-mnist")   # Debian's dataset-fashion
 @pytest.fixture(scope="session")
 def spark():
     os.environ.setdefault("PYSPARK_PYTHON", str(Path(os.sys.executable)))
-    from pipelines.session import build_session
+    from pipelines.core.session import build_session
 
     # 2 GiB: the whole suite shares this JVM, and the full Fashion-MNIST ingest needs more than
     # the 1 GiB default once earlier tests have cached their tables
@@ -36,7 +36,7 @@ def lake_dir(tmp_path: Path) -> Path:
 def save_arrow(spark, table, path: str, mode: str = "overwrite") -> None:
     """Write an Arrow table as a Delta table at `path`, its data shipped by broadcast (no task over
     Spark's recommended size)."""
-    from pipelines.lake import arrow_frame
+    from pipelines.data.lake import arrow_frame
 
     with arrow_frame(spark, table) as df:
         df.write.format("delta").mode(mode).option("overwriteSchema", "true").save(path)
@@ -71,7 +71,7 @@ def require_fashion_mnist() -> None:
 def fashion_mnist(every: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Fashion-MNIST as (X float32 [n, 784] scaled to [0, 1], y int32, split), train then test,
     taking every `every`-th image of each split."""
-    from pipelines import idx
+    from pipelines.data import idx
 
     require_fashion_mnist()
     parts = [idx.read_split(IDX_DIR, s) for s in ("train", "test")]
@@ -111,7 +111,7 @@ def train_and_load(capsys, argv: list[str], sets=()) -> tuple[dict, np.ndarray]:
     import json
 
     from pipelines import train
-    from pipelines.cli import main_wrapper
+    from pipelines.core.cli import main_wrapper
 
     for s in sets:
         argv = [*argv, "--set", s]

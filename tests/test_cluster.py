@@ -66,15 +66,15 @@ def test_executors_import_udfs_from_the_shipped_zip(cluster, tmp_path):
     script = tmp_path / "origin.py"
     script.write_text(
         "import json\n"
-        "from pipelines.session import build_session\n"
-        "from udfs.worker import origin\n"
+        "from pipelines.core.session import build_session\n"
+        "from udfs.core.worker import origin\n"
         "spark = build_session('origin')\n"
         "print(spark.sparkContext.master)\n"
         "print(json.dumps(spark.sparkContext.parallelize(range(4), 4).map(origin).collect()))\n"
         "spark.stop()\n")
     ship = subprocess.run(["bash", "scripts/package.sh"], cwd=ROOT, capture_output=True, text=True,
                           check=True).stdout.split("\n")
-    from pipelines.session import submit_args
+    from pipelines.core.session import submit_args
 
     done = subprocess.run([str(ROOT / ".venv/bin/spark-submit"), "--master", master,
                            *[a for a in ship if a], *submit_args(), str(script)],

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from pipelines.config import ConfigError, load_config
+from pipelines.core.config import ConfigError, load_config
 from tests.conftest import ROOT
 
 

@@ -11,7 +11,7 @@ from pyspark.ml.feature import StandardScaler, VectorAssembler
 from pyspark.ml.tuning import CrossValidator, ParamGridBuilder, TrainValidationSplit
 from pyspark.sql import functions as F
 
-from pipelines.estimators import FedsparkEstimator, FedsparkModel
+from pipelines.ml.estimators import FedsparkEstimator, FedsparkModel
 from tests.conftest import blobs
 
 COLUMNS = [f"x{i}" for i in range(6)]

@@ -8,7 +8,7 @@ import pytest
 from pyspark.sql import functions as F
 
 from pipelines import evaluate, ingest, score, train
-from pipelines.cli import main_wrapper
+from pipelines.core.cli import main_wrapper
 from tests.conftest import IDX_DIR, require_fashion_mnist
 
 pytestmark = pytest.mark.slow

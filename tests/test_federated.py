@@ -15,10 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines import federated, partitioners, train
-from pipelines.aggregation import ServerRule, weighted_mean
-from pipelines.cli import main_wrapper
-from pipelines.config import config_from_dict
+from pipelines.federated import rounds, partitioners
+from pipelines.federated.clients import partition_report, prepare_clients
+from pipelines import train
+from pipelines.federated.server import ServerRule, weighted_mean
+from pipelines.core.cli import main_wrapper
+from pipelines.core.config import config_from_dict
 from tests.conftest import ROOT, save_arrow, write_table
 
 N, D, K = 240, 5, 3
@@ -113,15 +115,15 @@ def _prepared(spark, lake, **fed):
         "trainer": {"strategy": "federated", "optimizer": {"name": "sgd", "lr": 0.1}},
         "federated": {"clients": 8, "fraction": 0.5, "local_epochs": 1, "local_batch_size": 8,
                       "rounds": 2, **fed}})
-    clients, test = federated.prepare_clients(spark, config)
+    clients, test = prepare_clients(spark, config)
     spec = train.model_spec(config, clients.n_features, clients.n_classes)
     return config, clients, test, spec
 
 
 def _first_round(config, clients, spec):
     """Round 1's starting weights, client task and sampled clients."""
-    return (train.initial_theta(config, spec), federated.client_round(config, spec, 1),
-            federated.sample(config.federated, 1, clients.count, config.trainer.seed))
+    return (train.initial_theta(config, spec), rounds.client_round(config, spec, 1),
+            rounds.sample(config.federated, 1, clients.count, config.trainer.seed))
 
 
 def test_a_client_task_returns_only_an_update_a_count_and_scalars(spark, lake):
@@ -130,7 +132,7 @@ def test_a_client_task_returns_only_an_update_a_count_and_scalars(spark, lake):
         theta, task, sampled = _first_round(config, clients, spec)
         sc = spark.sparkContext
         sc.setJobGroup("fed-round-test", "one round")
-        reports, dropped = federated.run_round(sc, clients, task, theta, sampled)
+        reports, dropped = rounds.run_round(sc, clients, task, theta, sampled)
         sc.setJobGroup("", "")
         assert not dropped and len(reports) == len(sampled) == 4
         for r in reports:
@@ -151,15 +153,15 @@ def test_a_client_task_returns_only_an_update_a_count_and_scalars(spark, lake):
 
 
 def test_a_client_whose_block_went_missing_is_rebuilt_and_the_round_is_the_same(spark, lake):
-    from udfs import blocks
+    from udfs.data import blocks
 
     config, clients, test, spec = _prepared(spark, lake)
     try:
         theta, task, sampled = _first_round(config, clients, spec)
         sc = spark.sparkContext
-        before, _ = federated.run_round(sc, clients, task, theta, sampled)
+        before, _ = rounds.run_round(sc, clients, task, theta, sampled)
         clients.handles.mapPartitions(blocks.remove_partition).count()   # the executors lose the files
-        after, _ = federated.run_round(sc, clients, task, theta, sampled)
+        after, _ = rounds.run_round(sc, clients, task, theta, sampled)
         assert clients.rebuilds == 1
         assert [(r["client"], r["n"]) for r in after] == [(r["client"], r["n"]) for r in before]
         assert all(np.array_equal(a["update"], b["update"]) for a, b in zip(after, before))
@@ -173,7 +175,7 @@ def test_partition_report_and_shards_hold_at_most_two_labels(spark, lake):
     try:
         assert clients.count == 8 and clients.labels.max() <= 2
         assert clients.sizes.sum() == N - N // 5
-        report = federated.partition_report(clients)
+        report = partition_report(clients)
         assert report.startswith("clients 8") and "labels per client" in report
     finally:
         clients.release()
@@ -199,11 +201,11 @@ def test_partitioners():
 
 def test_sampling_is_seeded_and_sized():
     fed = config_from_dict({"federated": {"fraction": 0.1, "min_clients": 2}}).federated
-    a = federated.sample(fed, 3, 100, 0)
-    assert len(a) == 10 and a == federated.sample(fed, 3, 100, 0) != federated.sample(fed, 4, 100, 0)
-    assert len(federated.sample(fed, 1, 5, 0)) == 2  # min_clients
+    a = rounds.sample(fed, 3, 100, 0)
+    assert len(a) == 10 and a == rounds.sample(fed, 3, 100, 0) != rounds.sample(fed, 4, 100, 0)
+    assert len(rounds.sample(fed, 1, 5, 0)) == 2  # min_clients
     poisson = config_from_dict({"federated": {"fraction": 0.3, "sampling": "poisson"}}).federated
-    sizes = [len(federated.sample(poisson, r, 100, 0)) for r in range(1, 200)]
+    sizes = [len(rounds.sample(poisson, r, 100, 0)) for r in range(1, 200)]
     assert 25 < np.mean(sizes) < 35 and len(set(sizes)) > 3
 
 
@@ -239,7 +241,7 @@ def _start_run(lake: Path, runs: Path, name: str, prelude: str = "") -> subproce
     for s in RESUMABLE:
         argv += ["--set", s]
     script = (f"import sys\nsys.path.insert(0, {str(ROOT)!r})\n{prelude}\n"
-              f"from pipelines import train\nfrom pipelines.cli import main_wrapper\n"
+              f"from pipelines import train\nfrom pipelines.core.cli import main_wrapper\n"
               f"raise SystemExit(main_wrapper(train.main, {argv!r}))\n")
     return subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -323,7 +325,7 @@ def test_a_run_killed_while_writing_a_checkpoint_resumes_to_the_same_weights(lak
     # the process SIGKILLs itself half-way through writing round 3's checkpoint weights
     prelude = """
 import os, signal
-from pipelines import artifacts
+from pipelines.store import artifacts
 _write = artifacts.atomic_write
 def dying_write(path, data):
     if path.name == "round-0003.npz":
@@ -354,10 +356,11 @@ import sys
 sys.path.insert(0, {str(ROOT)!r})
 import numpy as np
 from pyspark import TaskContext
-from pipelines import federated, train
-from pipelines.config import config_from_dict
-from pipelines.session import build_session
-from udfs import clients as udf_clients
+from pipelines.federated import rounds
+from pipelines import train
+from pipelines.core.config import config_from_dict
+from pipelines.core.session import build_session
+from udfs.federated import clients as udf_clients
 
 def flaky(rows, task, weights):
     if TaskContext.get().attemptNumber() == 0:

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 from pyspark.ml import PipelineModel
 
-from pipelines.artifacts import load_model
-from udfs.models import predict
+from pipelines.store.artifacts import load_model
+from udfs.core.models import predict
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 

@@ -11,10 +11,13 @@ import pyarrow as pa
 import pytest
 from scipy import sparse
 
-from pipelines import data, generate, lake, strategies, train
-from pipelines.cli import main_wrapper
-from udfs import blocks
-from udfs.models import ModelSpec
+from pipelines.data import lake
+from pipelines.data.blocks import load_blocks
+from pipelines import generate, train
+from pipelines.training import data_parallel
+from pipelines.core.cli import main_wrapper
+from udfs.data import blocks
+from udfs.core.models import ModelSpec
 
 
 def gen(lake_dir, capsys, *args) -> dict:
@@ -125,7 +128,7 @@ def test_sparse_wide_logistic_equals_a_scipy_gradient_descent_loop(spark, gen_la
 
 
 def test_sparse_blocks_stay_sparse(spark, gen_lake):
-    got = data.load_blocks(spark, str(gen_lake), lake.TableRef("wide"), 2, 0, 0.0)
+    got = load_blocks(spark, str(gen_lake), lake.TableRef("wide"), 2, 0, 0.0)
     try:
         assert got.n_features == WIDE
         dense_bytes = 4000 * WIDE * 4
@@ -147,7 +150,7 @@ def test_memory_budget_memory_maps_blocks_and_changes_nothing(spark, gen_lake, t
         results.append(weights(summary))
     assert np.array_equal(results[0], results[1])
     for gb, expected in ((4.0, True), (0.0, False)):
-        got = data.load_blocks(spark, str(gen_lake), lake.TableRef("dense"), 2, 0, 0.2, cache_gb=gb)
+        got = load_blocks(spark, str(gen_lake), lake.TableRef("dense"), 2, 0, 0.2, cache_gb=gb)
         try:
             held = got.handles.mapPartitions(blocks.residency).collect()
             assert [h["in_memory"] for h in held] == [expected, expected]
@@ -158,13 +161,13 @@ def test_memory_budget_memory_maps_blocks_and_changes_nothing(spark, gen_lake, t
 
 
 def test_a_missing_block_is_rebuilt_and_the_job_gives_the_same_answer(spark, gen_lake):
-    got = data.load_blocks(spark, str(gen_lake), lake.TableRef("dense"), 2, 0, 0.2)
+    got = load_blocks(spark, str(gen_lake), lake.TableRef("dense"), 2, 0, 0.2)
     spec = ModelSpec("logistic", (8, 1))
     theta = np.linspace(-1, 1, 9).astype(np.float32)
     try:
-        before = strategies.evaluate(spark.sparkContext, got, spec, "float32", theta, ("test",))
+        before = data_parallel.evaluate(spark.sparkContext, got, spec, "float32", theta, ("test",))
         got.handles.mapPartitions(blocks.remove_partition).count()   # the executors lose the files
-        after = strategies.evaluate(spark.sparkContext, got, spec, "float32", theta, ("test",))
+        after = data_parallel.evaluate(spark.sparkContext, got, spec, "float32", theta, ("test",))
         assert got.rebuilds == 1
         assert after == before
     finally:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from pipelines import ingest
-from pipelines.cli import main_wrapper
+from pipelines.core.cli import main_wrapper
 
 TRAIN_IMAGES = "train-images-idx3-ubyte.gz"
 TRAIN_LABELS = "train-labels-idx1-ubyte.gz"

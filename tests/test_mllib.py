@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipelines import evaluate
-from pipelines.cli import main_wrapper
+from pipelines.core.cli import main_wrapper
 from tests.conftest import blobs
 from tests.test_train_job import ALWAYS, run_train
 

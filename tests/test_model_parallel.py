@@ -13,13 +13,15 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipelines import evaluate, model_parallel, train, vertical
-from pipelines.cli import main_wrapper
-from pipelines.config import ConfigError, config_from_dict
+from pipelines import evaluate, train
+from pipelines.model_parallel import training, vertical
+from pipelines.core.cli import main_wrapper
+from pipelines.core.config import ConfigError, config_from_dict
 from tests.conftest import blobs, fashion_mnist, save_arrow, train_and_load, write_table
-from udfs import models, shards
-from udfs.models import ModelSpec, init_params
-from udfs.seeding import Stream, rng
+from udfs.core import models
+from udfs.model_parallel import shards
+from udfs.core.models import ModelSpec, init_params
+from udfs.core.seeding import Stream, rng
 
 N, D, K = 240, 12, 3
 
@@ -69,7 +71,7 @@ def test_shards_draw_the_first_layer_and_head_like_init_params():
 @pytest.mark.parametrize("kind, layers", [("softmax", (7, 3)), ("logistic", (7, 1)), ("linear", (7, 1)),
                                           ("mlp", (7, 5, 4, 3))])
 def test_split_gradient_is_the_whole_models(kind, layers):
-    """The head's gradient plus X^T dZ for the first layer is udfs.models' gradient of the whole
+    """The head's gradient plus X^T dZ for the first layer is udfs.core.models' gradient of the whole
     model, for every kind (no Spark: the arithmetic the cells and the driver share)."""
     spec = ModelSpec(kind, layers)
     gen = np.random.default_rng(0)
@@ -93,7 +95,7 @@ def test_model_parallel_equals_sync(lake, tmp_path, capsys, monkeypatch, model, 
     contributions through the shuffle; the state RDD is checkpointed every 7 steps on the way. The
     saved weights evaluate like any other model."""
     path, *_ = lake
-    monkeypatch.setattr(model_parallel, "LINEAGE_EVERY", 7)
+    monkeypatch.setattr(training, "LINEAGE_EVERY", 7)
     common = [*model, "trainer.epochs=2", "trainer.seed=7"]
     _, ref = run(path, tmp_path, capsys, *common, "trainer.strategy=sync", "data.partitions=2")
     summary, theta = run(path, tmp_path, capsys, *common, "trainer.strategy=model_parallel",
@@ -208,13 +210,13 @@ def test_vertical_parties_train_like_centralised_and_share_only_activations(spar
     common = ["model.kind=mlp", "model.hidden=[6]", "trainer.epochs=2", "data.partitions=2"]
     _, ref = run(path, tmp_path, capsys, *common, "trainer.strategy=sync", table="aligned")
 
-    model_parallel.WIRE_LOG = []
+    training.WIRE_LOG = []
     try:
         summary, theta = run(path, tmp_path, capsys, *common, "trainer.strategy=model_parallel",
                              *party_sets(parties))
-        log = model_parallel.WIRE_LOG
+        log = training.WIRE_LOG
     finally:
-        model_parallel.WIRE_LOG = None
+        training.WIRE_LOG = None
     assert summary["vertical"]["aligned_rows"] == keep.sum()
     assert summary["vertical"]["left_out_rows"] == {"p0": dropped, "p1": 0, "p2": dropped, "owner": dropped}
     assert summary["shards"] == 3

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from udfs.models import ModelSpec, init_params, loss_and_grad, predict, predict_proba, unpack
+from udfs.core.models import ModelSpec, init_params, loss_and_grad, predict, predict_proba, unpack
 
 
 def _numeric_grad(spec, theta, X, y, eps=1e-6):

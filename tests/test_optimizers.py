@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from udfs.optimizers import Optimizer
+from udfs.core.optimizers import Optimizer
 
 
 def _grads(n_steps, size, seed=3):

@@ -13,12 +13,14 @@ import pytest
 from dp_accounting import rdp
 from scipy import stats
 
-from pipelines import federated, privacy, robust, secure_round, train
-from pipelines.cli import main_wrapper
-from pipelines.config import config_from_dict
+from pipelines.federated import rounds, privacy, robust, secure_round
+from pipelines.federated.clients import prepare_clients
+from pipelines import train
+from pipelines.core.cli import main_wrapper
+from pipelines.core.config import config_from_dict
 from tests.conftest import write_table
-from udfs import attacks, secagg, secure_clients
-from udfs.privacy import Release
+from udfs.federated import attacks, secagg, secure_clients
+from udfs.federated.noise import Release
 
 N, D, K = 400, 6, 3
 
@@ -140,12 +142,12 @@ def test_adaptive_clipping_noise_split_and_clip_moves(lake):
 
 def test_dp_clients_send_updates_clipped_to_the_bound(spark, lake):
     config = _config(lake, privacy={"dp": "central", "clip": 0.05}, federated={"sampling": "poisson"})
-    c, test = federated.prepare_clients(spark, config)
+    c, test = prepare_clients(spark, config)
     try:
         spec = train.model_spec(config, c.n_features, c.n_classes)
         dp = privacy.Dp.from_config(config, c.count)
-        task = federated.client_round(config, spec, 1, dp.release(dp.init_state(), None))
-        reports, _ = federated.run_round(spark.sparkContext, c, task, np.zeros(spec.n_params),
+        task = rounds.client_round(config, spec, 1, dp.release(dp.init_state(), None))
+        reports, _ = rounds.run_round(spark.sparkContext, c, task, np.zeros(spec.n_params),
                                          list(range(c.count)))
         norms = [np.linalg.norm(r["update"]) for r in reports]
         assert len(norms) == 10 and max(norms) <= 0.05 + 1e-12
@@ -231,12 +233,12 @@ def test_a_sign_flip_attack_breaks_fedavg_but_not_the_median(lake, tmp_path, cap
 def _secure(spark, lake, phases=secure_round.Phases(), clip=100.0, hidden=None):
     model = {"kind": "mlp", "hidden": hidden, "init": "glorot_uniform"} if hidden else {}
     config = _config(lake, privacy={"secure_aggregation": True, "clip": clip}, model=model)
-    c, test = federated.prepare_clients(spark, config)
+    c, test = prepare_clients(spark, config)
     spec = train.model_spec(config, c.n_features, c.n_classes)
     theta = train.initial_theta(config, spec)
-    task = federated.client_round(config, spec, 1, Release(clip=clip))
+    task = rounds.client_round(config, spec, 1, Release(clip=clip))
     try:
-        plain, _ = federated.run_round(spark.sparkContext, c, task, theta, list(range(c.count)))
+        plain, _ = rounds.run_round(spark.sparkContext, c, task, theta, list(range(c.count)))
         secure = secure_round.run_secure_round(spark.sparkContext, c, task, theta, list(range(c.count)),
                                                config.privacy.secagg_threshold, config.privacy.ring_bits,
                                                weighted=True, phases=phases)
@@ -325,19 +327,19 @@ def test_local_dp_clients_noise_their_own_updates(spark, lake):
     config = _config(lake, privacy={"dp": "local", "noise_multiplier": 2.0, "clip": 0.5},
                      model={"kind": "mlp", "hidden": [64], "init": "glorot_uniform"},
                      trainer={"optimizer": {"name": "sgd", "lr": 1e-12}})
-    c, test = federated.prepare_clients(spark, config)
+    c, test = prepare_clients(spark, config)
     try:
         spec = train.model_spec(config, c.n_features, c.n_classes)
         dp = privacy.Dp.from_config(config, c.count)
-        task = federated.client_round(config, spec, 1, dp.release(dp.init_state(), None))
+        task = rounds.client_round(config, spec, 1, dp.release(dp.init_state(), None))
         theta = train.initial_theta(config, spec)
-        reports, _ = federated.run_round(spark.sparkContext, c, task, theta, [0, 1, 2, 3])
+        reports, _ = rounds.run_round(spark.sparkContext, c, task, theta, [0, 1, 2, 3])
         noise = np.concatenate([r["update"] for r in reports])  # the trained part is ~1e-12
         assert abs(noise.std() - 2.0 * 0.5) < 0.03
         accountant = rdp.RdpAccountant()  # no subsampling, sensitivity 2C: multiplier z/2
         accountant.compose(dp_accounting.GaussianDpEvent(1.0), 3)
         assert dp.epsilon_after(3) == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
-        again, _ = federated.run_round(spark.sparkContext, c, task, theta, [0, 1, 2, 3])
+        again, _ = rounds.run_round(spark.sparkContext, c, task, theta, [0, 1, 2, 3])
         for a, b in zip(reports, again):  # seeded by (seed, round, client): a retry is identical
             np.testing.assert_array_equal(a["update"], b["update"])
     finally:

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines import artifacts, evaluate, runs, score, train
-from pipelines.cli import main_wrapper
-from pipelines.plots import SERIES_KEY
+from pipelines.store import artifacts
+from pipelines import evaluate, runs, score, train
+from pipelines.core.cli import main_wrapper
+from pipelines.store.plots import SERIES_KEY
 from tests.conftest import ROOT, blobs, write_table
 
 BLOBS = ["data.table=blobs", "model.kind=softmax", "trainer.optimizer.lr=0.05", "trainer.epochs=3"]
@@ -273,7 +274,7 @@ def test_two_jobs_at_once_both_land_in_the_records(spark, lake, tmp_path):
     import subprocess
     import sys
 
-    from pipelines.session import submit_args
+    from pipelines.core.session import submit_args
 
     spark_submit = Path(sys.executable).with_name("spark-submit")
     procs = []
@@ -295,7 +296,7 @@ def test_two_jobs_at_once_both_land_in_the_records(spark, lake, tmp_path):
 
 
 def test_progress_reports_tasks_and_an_eta(spark, capsys):
-    from pipelines.progress import progress
+    from pipelines.core.progress import progress
 
     sc = spark.sparkContext
     capsys.readouterr()

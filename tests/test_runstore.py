@@ -16,9 +16,10 @@ import tempfile
 import numpy as np
 import pytest
 
-from pipelines import artifacts, runstore, score, train
-from pipelines.cli import main_wrapper
-from pipelines.errors import UserError
+from pipelines.store import artifacts, rundir
+from pipelines import score, train
+from pipelines.core.cli import main_wrapper
+from pipelines.core.errors import UserError
 from tests.conftest import ROOT, blobs, write_table
 
 pytestmark = pytest.mark.cluster
@@ -76,7 +77,7 @@ def job(module, argv: list[str], capsys) -> tuple[int, list[str], str]:
 def weights_at(run_uri: str, tmp_path) -> np.ndarray:
     """The model's weights, copied out of HDFS by Hadoop (not by the code under test)."""
     local = tmp_path / f"weights-{len(list(tmp_path.iterdir()))}.npz"
-    runstore.HadoopFS(run_uri).get(f"{run_uri}/model/weights.npz", local)
+    rundir.HadoopFS(run_uri).get(f"{run_uri}/model/weights.npz", local)
     with np.load(local, allow_pickle=False) as z:
         return z["theta"]
 
@@ -95,7 +96,7 @@ def test_a_run_on_hdfs_is_written_whole(spark, hdfs, finished):
     run_uri = finished["run_dir"]
     assert run_uri == f"{hdfs}/runs/{finished['run_id']}"
     assert finished["model_path"] == f"{run_uri}/model"
-    fs = runstore.HadoopFS(hdfs)
+    fs = rundir.HadoopFS(hdfs)
     files = walk(spark, run_uri)
     assert files == ["checkpoints/epoch-0001.json", "checkpoints/epoch-0001.npz",
                      "checkpoints/epoch-0002.json", "checkpoints/epoch-0002.npz",
@@ -111,7 +112,7 @@ def test_a_run_on_hdfs_is_written_whole(spark, hdfs, finished):
 def test_evaluate_and_score_read_the_model_by_uri(spark, lake, finished, tmp_path, capsys):
     # spark-submit, as on a cluster: evaluate.py reads the run's config from HDFS before its
     # SparkContext exists, through spark-submit's JVM
-    from pipelines.session import submit_args
+    from pipelines.core.session import submit_args
 
     spark_submit = os.path.join(os.path.dirname(sys.executable), "spark-submit")
     proc = subprocess.run([spark_submit, *submit_args(), "--master", "local[1]", "pipelines/evaluate.py",
@@ -142,7 +143,7 @@ def test_an_interrupted_run_resumes_from_its_uri(hdfs, lake, finished, tmp_path,
     code, out, err = job(train, train_argv(lake, f"{hdfs}/again", "--run-name", "cut"), capsys)
     assert code == 0, err[-3000:]
     run_uri = json.loads(out[-1])["run_dir"]
-    fs = runstore.HadoopFS(run_uri)
+    fs = rundir.HadoopFS(run_uri)
     # as if the job died after epoch 1's checkpoint, in the middle of publishing epoch 2's:
     # a finished .npz without its .json, and a hidden temporary file of the next one
     for rel in ("summary.json", "checkpoints/epoch-0002.json", "model/weights.npz", "model/spec.json"):
@@ -170,7 +171,7 @@ def test_the_run_name_lock_refuses_a_second_job(hdfs, lake, capsys):
         code, _, err = job(train, train_argv(lake, runs_uri, "--run-name", "busy"), capsys)
         assert code == 2 and "run name 'busy' is in use" in err and f"pid {os.getpid()}" in err
         assert lock.uri in err
-    fs = runstore.HadoopFS(runs_uri)
+    fs = rundir.HadoopFS(runs_uri)
     assert fs.names(runs_uri) == [".locks"] and fs.names(f"{runs_uri}/.locks") == []
 
     # a job killed hard on this host left its lock: the next job takes it over, another host's is kept

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from pipelines import secagg as server
-from udfs import secagg as client
-from udfs.secagg import SecAggError
+from pipelines.federated import secure_sum as server
+from udfs.federated import secagg as client
+from udfs.federated.secagg import SecAggError
 
 ROUND = 7
 IDS = [0, 3, 4, 11, 25, 26, 40, 57, 58, 99]  # sampled client ids: gaps, and id 0 (x = 1)

@@ -83,8 +83,8 @@ def test_sync_equals_single_process_minibatch_sgd(table, tmp_path, capsys):
 
 def test_sync_partitions_are_uneven_and_do_not_change_the_result(spark, table, tmp_path, capsys):
     lake, _, _ = table
-    from pipelines.data import load_blocks
-    from pipelines.lake import TableRef
+    from pipelines.data.blocks import load_blocks
+    from pipelines.data.lake import TableRef
 
     blocks = load_blocks(spark, str(lake), TableRef("small"), 3, 0, 0.0)
     sizes = sorted(h.rows for h in blocks.handles.collect())
@@ -134,8 +134,8 @@ def test_same_seed_same_weights_other_seed_other_weights(table, tmp_path, capsys
 
 def test_validation_split_is_exact_and_seeded(table, tmp_path, capsys, spark):
     lake, _, _ = table
-    from pipelines.data import load_blocks
-    from pipelines.lake import TableRef
+    from pipelines.data.blocks import load_blocks
+    from pipelines.data.lake import TableRef
 
     for seed in (0, 1):
         blocks = load_blocks(spark, str(lake), TableRef("small"), 3, seed, 0.2)

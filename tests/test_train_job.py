@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pipelines import evaluate, train
-from pipelines.cli import main_wrapper
+from pipelines.core.cli import main_wrapper
 from tests.conftest import blobs
 
 ALWAYS = {"run_id", "run_dir", "strategy", "model", "seed", "data", "batch_size", "epochs",

@@ -1,0 +1,343 @@
+"""Job configuration: YAML files merged over `conf/default.yaml`, `--set` overrides, strict validation.
+
+`conf/default.yaml` is the single source of default values; the models below only declare types and
+ranges, so a key missing from the defaults file is an error rather than a silent second default.
+"""
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipelines.core.errors import UserError
+from pipelines.federated.robust import NEEDS_INDIVIDUAL_UPDATES
+from pipelines.store.rundir import local_path
+
+def _conf_dir() -> Path:
+    """`conf/` of the source checkout (a clone, an editable install, the --py-files zip's sibling),
+    else the copy a wheel installs under <prefix>/share/fedspark/conf (pyproject's data-files)."""
+    source = Path(__file__).resolve().parents[2] / "conf"
+    if (source / "default.yaml").is_file():
+        return source
+    return Path(sys.prefix) / "share" / "fedspark" / "conf"
+
+
+CONF_DIR = _conf_dir()
+DEFAULT_FILE = CONF_DIR / "default.yaml"
+DEFAULT_EXPERIMENT = CONF_DIR / "fashion_mnist.yaml"
+
+
+class ConfigError(UserError):
+    """A config file, key or value is wrong: exit code 2, nothing written."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+Fraction = Field(ge=0.0, le=1.0)
+
+
+class SparkSection(_Section):
+    conf: dict[str, Any]
+    delta_packages: str = Field(min_length=1)   # auto | none | Maven coordinates
+
+
+class PathSection(_Section):
+    path: str = Field(min_length=1)
+
+
+class RunsSection(_Section):
+    """Run directories: a local path, or any Hadoop URI (pipelines/store/rundir.py). A file: URI is made
+    a local path, so it keeps the local file API's fast path (no copies)."""
+
+    path: str = Field(min_length=1)
+
+    @field_validator("path")
+    @classmethod
+    def _file_uri_as_path(cls, value: str) -> str:
+        if value.startswith("file:"):
+            path = str(local_path(value))
+            return path if path.startswith("/") else value
+        return value
+
+
+class DataSection(_Section):
+    table: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    version: Optional[int] = Field(ge=0)
+    partitions: int = Field(ge=1, le=10_000)
+    validation_fraction: float = Field(ge=0.0, lt=1.0)
+    worker_cache_gb: float = Field(ge=0.0)
+
+
+class ModelSection(_Section):
+    kind: Literal["mlp", "softmax", "logistic", "linear"]
+    hidden: list[int]
+    init: Literal["glorot_uniform", "zeros"]
+
+    @model_validator(mode="after")
+    def _positive_layers(self) -> "ModelSection":
+        if any(h < 1 for h in self.hidden):
+            raise ValueError(f"hidden layer sizes must be >= 1, got {self.hidden}")
+        return self
+
+
+class OptimizerSection(_Section):
+    name: Literal["adam", "sgd", "momentum"]
+    lr: float = Field(gt=0.0)
+    beta1: float = Field(ge=0.0, lt=1.0)
+    beta2: float = Field(ge=0.0, lt=1.0)
+    eps: float = Field(gt=0.0)
+    momentum: float = Field(ge=0.0, lt=1.0)
+
+
+class TrainerSection(_Section):
+    strategy: Literal["local", "sync", "federated", "mllib", "model_parallel"]
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    seed: int = Field(ge=0)
+    dtype: Literal["float32", "float64"]
+    optimizer: OptimizerSection
+    average_every: Optional[int] = Field(ge=1)
+    checkpoint_every: int = Field(ge=0)
+    aggregation_depth: int = Field(ge=1, le=10)
+
+
+class FederatedSection(_Section):
+    clients: int = Field(ge=1)
+    partitioner: Literal["iid", "dirichlet", "shards", "quantity", "column"]
+    alpha: float = Field(gt=0.0)
+    shards_per_client: int = Field(ge=1)
+    client_column: str
+    holdout_fraction: float = Field(ge=0.0, lt=1.0)
+    sampling: Literal["fixed", "poisson"]
+    fraction: float = Field(gt=0.0, le=1.0)
+    min_clients: int = Field(ge=1)
+    rounds: int = Field(ge=1)
+    local_epochs: int = Field(ge=1)
+    local_batch_size: int = Field(ge=1)
+    eval_every: int = Field(ge=1)
+    target_accuracy: Optional[float] = Fraction
+    strategy: Literal["fedavg", "fedprox", "fedavgm", "fedadagrad", "fedadam", "fedyogi", "fedsgd"]
+    mu: float = Field(ge=0.0)
+    server_lr: float = Field(gt=0.0)
+    server_momentum: float = Field(ge=0.0, lt=1.0)
+    tau: float = Field(gt=0.0)
+
+
+class PrivacySection(_Section):
+    secure_aggregation: bool
+    secagg_threshold: float = Field(gt=0.0, le=1.0)
+    ring_bits: int = Field(ge=32, le=64)
+    dp: Literal["none", "central", "local"]
+    noise_multiplier: float = Field(ge=0.0)
+    clip: float = Field(gt=0.0)
+    adaptive_clip: bool
+    target_quantile: float = Field(gt=0.0, lt=1.0)
+    delta: float = Field(gt=0.0, lt=1.0)
+    target_epsilon: Optional[float] = Field(gt=0.0)
+
+
+class AttackSection(_Section):
+    kind: Literal["none", "sign_flip", "scale", "label_flip", "noise"]
+    fraction: float = Fraction
+    scale: float
+
+
+class RobustSection(_Section):
+    rule: Literal["mean", "median", "trimmed_mean", "krum", "multi_krum", "norm_bound"]
+    trim_fraction: float = Field(ge=0.0, lt=0.5)
+    byzantine: int = Field(ge=0)
+    attack: AttackSection
+
+
+class ModelParallelSection(_Section):
+    shards: int = Field(ge=1)
+    parties: dict[str, Any]
+    label_party: Optional[str]
+
+
+class TrackingSection(_Section):
+    mlflow: bool
+
+
+class MllibSection(_Section):
+    """trainer.strategy=mllib: Spark MLlib's own estimators, the built-in baseline."""
+
+    max_iter: int = Field(ge=1)
+    tol: float = Field(ge=0.0)
+    reg_param: float = Field(ge=0.0)
+    elastic_net: float = Field(ge=0.0, le=1.0)
+    block_size: int = Field(ge=1)
+
+
+class Config(_Section):
+    spark: SparkSection
+    lake: PathSection
+    runs: RunsSection
+    data: DataSection
+    model: ModelSection
+    trainer: TrainerSection
+    federated: FederatedSection
+    privacy: PrivacySection
+    robust: RobustSection
+    model_parallel: ModelParallelSection
+    tracking: TrackingSection
+    mllib: MllibSection
+
+    @model_validator(mode="after")
+    def _cross_section_rules(self) -> "Config":
+        if self.privacy.secure_aggregation and self.robust.rule in NEEDS_INDIVIDUAL_UPDATES:
+            raise ValueError(
+                f"robust.rule={self.robust.rule!r} needs individual updates, which "
+                "privacy.secure_aggregation hides; use rule mean or norm_bound, or turn secure "
+                "aggregation off")
+        if self.privacy.dp == "central" and self.federated.sampling != "poisson":
+            raise ValueError("privacy.dp=central requires federated.sampling=poisson "
+                             "(the privacy accountant assumes Poisson client sampling)")
+        if self.privacy.dp == "central" and self.robust.rule != "mean":
+            raise ValueError(f"privacy.dp=central adds its noise to the plain sum of the clipped "
+                             f"updates; robust.rule={self.robust.rule!r} cannot be combined with it "
+                             "(use rule mean)")
+        if self.privacy.adaptive_clip and self.privacy.dp != "central":
+            raise ValueError("privacy.adaptive_clip needs privacy.dp=central (the clients' "
+                             "within-clip bits are only private inside the noisy central count)")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read one YAML mapping, naming the file in every error."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, "
+                          f"got {type(data).__name__}")
+    return data
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Return `base` with `override` laid over it; nested mappings merge, everything else replaces."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "conf":
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_set(item: str) -> dict[str, Any]:
+    """Turn `a.b.c=VALUE` into {'a': {'b': {'c': VALUE}}}, VALUE parsed as a YAML scalar or list."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted key, "
+                          "e.g. --set trainer.epochs=2")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {item!r}: value is not a YAML scalar or list: {exc}") from exc
+    return nested(key, value)
+
+
+def nested(key: str, value: Any) -> dict[str, Any]:
+    """{'a': {'b': {'c': value}}} for the dotted key 'a.b.c'."""
+    tree: dict[str, Any] = {}
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return tree
+
+
+def _allowed_keys(section: type[BaseModel] | None) -> str:
+    return ", ".join(section.model_fields) if section else ""
+
+
+def _section_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that owns the mapping at `loc` (for listing allowed keys)."""
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type)
+                                 and issubclass(field.annotation, BaseModel)):
+            return None
+        model = field.annotation
+    return model
+
+
+def _describe(err: dict[str, Any], source: str) -> str:
+    loc = tuple(err["loc"])
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        parent = _section_model(loc[:-1])
+        allowed = _allowed_keys(parent)
+        where = ".".join(str(p) for p in loc[:-1]) or "the top level"
+        return f"{source}: unknown key {key!r}; allowed keys in {where}: {allowed}"
+    if err["type"] == "missing":
+        return f"{source}: missing key {key!r} (is {DEFAULT_FILE.name} complete?)"
+    message = err["msg"].removeprefix("Value error, ")
+    if not loc or isinstance(err.get("input"), dict):
+        return f"{source}: {message}"
+    return f"{source}: {key}: {message} (got {err.get('input')!r})"
+
+
+def validate(raw: dict[str, Any], source: str) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_describe(err, source) for err in exc.errors()]
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+
+
+def load_config(path: str | Path | None = None, sets: list[str] = ()) -> Config:
+    """Defaults, then the experiment file (default: conf/fashion_mnist.yaml), then `--set`s."""
+    experiment = Path(path) if path else DEFAULT_EXPERIMENT
+    merged = deep_merge(read_yaml(DEFAULT_FILE), read_yaml(experiment))
+    for item in sets:
+        merged = deep_merge(merged, parse_set(item))
+    return validate(merged, str(experiment))
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
+    """Validate a full or partial config mapping laid over the defaults (used by tests and resume)."""
+    return validate(deep_merge(read_yaml(DEFAULT_FILE), raw), source)
+
+
+def dump_yaml(config: Config) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m pipelines.core.config [--config F] [--set K=V ...] KEY ...`: print resolved values, one
+    per line (used by scripts/train.sh to find the table and lake before it starts Spark)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m pipelines.core.config")
+    p.add_argument("--config")
+    p.add_argument("--set", dest="sets", action="append", default=[])
+    p.add_argument("keys", nargs="+", help="dotted keys, e.g. data.table")
+    args = p.parse_args(argv)
+    values = load_config(args.config, args.sets).to_dict()
+    for key in args.keys:
+        node: Any = values
+        for part in key.split("."):
+            node = node[part]
+        print(node)
+
+
+if __name__ == "__main__":
+    main()

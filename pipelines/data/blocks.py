@@ -1,0 +1,248 @@
+"""From a Delta table at a pinned version to one cached numpy block per partition.
+
+The table is read once: Spark assigns each row a shard (a hash of its id), puts whole shards into
+`data.partitions` partitions, and hands each partition's rows to `udfs.blocks.build_partition` as
+Arrow batches. What stays cached in Spark is one small handle row per partition; see udfs/data/blocks.py
+for why and for how rows get their global order and roles.
+"""
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable, TypeVar
+
+import numpy as np
+from pyspark import RDD, SparkContext
+from pyspark.sql import Column, DataFrame, Row, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from pipelines.data import lake
+from pipelines.core.errors import UserError
+from udfs.data import blocks
+
+R = TypeVar("R")
+MAX_REBUILDS = 3
+DEFAULT_CACHE_GB = 4.0   # data.worker_cache_gb
+SPARSE_FEATURES = "struct<size:int,indices:array<int>,values:array<float>>"
+LABEL_TYPES = (T.IntegerType, T.LongType, T.ShortType, T.ByteType, T.FloatType, T.DoubleType)
+
+
+@dataclass
+class BlockSet:
+    """Cached block handles, one per partition, that jobs run over."""
+
+    handles: RDD
+    rebuilds: int = field(default=0, kw_only=True)   # times a job found a block missing
+
+    def release(self) -> None:
+        release(self.handles)
+
+    def run(self, job: Callable[[RDD], R]) -> R:
+        """`job(handles)`, rebuilding the blocks when a task finds its block missing (it ran on an
+        executor that does not hold it, or the files were removed) and running the job again.
+
+        The rebuild recomputes the cached handles from their lineage: the shuffled, sorted rows
+        (Spark keeps the shuffle files, or re-reads the Delta version if they are gone) stream
+        into blocks again, on whichever executors Spark picks, and later tasks run where the new
+        handles are cached. A block is the same wherever it is built, so results do not change."""
+        for attempt in range(MAX_REBUILDS + 1):
+            try:
+                return job(self.handles)
+            except Exception as exc:  # noqa: BLE001 - py4j wraps the task's BlockMissing
+                if blocks.MISSING not in str(exc) or attempt == MAX_REBUILDS:
+                    raise
+            self.handles.unpersist(blocking=True)
+            self.handles.cache().count()
+            self.rebuilds += 1
+        raise AssertionError("unreachable")
+
+
+@dataclass
+class Blocks(BlockSet):
+    """The cached block handles of one table version and what the driver knows about them."""
+
+    layout: blocks.Layout
+    table: str
+    version: int
+    partitions: int
+    n_features: int
+    n_classes: int          # 1 + the largest label (classification); 0 when labels are real numbers
+    test_rows: int
+    feature_bytes: int = 0  # of all blocks, as stored on the executors' disks
+
+    @property
+    def train_rows(self) -> int:
+        return self.layout.n_train
+
+    @property
+    def validation_rows(self) -> int:
+        return self.layout.n_validation
+
+
+def release(handles: RDD) -> None:
+    """Delete the blocks' files on the executors and drop the cached handles."""
+    handles.mapPartitions(blocks.remove_partition).count()
+    handles.unpersist()
+
+
+def check_schema(df: DataFrame, table: str) -> None:
+    """The training-table contract of CONTRACT.md, with errors that name the column."""
+    fields = {f.name: f.dataType for f in df.schema.fields}
+    rules = {
+        "id": lambda t: isinstance(t, (T.LongType, T.IntegerType)),
+        "features": lambda t: _dense_features(t) or _sparse_features(t),
+        "label": lambda t: isinstance(t, LABEL_TYPES),
+        "split": lambda t: isinstance(t, T.StringType),
+    }
+    expected = {"id": "long", "features": f"array<float> or sparse {SPARSE_FEATURES}",
+                "label": "int or double",
+                "split": "string ('train' | 'test')"}
+    for column, ok in rules.items():
+        if column not in fields:
+            raise UserError(f"table {table!r} has no column {column!r} (expected {expected[column]}); "
+                            f"its columns are {list(fields)}")
+        if not ok(fields[column]):
+            raise UserError(f"table {table!r}: column {column!r} is {fields[column].simpleString()}, "
+                            f"expected {expected[column]}")
+
+
+def _dense_features(t: T.DataType) -> bool:
+    return isinstance(t, T.ArrayType) and isinstance(t.elementType, (T.FloatType, T.DoubleType))
+
+
+def _sparse_features(t: T.DataType) -> bool:
+    """struct<size, indices, values>, the fields of Spark's SparseVector, with numeric types."""
+    if not isinstance(t, T.StructType) or set(t.names) != {"size", "indices", "values"}:
+        return False
+    kinds = {f.name: f.dataType for f in t.fields}
+    return (isinstance(kinds["size"], (T.IntegerType, T.LongType))
+            and isinstance(kinds["indices"], T.ArrayType)
+            and isinstance(kinds["indices"].elementType, (T.IntegerType, T.LongType))
+            and _dense_features(kinds["values"]))
+
+
+def partition_keys(spark: SparkSession, partitions: int) -> list[int]:
+    """For each partition i, an integer that Spark's hash partitioning sends to partition i.
+
+    `repartition(n, col)` places a row by pmod(hash(col), n) (Murmur3, as SQL's hash()), so
+    repartitioning on these keys puts every row exactly where we chose, with no sampling pass."""
+    found: dict[int, int] = {}
+    for row in spark.range(0, 64 * partitions + 1024).selectExpr(
+            "cast(id as int) as k", f"pmod(hash(cast(id as int)), {partitions}) as p").collect():
+        found.setdefault(row.p, row.k)
+        if len(found) == partitions:
+            return [found[i] for i in range(partitions)]
+    raise RuntimeError(f"no hash keys found for {partitions} partitions")
+
+
+def place(spark: SparkSession, rows: DataFrame, partitions: int, target: Column) -> DataFrame:
+    """Rows go to partition `target` (an int column in [0, partitions)), exactly."""
+    keys = F.array(*[F.lit(k) for k in partition_keys(spark, partitions)])
+    return (rows.withColumn("_part", F.element_at(keys, target + 1))
+            .repartition(partitions, "_part").drop("_part"))
+
+
+def training_rows(df: DataFrame, name: str, extra: tuple[str, ...] = ()) -> DataFrame:
+    """A training table's rows as (id, features, label, split, shard, *extra). `shard` fixes the
+    global row order; see udfs/data/blocks.py."""
+    check_schema(df, name)
+    for column in extra:
+        if column not in df.columns:
+            raise UserError(f"table {name!r} has no column {column!r}; its columns are "
+                            f"{df.columns}")
+    sparse = _sparse_features(df.schema["features"].dataType)
+    return df.select(
+        F.col("id").cast("long").alias("id"),
+        F.col("features").cast(SPARSE_FEATURES if sparse else "array<float>").alias("features"),
+        F.col("label"),
+        F.col("split"),
+        F.pmod(F.xxhash64("id"), F.lit(blocks.N_SHARDS)).cast("int").alias("shard"),
+        *[F.col(c) for c in extra],
+    )
+
+
+def read_rows(spark: SparkSession, lake_path: str, ref: lake.TableRef,
+              splits: tuple[str, ...] = ("train", "test"), extra: tuple[str, ...] = ()
+              ) -> tuple[DataFrame, int]:
+    """The table's rows of the given splits (training_rows), and the version read."""
+    df, version = lake.read(spark, lake_path, ref)
+    return training_rows(df, ref.name, extra).filter(F.col("split").isin(*splits)), version
+
+
+def worker_cache_bytes(sc: SparkContext, total_gb: float) -> int:
+    """One Python worker's share of data.worker_cache_gb: the budget is for all the Python workers
+    of an executor, which runs as many at once as it has cores (spark.executor.cores; in local mode
+    and when unset, the application's cores, which can only make the share smaller)."""
+    cores = int(sc.getConf().get("spark.executor.cores", str(sc.defaultParallelism)))
+    return int(total_gb * 2 ** 30 / max(cores, 1))
+
+
+def build(spark: SparkSession, rows: DataFrame, partitions: int, target: Column,
+          name: str, cache_gb: float = DEFAULT_CACHE_GB) -> tuple[RDD, list[Row]]:
+    """Build one block per partition on the executors; the cached handles and their rows.
+
+    Spark sorts each partition by (split, shard, id) before the rows reach Python (an external
+    sort that spills to disk), so a block streams to the executor's disk batch by batch and no
+    task ever holds a whole partition in memory."""
+    key = f"{name}-{uuid.uuid4().hex[:12]}"
+    build_fn = partial(blocks.build_partition, key=key,
+                       cache_bytes=worker_cache_bytes(spark.sparkContext, cache_gb))
+    handles = (place(spark, rows, partitions, target)
+               .sortWithinPartitions(F.col("split") == "test", "shard", "id")
+               .mapInArrow(build_fn, blocks.HANDLE_SCHEMA)
+               .rdd.cache())
+    try:
+        return handles, handles.collect()
+    except Exception as exc:  # noqa: BLE001 - surface a bad row as a user error
+        if "BlockError" in str(exc):
+            reason = str(exc).split("BlockError: ")[-1].splitlines()[0]
+            raise UserError(f"table {name}: {reason}") from None
+        raise
+
+
+def shape(described: list[Row], name: str) -> tuple[int, int]:
+    """(features per row, classes) from the handles: classes = 1 + the largest label, 0 when the
+    labels are real numbers."""
+    widths = {h.width for h in described if h.rows}
+    if len(widths) != 1:
+        raise UserError(f"table {name}: features arrays have lengths {sorted(widths)} "
+                        "in different partitions; every row needs the same number")
+    if any(h.float_label for h in described):
+        return widths.pop(), 0
+    return widths.pop(), int(max(h.label_max for h in described if h.rows)) + 1
+
+
+def load_blocks(spark: SparkSession, lake_path: str, ref: lake.TableRef, partitions: int,
+                seed: int, validation_fraction: float,
+                splits: tuple[str, ...] = ("train", "test"),
+                cache_gb: float = DEFAULT_CACHE_GB) -> Blocks:
+    """Read the table version once and build, cache and describe its blocks."""
+    rows, version = read_rows(spark, lake_path, ref, splits)
+    return blocks_from_rows(spark, rows, ref.name, version, partitions, seed, validation_fraction,
+                            splits, cache_gb)
+
+
+def blocks_from_rows(spark: SparkSession, rows: DataFrame, table: str, version: int, partitions: int,
+                     seed: int, validation_fraction: float,
+                     splits: tuple[str, ...] = ("train", "test"),
+                     cache_gb: float = DEFAULT_CACHE_GB) -> Blocks:
+    """Build, cache and describe the blocks of training_rows: rows of shard s in partition s mod P,
+    so every shard lives in one partition."""
+    name = f"{table}@{version}"
+    handles, described = build(spark, rows, partitions, F.pmod(F.col("shard"), F.lit(partitions)),
+                               name, cache_gb)
+    if not described:
+        raise UserError(f"table {name} has no rows in split(s) {', '.join(splits)}")
+    counts = sum((np.frombuffer(h.shard_counts, dtype=np.int64) for h in described),
+                 np.zeros(blocks.N_SHARDS, dtype=np.int64))
+    offsets = tuple(int(x) for x in np.concatenate(([0], np.cumsum(counts))))
+    layout = blocks.Layout(offsets, seed, validation_fraction)
+    if "train" in splits and layout.n_train < 1:
+        raise UserError(f"table {name} has no training rows (split = 'train') left "
+                        f"after holding out validation_fraction={validation_fraction}")
+    n_features, n_classes = shape(described, name)
+    return Blocks(handles, layout, table, version, partitions, n_features, n_classes,
+                  sum(int(h.test_rows) for h in described),
+                  sum(int(h.feature_bytes) for h in described))

@@ -1,0 +1,291 @@
+"""Federated training (driver side): partitions as private clients, rounds of sampled local training,
+server-side aggregation.
+
+Clients (pipelines/federated/clients.py) come from a column or a partitioner over the train split.
+Client i's rows are Spark partition i: no task ever holds
+two clients' rows, and a round runs one task per sampled client (SparkContext.runJob over just those
+partitions), so unsampled clients cost nothing. What a client's task returns is only its update,
+its sample count and its training loss (udfs/federated/clients.py).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable
+
+import numpy as np
+from pyspark import SparkContext
+
+from pipelines.federated import privacy, robust, secure_round, secure_sum
+from pipelines.federated.clients import Clients
+from pipelines.federated.server import ServerRule
+from pipelines.core.config import Config, ConfigError, FederatedSection
+from pipelines.data.blocks import Blocks
+from pipelines.training.data_parallel import evaluate, optimizer_from
+from udfs.federated import clients
+from udfs.federated.attacks import Attack, malicious_clients
+from udfs.core.models import ModelSpec
+from udfs.federated.noise import Release
+from udfs.core.seeding import Stream, rng
+
+
+def sample(fed: FederatedSection, round_: int, n_clients: int, seed: int) -> list[int]:
+    """The clients of a round: a fixed fraction (at least min_clients), or each client independently
+    with probability `fraction` (Poisson sampling, what privacy accountants assume)."""
+    gen = rng(seed, Stream.SAMPLE, round_)
+    if fed.sampling == "poisson":
+        return [int(i) for i in np.flatnonzero(gen.random(n_clients) < fed.fraction)]
+    m = int(expected_per_round(fed, n_clients))
+    return sorted(int(i) for i in gen.choice(n_clients, size=m, replace=False))
+
+
+@dataclass
+class FedState:
+    theta: np.ndarray
+    server_state: dict[str, np.ndarray]
+    round: int = 0
+    history: list[dict] = field(default_factory=list)
+    dropped: int = 0
+    stopped: str | None = None   # why training ended before federated.rounds, if it did
+
+
+def initial_state(config: Config, theta: np.ndarray, n_clients: int) -> FedState:
+    """Round 0: the server rule's state and, under DP, the clipping bound."""
+    server = server_rule(config.federated).init_state(theta)
+    return FedState(theta, {**server, **privacy.Dp.from_config(config, n_clients).init_state()})
+
+
+RoundHook = Callable[[FedState, dict], None]
+StopRule = Callable[[dict], bool]
+
+
+def client_round(config: Config, spec: ModelSpec, round_: int, release: Release = Release(),
+                 attack: Attack = Attack("none", 0.0, frozenset())) -> clients.ClientRound:
+    fed, t = config.federated, config.trainer
+    fedsgd = fed.strategy == "fedsgd"
+    return clients.ClientRound(
+        spec=spec, dtype=t.dtype, split=clients.ClientSplit(t.seed, fed.holdout_fraction),
+        round=round_, local_epochs=1 if fedsgd else fed.local_epochs,
+        batch_size=None if fedsgd else fed.local_batch_size,
+        optimizer=optimizer_from(config),
+        mu=fed.mu if fed.strategy == "fedprox" else 0.0, release=release, attack=attack)
+
+
+def attack_from(config: Config, n_clients: int) -> Attack:
+    a = config.robust.attack
+    return Attack(a.kind, a.scale, malicious_clients(config.trainer.seed, n_clients, a.fraction)
+                  if a.kind != "none" else frozenset())
+
+
+def smallest_round(config: Config) -> int:
+    """Fewer sampled clients than this and a (Poisson) round cannot run: min_clients, 2 for secure
+    aggregation's threshold, 3 for Krum."""
+    needed = config.federated.min_clients
+    if config.privacy.secure_aggregation:
+        needed = max(needed, 2)
+    if config.robust.rule in ("krum", "multi_krum"):
+        needed = max(needed, 3)
+    return needed
+
+
+def expected_per_round(fed: FederatedSection, n_clients: int) -> float:
+    if fed.sampling == "poisson":
+        return fed.fraction * n_clients
+    return min(n_clients, max(fed.min_clients, int(round(fed.fraction * n_clients))))
+
+
+def check_setup(config: Config, n_clients: int) -> None:
+    """What the config alone cannot check: settings that depend on how many clients there are."""
+    per_round = expected_per_round(config.federated, n_clients)
+    r = config.robust
+    if r.rule in ("krum", "multi_krum"):
+        f = robust.byzantine_count(r.byzantine, r.attack.fraction, per_round)
+        if per_round <= 2 * f + 2:
+            raise ConfigError(
+                f"robust.rule={r.rule} assumes more than 2f+2 clients per round; with f={f} "
+                f"Byzantine clients (robust.byzantine, or robust.attack.fraction={r.attack.fraction} "
+                f"of the {per_round:g} sampled) it needs more than {2 * f + 2}; sample more "
+                "clients (federated.fraction) or lower f")
+    p = config.privacy
+    if p.secure_aggregation:
+        try:
+            secure_sum.threshold(int(per_round), p.secagg_threshold)
+        except ValueError as exc:
+            raise ConfigError(f"privacy.secagg_threshold={p.secagg_threshold} with {per_round:g} "
+                              f"clients per round: {exc}") from None
+    privacy.Dp.from_config(config, n_clients).check_startable()
+
+
+def train_clients(sc: SparkContext, config: Config, c: Clients, task: clients.ClientRound,
+                  state: FedState, sampled: list[int], dp: privacy.Dp, per_round: float
+                  ) -> tuple[list[dict], list[dict], np.ndarray | None, int]:
+    """Run the round's client training: (reports, dropped, aggregate update or None when nobody
+    reported, bytes the clients sent up). Under secure aggregation the driver only learns sums."""
+    if not sampled:
+        return [], [], None, 0
+    p, r, seed = config.privacy, task.round, config.trainer.seed
+    if not p.secure_aggregation:
+        reports, dropped = run_round(sc, c, task, state.theta, sampled)
+        aggregate = combine(config, dp, reports, state, r, per_round) if reports else None
+        return reports, dropped, aggregate, int(sum(d["update"].nbytes for d in reports))
+    res = secure_round.run_secure_round(sc, c, task, state.theta, sampled, p.secagg_threshold,
+                                        p.ring_bits, weighted=dp.mode != "central")
+    if dp.mode == "central":
+        aggregate = dp.noisy_mean(res.weighted_sum, state.server_state, seed, r)
+        dp.adapt_clip(res.within_clip, state.server_state, seed, r)
+    else:
+        aggregate = res.weighted_sum / res.weight_sum
+    return res.reports, res.dropped, aggregate, res.bytes_up
+
+
+def combine(config: Config, dp: privacy.Dp, reports: list[dict], state: FedState,
+            round_: int, per_round: float) -> np.ndarray:
+    """The round's aggregate update from what the clients reported: DP's noisy average, or the
+    robust rule (the sample-weighted mean by default)."""
+    updates = [d["update"] for d in reports]
+    r, seed = config.robust, config.trainer.seed
+    if dp.mode == "central":
+        total = np.sum(np.stack(updates), axis=0, dtype=np.float64)
+        aggregate = dp.noisy_mean(total, state.server_state, seed, round_)
+        centred = sum(float(bool(d.get("within_clip"))) - 0.5 for d in reports)
+        dp.adapt_clip(centred, state.server_state, seed, round_)
+        return aggregate
+    f = robust.byzantine_count(r.byzantine, r.attack.fraction, per_round)
+    return robust.aggregate(r.rule, updates, [d["n"] for d in reports], r.trim_fraction, f,
+                            config.privacy.clip)
+
+
+def server_rule(fed: FederatedSection) -> ServerRule:
+    return ServerRule(fed.strategy, fed.server_lr, fed.server_momentum, fed.tau)
+
+
+def run_round(sc: SparkContext, c: Clients, task: clients.ClientRound, theta: np.ndarray,
+              sampled: list[int], update: Callable = clients.client_update
+              ) -> tuple[list[dict], list[dict]]:
+    """Train the sampled clients, one task each; (reports, dropped) as the tasks returned them."""
+    bc = sc.broadcast(theta)
+    try:
+        results = c.run(lambda h: sc.runJob(h, partial(update, task=task, weights=bc), sampled))
+    finally:
+        bc.destroy()
+    reports = [r for r in results if "dropped" not in r]
+    return reports, [r for r in results if "dropped" in r]
+
+
+def federated_eval(sc: SparkContext, c: Clients, spec: ModelSpec, dtype: str, split: clients.ClientSplit,
+                   theta: np.ndarray) -> tuple[dict[str, float], list[float]]:
+    """Each client's accuracy on its own hold-out, in client order, and their mean, 10th percentile
+    and minimum."""
+    bc = sc.broadcast(theta)
+    try:
+        per_client = c.run(lambda h: h.mapPartitions(partial(
+            clients.client_evaluate, spec=spec, dtype=dtype, split=split, weights=bc)).collect())
+    finally:
+        bc.destroy()
+    if not per_client:
+        return {}, []
+    acc = np.array([sums[2] / sums[0] for _, sums in sorted(per_client, key=lambda p: p[0])])
+    return ({"mean": float(acc.mean()), "p10": float(np.percentile(acc, 10)), "min": float(acc.min())},
+            acc.tolist())
+
+
+def fit(sc: SparkContext, config: Config, c: Clients, test: Blocks | None, spec: ModelSpec, state: FedState,
+        on_round: RoundHook, until: StopRule | None = None, client_eval: bool = True) -> FedState:
+    """Run the remaining rounds; every eval_every rounds (and the last) evaluate globally and per
+    client, and hand each round's record to `on_round`.
+
+    `until(record)` ends training early once it holds (the convergence benchmark stops at the
+    target); `client_eval=False` skips the per-client evaluation, one task per client, which costs
+    more than a round when only the global test accuracy is wanted."""
+    fed, t = config.federated, config.trainer
+    rule = server_rule(fed)
+    dp = privacy.Dp.from_config(config, c.count)
+    attack = attack_from(config, c.count)
+    per_round = expected_per_round(fed, c.count)
+    split = clients.ClientSplit(t.seed, fed.holdout_fraction)
+    while state.round < fed.rounds:
+        started = time.perf_counter()
+        r = state.round + 1
+        if not dp.may_run(r):
+            state.stopped = (f"privacy budget: round {r} would take epsilon to "
+                             f"{dp.epsilon_after(r):.3f} > privacy.target_epsilon={dp.target_epsilon}")
+            break
+        sampled = sample(fed, r, c.count, t.seed)
+        record: dict = {"round": r, "clients": len(sampled)}
+        if fed.sampling == "poisson" and len(sampled) < smallest_round(config):
+            # data-independent: skipping reveals only the sample size; DP still counts the round
+            record["skipped"] = f"{len(sampled)} client(s) sampled, fewer than a round needs"
+            sampled = []
+        clip = config.privacy.clip if config.privacy.secure_aggregation else None
+        task = client_round(config, spec, r, dp.release(state.server_state, clip), attack)
+        reports, dropped, aggregate, bytes_up = train_clients(sc, config, c, task, state, sampled, dp,
+                                                              per_round)
+        if sampled and len(reports) < fed.min_clients:
+            reasons = "; ".join(f"{c.names[d['client']]}: {d['dropped']}" for d in dropped[:3])
+            raise RuntimeError(f"round {r}: only {len(reports)} of {len(sampled)} sampled clients "
+                               f"reported, fewer than federated.min_clients={fed.min_clients} "
+                               f"(dropped: {reasons})")
+        record.update({"reported": len(reports), "dropped": [c.names[d["client"]] for d in dropped]})
+        if aggregate is not None:
+            state.theta = rule.apply(state.theta, aggregate, state.server_state)
+            if not dp.enabled:  # per-client statistics are outside the DP accounting
+                record["train_loss"] = float(np.average([d["train_loss"] for d in reports],
+                                                        weights=[d["n"] for d in reports]))
+        if dp.enabled:
+            record["epsilon"] = dp.epsilon_after(r)
+            record["clip"] = float(state.server_state["clip"][0])
+        state.dropped += len(dropped)
+        record["bytes_down"] = int(state.theta.nbytes * len(sampled))
+        record["bytes_up"] = bytes_up
+        last = r == fed.rounds or not dp.may_run(r + 1)
+        if r % fed.eval_every == 0 or last:
+            evaluated = time.perf_counter()
+            if test is not None:
+                test_metrics = evaluate(sc, test, spec, t.dtype, state.theta, ("test",),
+                                        t.aggregation_depth).get("test", {})
+                record.update({f"test_{k}": v for k, v in test_metrics.items() if k != "rows"})
+            if client_eval and not dp.enabled:
+                record["client_accuracy"], record["client_accuracies"] = federated_eval(
+                    sc, c, spec, t.dtype, split, state.theta)
+            record["eval_seconds"] = time.perf_counter() - evaluated
+        record["seconds"] = time.perf_counter() - started
+        record["client_seconds"] = float(sum(d["seconds"] for d in reports))
+        state.round = r
+        state.history.append(record)
+        on_round(state, record)
+        if until is not None and until(record):
+            break
+    return state
+
+
+def summary_fields(config: Config, c: Clients, state: FedState) -> dict:
+    """What the summary line adds for a federated run (CONTRACT.md)."""
+    fed = config.federated
+    by_round = [[h["round"], h["test_accuracy"]] for h in state.history if "test_accuracy" in h]
+    target = fed.target_accuracy
+    reached = next((r for r, acc in by_round if target is not None and acc >= target), None)
+    last_clients = next((h["client_accuracy"] for h in reversed(state.history)
+                         if h.get("client_accuracy")), {})
+    out = {
+        "rounds": state.round,
+        "clients": c.count,
+        "sampled_per_round": float(np.mean([h["clients"] for h in state.history])) if state.history else 0.0,
+        "client_accuracy": last_clients,
+        "test_accuracy_by_round": by_round,
+        "target_accuracy": target,
+        "rounds_to_target": reached,
+        "dropped_clients": state.dropped,
+        **({"stopped": state.stopped} if state.stopped else {}),
+        "federated": {"strategy": fed.strategy, "partitioner": fed.partitioner,
+                      "sampling": fed.sampling, "fraction": fed.fraction,
+                      "local_epochs": fed.local_epochs, "local_batch_size": fed.local_batch_size},
+    }
+    p, r = config.privacy, config.robust
+    if p.dp != "none" or p.secure_aggregation:
+        dp = privacy.Dp.from_config(config, c.count)
+        out["privacy"] = dp.summary(state.round, state.server_state, p.secure_aggregation)
+    if r.rule != "mean" or r.attack.kind != "none":
+        out["robustness"] = {"rule": r.rule, "attack": r.attack.kind,
+                             "malicious_fraction": r.attack.fraction}
+    return out

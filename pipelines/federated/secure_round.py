@@ -1,0 +1,119 @@
+"""A federated round under secure aggregation: four Spark jobs over the sampled clients' partitions
+(advertise keys, share keys, train and mask, unmask), with the driver relaying public keys and
+sealed shares and learning only sums (pipelines/federated/secure_sum.py, udfs/federated/secure_clients.py).
+
+The fixed-point scale is chosen from what the driver already knows, the sampled clients' row counts
+and the clip, so that the weighted sum of all of them cannot overflow the ring.
+"""
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable
+
+import numpy as np
+from pyspark import SparkContext
+
+from pipelines.federated import secure_sum
+from udfs.federated import secure_clients
+from udfs.federated.clients import ClientRound
+from udfs.federated.secagg import SecAggError
+from pipelines.federated.clients import Clients
+
+
+@dataclass(frozen=True)
+class Phases:
+    """The client steps; a test swaps one to make clients drop at a chosen point."""
+
+    advertise: Callable = secure_clients.advertise
+    share_keys: Callable = secure_clients.share_keys
+    masked_update: Callable = secure_clients.masked_update
+    unmask_shares: Callable = secure_clients.unmask_shares
+
+
+@dataclass
+class SecureResult:
+    """What the driver learns from a secure round: sums over the surviving clients only."""
+
+    weighted_sum: np.ndarray        # sum of weight * update
+    weight_sum: float
+    within_clip: float              # sum over survivors of (within the clip) - 1/2
+    reports: list[dict]             # per survivor: client, n, train_loss, seconds (no update)
+    dropped: list[dict]
+    threshold: int
+    scale: float                    # the fixed-point scale the clients encoded with
+    bytes_up: int
+    received: dict = field(default_factory=dict)   # everything the driver received, by step
+
+
+def _job(sc: SparkContext, c: Clients, step: Callable, partitions: list[int]) -> list:
+    return sc.runJob(c.handles, step, sorted(partitions)) if partitions else []
+
+
+def run_secure_round(sc: SparkContext, c: Clients, task: ClientRound, theta: np.ndarray,
+                     sampled: list[int], threshold_fraction: float, ring_bits: int, weighted: bool,
+                     phases: Phases = Phases()) -> SecureResult:
+    """One protocol run over the sampled clients. Its id, a fresh random tag and the round, enters
+    every key derivation, so no two runs share keys or masks even when a round number repeats."""
+    r = task.round
+    protocol = f"{secrets.token_hex(8)}/{r}"
+    t = secure_sum.threshold(len(sampled), threshold_fraction)
+    keys = dict(_job(sc, c, partial(phases.advertise, protocol=protocol), sampled))
+    _enough(keys, t, r, "advertised keys")
+    sealed = dict(_job(sc, c, partial(phases.share_keys, protocol=protocol, public_keys=keys, t=t),
+                       list(keys)))
+    _enough(sealed, t, r, "shared their keys")
+    shared = {v: keys[v] for v in sealed}
+    scale = secure_sum.scale_for(_sum_bound(c, task, shared, weighted), ring_bits)
+    masking = secure_clients.Masking(protocol, shared, scale, ring_bits, weighted)
+    bc = sc.broadcast(theta)
+    try:
+        results = _job(sc, c, partial(phases.masked_update, task=task, weights=bc, masking=masking),
+                       list(shared))
+    finally:
+        bc.destroy()
+    masked = [d for d in results if "masked" in d]
+    survivors = frozenset(d["client"] for d in masked)
+    gone = frozenset(shared) - survivors
+    _enough(survivors, t, r, "sent their masked updates")
+    routed = secure_sum.route({u: sealed[u] for u in shared})
+    inbox = sc.broadcast({v: routed[v] for v in survivors})
+    try:
+        answers = dict(_job(sc, c, partial(phases.unmask_shares, protocol=protocol, public_keys=shared,
+                                           inbox=inbox, survivors=survivors, dropped_=gone),
+                            list(survivors)))
+    finally:
+        inbox.destroy()
+    total = np.zeros(len(masked[0]["masked"]), dtype=np.uint64)
+    for d in masked:
+        total += d["masked"]
+    x = secure_sum.decode(secure_sum.unmask(total, shared, set(survivors), set(gone), answers, t, protocol,
+                                    ring_bits), scale, ring_bits)
+    bytes_up = (sum(len(k[0]) + len(k[1]) for k in keys.values())
+                + sum(len(ct) for s in sealed.values() for ct in s.values())
+                + sum(d["masked"].nbytes for d in masked)
+                + sum(64 * len(a) for a in answers.values()))
+    reports = [{k: v for k, v in d.items() if k != "masked"} for d in masked]
+    return SecureResult(x[:-2], float(x[-2]), float(x[-1]), reports,
+                        [d for d in results if "dropped" in d], t, scale, bytes_up,
+                        {"keys": keys, "sealed": sealed, "masked": masked, "answers": answers})
+
+
+def _sum_bound(c: Clients, task: ClientRound, shared: dict, weighted: bool) -> float:
+    """A bound on |sum of the encoded vectors| in any coordinate: a released update's coordinates
+    are within the clip, plus 8 standard deviations of local DP noise (exceeded with probability
+    about 1e-15 per coordinate); then the weight and centred-bit columns."""
+    weights = c.sizes[sorted(shared)] if weighted else np.ones(len(shared))
+    release = task.release
+    if release.clip is None:
+        raise ValueError("secure aggregation needs clipped updates (a bound for the fixed point)")
+    per_coordinate = release.clip + 8.0 * release.noise_std
+    return float(weights.sum()) * max(per_coordinate, 1.0) + len(shared)
+
+
+def _enough(clients: object, t: int, round_: int, step: str) -> None:
+    if len(clients) < t:
+        raise SecAggError(f"secure aggregation round {round_}: only {len(clients)} clients "
+                          f"{step}, below the threshold t={t} (privacy.secagg_threshold of the "
+                          "sampled clients); the round cannot finish without unmasking someone")

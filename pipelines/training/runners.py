@@ -1,0 +1,415 @@
+"""The training runners every entry point shares: set up the model and the run, train with the
+configured strategy, record and save, and the summary line. `pipelines/train.py`,
+`pipelines.ml.estimators` and the benchmarks call these.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from pyspark.sql import SparkSession
+
+from pipelines.store import artifacts, rundir
+from pipelines.federated import rounds
+from pipelines.federated.clients import Clients, partition_report, prepare_clients
+from pipelines.data import lake
+from pipelines.training import mllib
+from pipelines.model_parallel import training as model_parallel_training
+from pipelines.core.cli import print_summary
+from pipelines.core.config import Config, ConfigError, dump_yaml, load_config
+from pipelines.data.blocks import Blocks, load_blocks
+from pipelines.core.errors import UserError
+from pipelines.core.progress import progress
+from pipelines.store.rundir import RunDir
+from pipelines.core.session import build_session
+from pipelines.training.data_parallel import Settings, TrainState, evaluate, optimizer_from, train
+from pipelines.store.tracking import Tracker
+from udfs.training import tasks
+from udfs.core.models import ModelSpec, init_params
+from udfs.core.seeding import Stream, rng
+
+
+def model_spec(config: Config, n_features: int, n_classes: int) -> ModelSpec:
+    kind, table = config.model.kind, config.data.table
+    if kind != "linear" and n_classes == 0:
+        raise UserError(f"model.kind={kind} needs integer class labels, but table {table!r} "
+                        "has real-valued labels; use model.kind=linear")
+    if kind == "logistic" and n_classes > 2:
+        raise UserError(f"model.kind=logistic is binary, but table {table!r} has "
+                        f"{n_classes} classes; use softmax or mlp")
+    return ModelSpec.build(kind, n_features, max(n_classes, 1), config.model.hidden)
+
+
+def initial_theta(config: Config, spec: ModelSpec) -> np.ndarray:
+    return init_params(spec, rng(config.trainer.seed, Stream.INIT), config.model.init,
+                       np.dtype(config.trainer.dtype))
+
+
+def restore(run_dir: RunDir, n_params: int) -> tuple[np.ndarray, dict[str, np.ndarray], dict] | None:
+    """(theta, optimizer or server state, metadata) of the run's last checkpoint, if any."""
+    found = artifacts.latest_checkpoint(run_dir)
+    if found is None:
+        return None
+    arrays, meta = found
+    theta = arrays.pop("theta")
+    if theta.shape != (n_params,):
+        raise UserError(f"{run_dir}: checkpoint has {theta.shape} parameters, the model {n_params}")
+    return theta, {k.removeprefix("state_"): v for k, v in arrays.items()}, meta
+
+
+def checkpoint_arrays(theta: np.ndarray, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {"theta": theta, **{f"state_{k}": v for k, v in state.items()}}
+
+
+@dataclass
+class Job:
+    """One invocation of train.py: its session, config and arguments, the run it continues (if
+    any), and, once a runner opens the run, that run's tracker."""
+
+    spark: SparkSession
+    config: Config
+    args: argparse.Namespace
+    resume_dir: RunDir | None
+    timings: dict[str, float] = field(default_factory=dict)
+    tracker: Tracker | None = None
+    history: list[dict] = field(default_factory=list)
+
+    def open_run(self, table: str, version: int, unit: str, total: int) -> Tracker:
+        """The run directory (the resumed one, or a new one holding the resolved config) and its
+        tracker."""
+        run_dir = self.resume_dir
+        if run_dir is None:
+            label = Path(self.args.config).stem if self.args.config else "fashion_mnist"
+            run_dir = artifacts.new_run_dir(self.config.runs.path, self.args.run_name,
+                                            f"{label}-{self.config.trainer.strategy}-s{self.config.trainer.seed}")
+            artifacts.write(run_dir, "config.yaml", dump_yaml(self.config).encode())
+        self.tracker = Tracker(self.spark, self.config, run_dir, unit, total, table, version)
+        return self.tracker
+
+
+def resolve_run(args: argparse.Namespace) -> tuple[Config, RunDir | None, str | None]:
+    """The config, the existing run directory to continue (if any), and the run name to lock."""
+    if args.resume:
+        run_dir = rundir.open_run(args.resume)
+        config_file = run_dir.fetch("config.yaml")
+        if config_file is None:
+            run_dir.close()
+            raise UserError(f"--resume {run_dir}: not a run directory (no config.yaml)")
+        if args.config or args.sets:
+            run_dir.close()
+            raise UserError("--resume continues a run with its own config.yaml; drop --config/--set")
+        return load_config(config_file), run_dir, artifacts.run_name_of(run_dir) or run_dir.name
+    config = load_config(args.config, args.sets)
+    return config, None, artifacts.check_run_name(args.run_name) if args.run_name else None
+
+
+def interrupted_run(config: Config, run_name: str) -> RunDir | None:
+    """--resume-if-exists: the newest run of that name if it did not finish (to continue it)."""
+    run_dir = artifacts.newest_run(config.runs.path, run_name)
+    if run_dir is None:
+        return None
+    config_file = None if run_dir.exists("summary.json") else run_dir.fetch("config.yaml")
+    if config_file is None:
+        run_dir.close()
+        return None
+    if load_config(config_file) != config:
+        run_dir.close()
+        raise ConfigError(f"run {run_dir} was interrupted with a different configuration; resume it "
+                          f"with its own config (--resume {run_dir}), or choose another --run-name")
+    return run_dir
+
+
+def summary_metrics(spec: ModelSpec, test: dict[str, float]) -> dict[str, Any]:
+    if spec.is_classifier:
+        return {"test_loss": test.get("loss"), "test_accuracy": test.get("accuracy")}
+    return {"test_loss": test.get("loss"), "test_rmse": test.get("rmse"), "test_r2": test.get("r2")}
+
+
+def progress_line(record: dict[str, Any], epochs: int) -> str:
+    parts = [f"epoch {record['epoch']}/{epochs}", f"train_loss {record['train_loss']:.4f}"]
+    parts += [f"{k} {v:.4f}" for k, v in record.items() if k.startswith("val_")]
+    parts.append(f"{record['seconds']:.2f}s")
+    return "  ".join(parts)
+
+
+def settings_of(config: Config) -> Settings:
+    t = config.trainer
+    return Settings(t.strategy, t.epochs, t.average_every, t.aggregation_depth)
+
+
+def data_parallel_start(config: Config, data: Blocks) -> tuple[ModelSpec, tasks.Job, TrainState]:
+    """`local` and `sync` on `data`: the model, what every task needs, and the initial state."""
+    t = config.trainer
+    spec = model_spec(config, data.n_features, data.n_classes)
+    opt = optimizer_from(config)
+    theta = initial_theta(config, spec)
+    return spec, tasks.Job(spec, data.layout, t.dtype, t.batch_size, opt), TrainState(theta, opt.init_state(theta))
+
+
+def federated_start(config: Config, clients: Clients) -> tuple[ModelSpec, rounds.FedState]:
+    """`federated` over `clients`: the settings that depend on the clients checked, the model, and
+    the initial server state."""
+    rounds.check_setup(config, clients.count)
+    spec = model_spec(config, clients.n_features, clients.n_classes)
+    return spec, rounds.initial_state(config, initial_theta(config, spec), clients.count)
+
+
+def train_data_parallel(job: Job) -> dict:
+    """`local` and `sync`: the summary's strategy-specific part."""
+    spark, config, t = job.spark, job.config, job.config.trainer
+    mark = time.perf_counter()
+    ref = lake.TableRef(config.data.table, config.data.version)
+    with progress(spark.sparkContext, f"building blocks from {ref.name}"):
+        data = load_blocks(spark, config.lake.path, ref, config.data.partitions, t.seed,
+                           config.data.validation_fraction, cache_gb=config.data.worker_cache_gb)
+    job.timings["blocks"] = time.perf_counter() - mark
+    spec, task, state = data_parallel_start(config, data)
+    tracker = job.open_run(data.table, data.version, "epoch", t.epochs)
+    restored = restore(tracker.run_dir, spec.n_params)
+    if restored:
+        theta, opt_state, meta = restored
+        state = TrainState(theta, opt_state, meta["epoch"], meta["step"], meta["history"],
+                           meta.get("epoch_loss", 0.0))
+        tracker.resumed(state.history, f"epoch {state.epoch}" + (
+            f", step {state.step}" if meta.get("unit") == "step" else ""))
+
+    def save(s: TrainState, unit: str, number: int) -> None:
+        tracker.checkpoint(s.history, f"{unit}-{number:04d}", checkpoint_arrays(s.theta, s.opt_state),
+                           {"unit": unit, "epoch": s.epoch, "step": s.step, "history": s.history,
+                            "epoch_loss": s.epoch_loss})
+
+    every = t.checkpoint_every
+    sync = t.strategy == "sync"
+
+    def on_epoch(s: TrainState, record: dict[str, Any]) -> None:
+        tracker.log(record, progress_line(record, t.epochs))
+        if every and not sync and s.epoch % every == 0 and s.epoch < t.epochs:
+            save(s, "epoch", s.epoch)
+
+    def on_step(s: TrainState) -> None:  # sync counts checkpoint_every in optimizer steps
+        if s.step % every == 0:
+            save(s, "step", s.step)
+
+    mark = time.perf_counter()
+    state = train(spark.sparkContext, data, task, settings_of(config), state, on_epoch,
+                  on_step if sync and every else None, f"run {tracker.run_id}")
+    job.timings["train"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    test = evaluate(spark.sparkContext, data, spec, t.dtype, state.theta, ("test",),
+                    t.aggregation_depth).get("test", {})
+    job.timings["evaluate"] = time.perf_counter() - mark
+    data.release()
+    finish_model(tracker.run_dir, config, spec, state.theta, data.table, data.version)
+    job.history = state.history
+    return {
+        "data": {"table": data.table, "version": data.version, "train_rows": data.train_rows,
+                 "validation_rows": data.validation_rows, "test_rows": data.test_rows,
+                 "partitions": data.partitions},
+        "epochs": t.epochs,
+        **summary_metrics(spec, test),
+        "model": {"kind": spec.kind, "layers": list(spec.layers)},
+    }
+
+
+def round_line(record: dict[str, Any], rounds: int) -> str:
+    parts = [f"round {record['round']}/{rounds}", f"clients {record['reported']}/{record['clients']}"]
+    if "train_loss" in record:
+        parts.append(f"train_loss {record['train_loss']:.4f}")
+    if "test_accuracy" in record:
+        parts.append(f"test_accuracy {record['test_accuracy']:.4f}")
+    ca = record.get("client_accuracy") or {}
+    if ca:
+        parts.append(f"client_accuracy mean {ca['mean']:.4f} p10 {ca['p10']:.4f} min {ca['min']:.4f}")
+    if "epsilon" in record:
+        parts.append(f"epsilon {record['epsilon']:.3f}")
+    if record["dropped"]:
+        parts.append(f"dropped {len(record['dropped'])}")
+    parts.append(f"{record['seconds']:.2f}s")
+    return "  ".join(parts)
+
+
+def train_federated(job: Job) -> dict:
+    """`federated`: the summary's strategy-specific part."""
+    spark, config = job.spark, job.config
+    t, fed = config.trainer, config.federated
+    mark = time.perf_counter()
+    with progress(spark.sparkContext, f"building client blocks from {config.data.table}"):
+        clients, test = prepare_clients(spark, config)
+    job.timings["blocks"] = time.perf_counter() - mark
+    print(partition_report(clients), flush=True)
+    spec, state = federated_start(config, clients)
+    tracker = job.open_run(clients.table, clients.version, "round", fed.rounds)
+    tracker.names = dict(enumerate(clients.names))
+    restored = restore(tracker.run_dir, spec.n_params)
+    if restored:
+        theta, server_state, meta = restored
+        state = rounds.FedState(theta, server_state, meta["round"], meta["history"],
+                                   meta["dropped"])
+        tracker.resumed(state.history, f"round {state.round}")
+
+    def on_round(s: rounds.FedState, record: dict[str, Any]) -> None:
+        tracker.log(record, round_line(record, fed.rounds))
+        if t.checkpoint_every and s.round % t.checkpoint_every == 0 and s.round < fed.rounds:
+            tracker.checkpoint(s.history, f"round-{s.round:04d}",
+                               checkpoint_arrays(s.theta, s.server_state),
+                               {"round": s.round, "history": s.history, "dropped": s.dropped})
+
+    mark = time.perf_counter()
+    state = rounds.fit(spark.sparkContext, config, clients, test, spec, state, on_round)
+    job.timings["train"] = time.perf_counter() - mark
+    last = state.history[-1] if state.history else {}
+    test_metrics = {k.removeprefix("test_"): v for k, v in last.items() if k.startswith("test_")}
+    clients.release()
+    if test is not None:
+        test.release()
+    finish_model(tracker.run_dir, config, spec, state.theta, clients.table, clients.version)
+    job.history = state.history
+    return {
+        "data": {"table": clients.table, "version": clients.version,
+                 "train_rows": int(clients.sizes.sum()),
+                 "test_rows": test.test_rows if test is not None else 0,
+                 "partitions": clients.count},
+        **rounds.summary_fields(config, clients, state),
+        **summary_metrics(spec, test_metrics),
+        "model": {"kind": spec.kind, "layers": list(spec.layers)},
+    }
+
+
+def finish_model(run_dir: RunDir, config: Config, spec: ModelSpec, theta: np.ndarray | None, table: str,
+                 version: int, chunks: Any = None) -> None:
+    """model/weights.npz + spec.json; spec.json alone when there are no weights of ours (MLlib's
+    MLP, saved by MLlib under model/mllib). `chunks`: the weights in consecutive pieces instead
+    of `theta` (model_parallel, never whole on the driver)."""
+    meta = {"run_id": run_dir.name, "table": table, "version": version, "n_classes": spec.n_classes,
+            "strategy": config.trainer.strategy, "seed": config.trainer.seed}
+    if chunks is not None:
+        artifacts.save_model_chunks(run_dir, spec, config.trainer.dtype, chunks, meta)
+    else:
+        artifacts.save_model(run_dir, spec, theta, meta)
+
+
+def train_model_parallel(job: Job) -> dict:
+    """`model_parallel`: the first layer sharded by feature blocks (pipelines/model_parallel/training.py)."""
+    spark, config = job.spark, job.config
+    t, mp = config.trainer, model_parallel_training
+    mark = time.perf_counter()
+    with progress(spark.sparkContext, "building model-parallel cells"):
+        cells = mp.prepare(spark, config)
+    job.timings["blocks"] = time.perf_counter() - mark
+    spec = model_spec(config, cells.n_features, cells.n_classes)
+    grid = mp.grid_for(config, cells, spec)
+    tracker = job.open_run(cells.table, cells.version, "epoch", t.epochs)
+    names = tuple(grid.optimizer.init_state(np.zeros(1)))
+    head = mp.initial_head(config, spec, grid)
+    restored = mp.restore(spark.sparkContext, tracker.run_dir, spec, grid, names)
+    if restored:
+        restored, head = restored
+        tracker.resumed(head.history, f"epoch {head.epoch}")
+    mark = time.perf_counter()
+    carrier = mp.Carrier(spark.sparkContext, grid, cells.handles, mp.Wire(spark.sparkContext, mp.WIRE_LOG),
+                         tracker.run_dir.child("rdd-checkpoints"), restored or None)
+
+    def on_epoch(s: mp.HeadState, record: dict[str, Any]) -> None:
+        tracker.log(record, progress_line(record, t.epochs))
+        if t.checkpoint_every and s.epoch % t.checkpoint_every == 0 and s.epoch < t.epochs:
+            tracker.flush(s.history)
+            artifacts.save_checkpoint_chunks(
+                tracker.run_dir, f"epoch-{s.epoch:04d}", mp.save_chunks(carrier, spec, s.head, names, s.opt),
+                {"epoch": s.epoch, "step": s.step, "history": s.history})
+
+    head = mp.train_epochs(carrier, cells, spec, grid.optimizer, head, t.epochs, on_epoch)
+    job.timings["train"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    test = mp.evaluate_role(carrier, cells, spec, head.head, "test") if cells.test_rows else {}
+    job.timings["evaluate"] = time.perf_counter() - mark
+    finish_model(tracker.run_dir, config, spec, None, cells.table, cells.version,
+                 chunks=mp.save_chunks(carrier, spec, head.head)["theta"][2])
+    summary = mp.summary_fields(carrier, cells)
+    carrier.release()
+    cells.release()
+    job.history = head.history
+    return {
+        "data": {"table": cells.table, "version": cells.version, "train_rows": cells.layout.n_train,
+                 "validation_rows": cells.layout.n_validation, "test_rows": cells.test_rows,
+                 "partitions": cells.row_blocks},
+        "epochs": t.epochs,
+        **summary_metrics(spec, test),
+        **summary,
+        "model": {"kind": spec.kind, "layers": list(spec.layers)},
+    }
+
+
+def train_mllib(job: Job) -> dict:
+    """`mllib`: MLlib's estimator on the same table (pipelines/training/mllib.py)."""
+    spark, config = job.spark, job.config
+    mark = time.perf_counter()
+    result = mllib.fit(spark, config, lambda d, k: model_spec(config, d, k))
+    job.timings["train"] = result["train_seconds"]
+    job.timings["prepare_and_evaluate"] = time.perf_counter() - mark - result["train_seconds"]
+    spec, model = result["spec"], result["model"]
+    tracker = job.open_run(result["table"], result["version"], "epoch", 0)
+    model.write().overwrite().save(tracker.run_dir.child("model/mllib"))
+    finish_model(tracker.run_dir, config, spec, mllib.our_weights(model, spec), result["table"],
+                 result["version"])
+    return {
+        "data": {"table": result["table"], "version": result["version"],
+                 "train_rows": result["train_rows"], "test_rows": result["test_rows"],
+                 "partitions": config.data.partitions},
+        "epochs": None,
+        "mllib": {"estimator": type(model).__name__.removesuffix("Model") or type(model).__name__,
+                  "max_iter": config.mllib.max_iter, "iterations": result["iterations"]},
+        **summary_metrics(spec, result["test"]),
+        "model": {"kind": spec.kind, "layers": list(spec.layers)},
+    }
+
+
+RUNNERS: dict[str, Callable[[Job], dict]] = {
+    "local": train_data_parallel, "sync": train_data_parallel, "federated": train_federated,
+    "mllib": train_mllib, "model_parallel": train_model_parallel,
+}
+
+
+def run(config: Config, args: argparse.Namespace, resume_dir: RunDir | None, started: float) -> None:
+    """Train, record and save one run; the summary line is the last thing printed."""
+    t = config.trainer
+    mark = time.perf_counter()
+    spark = build_session("fedspark-train", config.spark.conf, config.spark.delta_packages)
+    job = Job(spark, config, args, resume_dir, {"session": time.perf_counter() - mark})
+    try:
+        part = RUNNERS[t.strategy](job)
+        run_dir = job.tracker.run_dir
+        summary = {
+            "run_id": run_dir.name,
+            "run_name": artifacts.run_name_of(run_dir),
+            "run_dir": run_dir.uri,
+            "strategy": t.strategy,
+            "model": part.pop("model"),
+            "seed": t.seed,
+            "data": part.pop("data"),
+            "batch_size": {"federated": config.federated.local_batch_size, "mllib": None}.get(
+                t.strategy, t.batch_size),
+            **part,
+            "train_seconds": round(job.timings["train"], 3),
+            "timings": {k: round(v, 3) for k, v in job.timings.items()},
+            "model_path": run_dir.child("model"),
+        }
+        summary["total_seconds"] = round(time.time() - started, 3)
+        job.tracker.completed(summary, job.history, "test_accuracy" in summary)
+    except BaseException as exc:
+        if job.tracker is not None:
+            job.tracker.failed(exc)
+        opened = job.tracker.run_dir if job.tracker is not None else resume_dir
+        if opened is not None:
+            opened.close()  # a remote run's staging copy: what was finished is published
+        raise
+    artifacts.write(run_dir, "summary.json", json.dumps(summary, indent=2).encode())
+    run_dir.close()
+    print_summary(summary)
+
+

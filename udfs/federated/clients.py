@@ -1,0 +1,151 @@
+"""Federated clients: one Spark partition holds one client's rows, and these functions are all that
+runs on them. Only the update vector, the sample count and a few scalar metrics leave the task.
+
+A client keeps a local hold-out (`holdout_fraction` of its rows, drawn from (seed, client)) that
+never trains and serves federated evaluation: how well the global model does for each client.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from udfs.data import blocks
+from udfs.core import models, worker
+from udfs.federated.attacks import Attack
+from udfs.core.models import ModelSpec
+from udfs.core.optimizers import Optimizer
+from udfs.federated.noise import Release
+from udfs.core.seeding import Stream, rng
+from udfs.training.tasks import handle_of, metric_sums
+
+
+@dataclass(frozen=True)
+class ClientSplit:
+    """How every client splits its rows: `holdout_fraction` held out, drawn from (seed, client)."""
+
+    seed: int
+    holdout_fraction: float
+
+
+def client_rows(path: str, client: int, split: ClientSplit) -> tuple[np.ndarray, np.ndarray]:
+    """Block positions of the client's training rows and of its hold-out rows."""
+    def compute(block: blocks.Block) -> tuple[np.ndarray, np.ndarray]:
+        n = len(block.id)
+        n_hold = int(round(split.holdout_fraction * n)) if n > 1 else 0
+        order = rng(split.seed, Stream.HOLDOUT, client).permutation(n)
+        return np.sort(order[n_hold:]), np.sort(order[:n_hold])
+
+    return blocks.derived(path, ("clients", split), compute)
+
+
+@dataclass(frozen=True)
+class ClientRound:
+    spec: ModelSpec
+    dtype: str
+    split: ClientSplit
+    round: int
+    local_epochs: int
+    batch_size: int | None   # None: the whole local data set in one batch (FedSGD)
+    optimizer: Optimizer
+    mu: float                # FedProx proximal weight; 0 = FedAvg
+    release: Release = Release()
+    attack: Attack = Attack("none", 0.0, frozenset())
+
+
+def train_client(task: ClientRound, client: int, theta0: np.ndarray, X: np.ndarray,
+           y: np.ndarray) -> tuple[np.ndarray, float, int]:
+    """E local epochs of mini-batch training from theta0; returns (theta, mean loss, steps).
+
+    The whole of a client's numpy work: the benchmark times it in one process to measure what a
+    Spark round adds on top."""
+    theta = theta0.copy()
+    state = task.optimizer.init_state(theta)
+    n = len(y)
+    batch = task.batch_size or n
+    loss_sum, step = 0.0, 0
+    for epoch in range(task.local_epochs):
+        # the same stream `local` uses for a partition's epoch: one client trained for R rounds of
+        # one epoch walks its rows exactly as `local` does over R epochs
+        index = (task.round - 1) * task.local_epochs + epoch
+        order = rng(task.split.seed, Stream.LOCAL_EPOCH, index, client).permutation(n)
+        for start in range(0, n, batch):
+            rows = order[start:start + batch]
+            loss, grad = models.loss_and_grad(task.spec, theta, X[rows], y[rows])
+            if task.mu:
+                grad += task.mu * (theta - theta0)
+            step += 1
+            task.optimizer.step(theta, grad, state, step)
+            loss_sum += loss
+    return theta, loss_sum / max(step, 1), step
+
+
+def local_update(path: str, client: int, task: ClientRound, theta0: np.ndarray) -> dict:
+    """Train the client at `path` from theta0 and release its update as `task.release` says
+    (clipped, noised). A simulated attacker tampers with its update before the release: it goes
+    through the same client library, so clipping bounds what it can do. Raises when training fails.
+
+    Returns {client, n, update, train_loss, seconds (of local training)}, plus `within_clip` under
+    adaptive clipping."""
+    block = blocks.load(path)
+    train, _ = client_rows(path, client, task.split)
+    X = block.X[train].astype(task.dtype, copy=False)
+    y = task.attack.labels(client, block.y[train], task.spec.n_classes)
+    started = time.perf_counter()
+    theta, loss, _ = train_client(task, client, theta0, X, y)
+    seconds = time.perf_counter() - started
+    update = theta - theta0
+    if not (np.isfinite(update).all() and math.isfinite(loss)):
+        raise FloatingPointError("the local update is not finite")
+    seed = task.split.seed
+    update = task.attack.tamper(client, update, seed, task.round)
+    update, extra = task.release.apply(update, seed, task.round, client)
+    return {"client": client, "n": int(len(train)), "update": update, "train_loss": float(loss),
+            "seconds": seconds, **extra}
+
+
+def client_of(rows: Iterable[Any]) -> tuple[int, str] | None:
+    """Prepare this Python worker, then (client, block path) of the partition's client, or None for
+    an empty partition: how every client task starts."""
+    worker.prepare()
+    return handle_of(rows)
+
+
+def dropped(client: int, exc: Exception) -> dict:
+    """What a client whose own work failed reports instead, so the round can go on without it."""
+    return {"client": client, "dropped": f"{type(exc).__name__}: {str(exc)[:200]}"}
+
+
+def client_update(rows: Iterable[Any], task: ClientRound, weights: Any) -> Iterator[dict]:
+    """Train this partition's client from the broadcast global weights; yields its local_update
+    record, or a `dropped` record when the client's own training fails (bad rows, a numeric
+    error)."""
+    handle = client_of(rows)
+    if handle is None:
+        return
+    client, path = handle
+    try:
+        report = local_update(path, client, task, weights.value)
+    except blocks.BlockMissing:
+        raise   # the executor lost the block, not the client: the driver rebuilds and reruns
+    except Exception as exc:  # noqa: BLE001 - a client's failure must not fail the round
+        yield dropped(client, exc)
+        return
+    yield report
+
+
+def client_evaluate(rows: Iterable[Any], spec: ModelSpec, dtype: str, split: ClientSplit,
+                    weights: Any) -> Iterator[tuple[int, np.ndarray]]:
+    """The global model on this client's hold-out: (client, [n, loss_sum, correct, ...])."""
+    handle = client_of(rows)
+    if handle is None:
+        return
+    client, path = handle
+    block = blocks.load(path)
+    _, hold = client_rows(path, client, split)
+    if len(hold):
+        X = block.X[hold].astype(dtype, copy=False)
+        yield client, metric_sums(spec, weights.value, X, block.y[hold])

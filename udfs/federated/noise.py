@@ -1,0 +1,42 @@
+"""What a client does to its update before it leaves the task: clip it to an L2 norm (for
+differential privacy, and so secure aggregation's fixed-point sum cannot overflow) and, for local
+DP, add its own Gaussian noise (McMahan et al. 2018 for the clipping; the noise is the Gaussian
+mechanism with std noise_multiplier * clip)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from udfs.core.seeding import Stream, rng
+
+
+def clip(update: np.ndarray, bound: float) -> tuple[np.ndarray, float]:
+    """The update scaled down to L2 norm at most `bound`, and its norm before clipping."""
+    wide = update.astype(np.float64, copy=False)
+    norm = float(np.linalg.norm(wide))
+    if norm <= bound:
+        return update, norm
+    # a hair inside the bound, so rounding to float32 cannot push the norm above it
+    return (wide * (bound / norm * (1 - 1e-6))).astype(update.dtype), norm
+
+
+@dataclass(frozen=True)
+class Release:
+    """How every client of a round releases its update (the same for all clients of the round)."""
+
+    clip: float | None = None       # L2 bound; None leaves the update as trained
+    noise_std: float = 0.0          # local DP: Gaussian noise the client adds itself
+    report_clipped: bool = False    # adaptive clipping: send whether the norm was within the bound
+
+    def apply(self, update: np.ndarray, seed: int, round_: int, client: int) -> tuple[np.ndarray, dict]:
+        """(the update as released, the scalars that go with it)."""
+        extra: dict = {}
+        if self.clip is not None:
+            update, norm = clip(update, self.clip)
+            if self.report_clipped:
+                extra["within_clip"] = norm <= self.clip
+        if self.noise_std > 0:
+            noise = rng(seed, Stream.CLIENT_NOISE, round_, client).normal(0.0, self.noise_std, update.shape)
+            update = (update + noise).astype(update.dtype)
+        return update, extra

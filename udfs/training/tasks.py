@@ -1,0 +1,250 @@
+"""Per-partition functions handed to `mapPartitions` over the block handles.
+
+Each takes the partition's handle rows and a small frozen job description, and yields one tuple of
+numpy arrays and numbers for the driver to reduce in partition order (`partition_sum`,
+`regroup`, `sum_group` below). Weights travel in a Spark broadcast (`.value` is read inside the task), never in a closure.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from udfs.data import blocks
+from udfs.core import models, worker
+from udfs.core.models import ModelSpec
+from udfs.core.optimizers import Optimizer
+from udfs.core.seeding import Stream, rng
+
+
+def _placed(path: str, layout: blocks.Layout) -> tuple[blocks.Block, blocks.Roles]:
+    """The block at `path` and its row roles under `layout`. Features stay float32 in the block (in
+    memory or memory-mapped); rows are converted to the training dtype as they are used."""
+    block = blocks.load(path)
+    return block, blocks.derived(path, ("roles", layout), lambda b: blocks.roles(b, layout))
+
+
+def handle_of(rows: Iterable[Any]) -> tuple[int, str] | None:
+    """(partition, block path) of a partition's single handle row; None for an empty partition."""
+    rows = list(rows)
+    if not rows:
+        return None
+    if len(rows) != 1:
+        raise RuntimeError(f"expected one block handle per partition, got {len(rows)}")
+    return int(rows[0].part), str(rows[0].path)
+
+
+@dataclass(frozen=True)
+class Job:
+    """What every training task needs besides the weights."""
+
+    spec: ModelSpec
+    layout: blocks.Layout
+    dtype: str
+    batch_size: int
+    optimizer: Optimizer
+
+
+# --- local SGD -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LocalRound:
+    job: Job
+    epoch: int
+    round: int             # averaging round within the epoch
+    every: int | None      # local steps per round; None = the partition's whole epoch
+
+
+def steps_per_epoch(n_rows: int, batch_size: int) -> int:
+    """Global mini-batch steps in an epoch over n_rows: the last batch may be partial."""
+    return -(-n_rows // batch_size)
+
+
+def local_batch_bounds(step: int, n_part: int, n_total: int, batch_size: int) -> tuple[int, int]:
+    """Rows [start, stop) of this partition's walk for `step` of an epoch.
+
+    `batch_size` is the global batch, as in `sync` and tf.distribute: a partition holding n_part of
+    the n_total training rows takes its share, about batch_size * n_part / n_total rows a step, so
+    every partition takes the same number of steps per epoch. With one partition these are the
+    plain consecutive batches of batch_size rows."""
+    start = step * batch_size * n_part // n_total
+    stop = min((step + 1) * batch_size * n_part // n_total, n_part)
+    return start, stop
+
+
+def local_round(rows: Iterable[Any], task: LocalRound, weights: Any) -> Iterator[tuple]:
+    """Run this partition's local mini-batch steps of one averaging round from the broadcast
+    (theta, optimizer state). Each epoch the partition walks its training rows in an order drawn
+    from (seed, epoch, partition).
+
+    Yields (n, n*theta, {name: n*buffer}, loss_sum, batches), n being this partition's training
+    rows, so the driver's sum divided by the total n is the sample-weighted average."""
+    worker.prepare()
+    handle = handle_of(rows)
+    if handle is None:
+        return
+    part, path = handle
+    job = task.job
+    block, roles = _placed(path, job.layout)
+    train = roles.train  # already in global train-index order: blocks are sorted by (shard, id)
+    n = len(train)
+    per_epoch = steps_per_epoch(job.layout.n_train, job.batch_size)
+    first = task.round * task.every if task.every else 0
+    last = min(first + task.every, per_epoch) if task.every else per_epoch
+    if n == 0 or first >= last:
+        return
+    theta0, state0 = weights.value
+    theta = theta0.copy()
+    state = {k: v.copy() for k, v in state0.items()}
+    order = train[rng(job.layout.seed, Stream.LOCAL_EPOCH, task.epoch, part).permutation(n)]
+    loss_sum, batches = 0.0, 0
+    for j in range(first, last):
+        start, stop = local_batch_bounds(j, n, job.layout.n_train, job.batch_size)
+        if start == stop:
+            continue
+        rows_b = order[start:stop]
+        loss, grad = models.loss_and_grad(job.spec, theta, blocks.rows_of(block.X, rows_b, job.dtype),
+                                          block.y[rows_b])
+        job.optimizer.step(theta, grad, state, task.epoch * per_epoch + j + 1)
+        loss_sum += loss
+        batches += 1
+    yield n, theta * n, {k: v * n for k, v in state.items()}, loss_sum, batches
+
+
+# --- synchronous mini-batch SGD ------------------------------------------------------------------
+
+def _sync_epoch_plan(path: str, job: Job, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """This partition's train rows grouped by the global batch they fall in this epoch: the rows in
+    batch order and the start of each batch (searchsorted bounds)."""
+    return blocks.derived(path, ("sync", job.layout, job.batch_size, epoch),
+                          lambda _: _batch_plan(path, job, epoch))
+
+
+def _batch_plan(path: str, job: Job, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    _, roles = _placed(path, job.layout)
+    return batch_plan(roles, job.layout, job.batch_size, epoch)
+
+
+def batch_plan(roles: blocks.Roles, layout: blocks.Layout, batch_size: int,
+               epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """A block's train rows grouped by the global batch of `epoch` they fall in (in block order,
+    which is global train-index order, inside a batch), and the start of each batch: `sync`'s
+    batches, which `model_parallel` forms the same way."""
+    n = layout.n_train
+    if batch_size >= n:   # full batch: every train row, in block order
+        return roles.train, np.array([0, len(roles.train)])
+    position = np.empty(n, dtype=np.int64)
+    position[rng(layout.seed, Stream.SYNC_EPOCH, epoch).permutation(n)] = np.arange(n)
+    batch = position[roles.train_index] // batch_size
+    order = np.argsort(batch, kind="stable")   # within a batch, rows stay in block order
+    bounds = np.searchsorted(batch[order], np.arange(steps_per_epoch(n, batch_size) + 1))
+    return roles.train[order], bounds
+
+
+def sync_gradient(rows: Iterable[Any], job: Job, epoch: int, batch: int, weights: Any,
+                  chunk: int = 65_536) -> Iterator[tuple]:
+    """Gradient and loss summed over this partition's rows of global batch `batch` of `epoch`, in
+    chunks of rows (a full batch over a memory-mapped block never copies the whole block).
+
+    Yields (grad_sum, loss_sum, count); the driver's sum over partitions divided by count is the
+    gradient of the global mini-batch, exactly as one machine would compute it."""
+    worker.prepare()
+    handle = handle_of(rows)
+    if handle is None:
+        return
+    _, path = handle
+    block, _ = _placed(path, job.layout)
+    rows_in_batch, bounds = _sync_epoch_plan(path, job, epoch)
+    chosen = rows_in_batch[bounds[batch]:bounds[batch + 1]]
+    if not len(chosen):
+        return
+    theta = weights.value
+    grad_sum, loss_sum = np.zeros_like(theta), 0.0
+    for start in range(0, len(chosen), chunk):
+        rows_c = chosen[start:start + chunk]
+        loss, grad = models.loss_and_grad(job.spec, theta, blocks.rows_of(block.X, rows_c, job.dtype),
+                                          block.y[rows_c])
+        grad_sum += grad * len(rows_c)
+        loss_sum += loss * len(rows_c)
+    yield grad_sum, loss_sum, len(chosen)
+
+
+# --- evaluation ----------------------------------------------------------------------------------
+
+def evaluate(rows: Iterable[Any], spec: ModelSpec, layout: blocks.Layout, dtype: str,
+             which: tuple[str, ...], weights: Any, chunk: int = 8192) -> Iterator[dict]:
+    """Sums from which the driver computes loss and accuracy (or RMSE and R^2) per role.
+
+    Yields {role: array[n, loss_sum, correct, sse, y_sum, y2_sum]}."""
+    worker.prepare()
+    handle = handle_of(rows)
+    if handle is None:
+        return
+    _, path = handle
+    block, roles = _placed(path, layout)
+    theta = weights.value
+    out = {}
+    for role in which:
+        idx = getattr(roles, role)
+        sums = np.zeros(6)
+        for start in range(0, len(idx), chunk):
+            rows_c = idx[start:start + chunk]
+            sums += metric_sums(spec, theta, blocks.rows_of(block.X, rows_c, dtype), block.y[rows_c])
+        out[role] = sums
+    yield out
+
+
+def metric_sums(spec: ModelSpec, theta: np.ndarray, X: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """[n, loss_sum, correct, sse, y_sum, y2_sum] over the rows of X."""
+    return output_sums(spec, models.decision(spec, theta, X), y)
+
+
+def output_sums(spec: ModelSpec, out: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """metric_sums from the model's output `out` (decision) on rows with labels y."""
+    loss, _ = models.head_loss(spec, out, y, need_grad=False)
+    if spec.is_classifier:
+        correct = float((models.labels_from_decision(spec, out) == y).sum())
+        return np.array([len(y), loss, correct, 0.0, 0.0, 0.0])
+    return np.array([len(y), loss, 0.0, loss, y.sum(), (y * y).sum()])
+
+
+def add(a: Any, b: Any) -> Any:
+    """The combiner for every task here: the element-wise sum of nested tuples, dicts,
+    arrays and numbers, with None (an empty partition) as the empty sum."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    if isinstance(a, dict):
+        return {k: add(a[k], b[k]) for k in a}
+    if isinstance(a, tuple):
+        return tuple(add(x, y) for x, y in zip(a, b))
+    return a + b
+
+
+# --- reduction in partition order ------------------------------------------------------------------
+# Float addition is not associative, so a sum is reproducible only if its terms are always added in
+# the same order. treeAggregate merges partial sums in shuffle-fetch order; these functions key every
+# partial by its partition and add in index order, so a run repeated on one machine is bit-identical.
+
+def partition_sum(index: int, items: Iterable[Any]) -> Iterator[tuple[int, Any]]:
+    """mapPartitionsWithIndex: (partition, the sum of what its task yielded)."""
+    total = None
+    for item in items:
+        total = add(total, item)
+    yield index, total
+
+
+def regroup(item: tuple[int, Any], fan: int) -> tuple[int, tuple[int, Any]]:
+    """A partial sum keyed for the next level of the tree: `fan` consecutive indices per group."""
+    return item[0] // fan, item
+
+
+def sum_group(group: tuple[int, Iterable[tuple[int, Any]]]) -> tuple[int, Any]:
+    """The partial sums of one group, added in index order."""
+    key, items = group
+    total = None
+    for _, value in sorted(items, key=lambda kv: kv[0]):
+        total = add(total, value)
+    return key, total
