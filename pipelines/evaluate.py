@@ -14,13 +14,13 @@ if __package__ in (None, ""):  # run as a script by spark-submit: make the proje
 
 import argparse
 
-from pipelines.store import artifacts, rundir
-from pipelines.data import lake
 from pipelines.core.cli import main_wrapper, print_summary
 from pipelines.core.config import load_config
-from pipelines.data.blocks import load_blocks
 from pipelines.core.errors import UserError
 from pipelines.core.session import build_session
+from pipelines.data import lake
+from pipelines.data.blocks import load_blocks
+from pipelines.store import artifacts, rundir
 from pipelines.training.data_parallel import evaluate
 
 SPLITS = {"test": "test", "validation": "validation", "train": "train"}

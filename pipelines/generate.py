@@ -21,15 +21,15 @@ if __package__ in (None, ""):  # run as a script by spark-submit: make the proje
 import argparse
 import time
 
-
 from pipelines import ingest
-from pipelines.data import lake
 from pipelines.core.cli import main_wrapper, print_summary
 from pipelines.core.config import DEFAULT_FILE, load_config
 from pipelines.core.errors import UserError
 from pipelines.core.session import build_session
-from udfs.data import synthetic
+from pipelines.data import lake
 from pipelines.data.synthetic_tables import TRUTH_SUFFIX, generate_table
+from udfs.data import synthetic
+
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="generate.py", description=__doc__.split("\n\n")[1])

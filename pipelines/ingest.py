@@ -20,13 +20,13 @@ import argparse
 import time
 from pathlib import Path
 
-
-from pipelines.data import lake
 from pipelines.core.cli import main_wrapper, print_summary
 from pipelines.core.config import DEFAULT_FILE, load_config
 from pipelines.core.progress import progress
 from pipelines.core.session import build_session
+from pipelines.data import lake
 from pipelines.data.sources import REJECTS_SUFFIX, Source, ingest
+
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="ingest.py", description=__doc__.split("\n\n")[0])

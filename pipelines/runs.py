@@ -19,10 +19,10 @@ from typing import Any
 
 from pyspark.sql import functions as F
 
-from pipelines.store import records
 from pipelines.core.cli import main_wrapper, print_summary
 from pipelines.core.config import DEFAULT_FILE, load_config
 from pipelines.core.session import build_session
+from pipelines.store import records
 
 COLUMNS = ("run_id", "run_name", "status", "attempt", "strategy", "data", "started_at", "ended_at",
            "result")
@@ -57,8 +57,8 @@ def list_lines(rows: list[dict[str, Any]]) -> list[str]:
               r["started_at"].strftime("%Y-%m-%d %H:%M:%S") if r["started_at"] else "",
               r["ended_at"].strftime("%Y-%m-%d %H:%M:%S") if r["ended_at"] else "",
               _result(r["metrics"])] for r in rows]
-    widths = [max(len(c) for c in col) for col in zip(COLUMNS, *cells)]
-    return ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip()
+    widths = [max(len(c) for c in col) for col in zip(COLUMNS, *cells, strict=False)]
+    return ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=False)).rstrip()
             for line in [list(COLUMNS), *cells]]
 
 

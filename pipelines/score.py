@@ -21,14 +21,14 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from pipelines.store import artifacts, records, rundir
-from pipelines.data import lake
 from pipelines.core.cli import main_wrapper, print_summary
 from pipelines.core.config import DEFAULT_FILE, load_config
 from pipelines.core.errors import UserError
-from pipelines.store.rundir import RunDir
-from pipelines.ml.scoring import score_column
 from pipelines.core.session import build_session
+from pipelines.data import lake
+from pipelines.ml.scoring import score_column
+from pipelines.store import artifacts, records, rundir
+from pipelines.store.rundir import RunDir
 
 OUTPUT_SCHEMA = T.StructType([
     T.StructField("id", T.LongType()),

@@ -17,15 +17,13 @@ import contextlib
 import json
 from pathlib import Path
 
-
-
-from pipelines.store import artifacts, rundir
-from pipelines.model_parallel import vertical
 from pipelines.core.cli import main_wrapper, print_summary, process_start_time
 from pipelines.core.config import ConfigError
 from pipelines.core.session import build_session
-
+from pipelines.model_parallel import vertical
+from pipelines.store import artifacts, rundir
 from pipelines.training.runners import RUNNERS, interrupted_run, resolve_run, run
+
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[1])

@@ -18,30 +18,32 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-for _path in (ROOT, ROOT / "scripts"):  # run as a file (python or spark-submit): the project and
-    if str(_path) not in sys.path:       # scripts/benchlib.py must be importable
-        sys.path.insert(0, str(_path))
+if __package__ in (None, ""):  # run as a file (python or spark-submit): make the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
 import datetime
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from pipelines.core.config import Config, load_config
-from pipelines.training.data_parallel import optimizer_from  # the Optimizer the jobs build from the same config
+from pipelines.training.data_parallel import (
+    optimizer_from,  # the Optimizer the jobs build from the same config
+)
+from scripts.benchlib import DATA_DIR, BenchError, load_split, log, machine, spark_submit, versions
 from udfs.core import models
-from udfs.data.blocks import validation_mask
 from udfs.core.models import ModelSpec
 from udfs.core.seeding import Stream, rng
+from udfs.data.blocks import validation_mask
 from udfs.training.tasks import steps_per_epoch  # global mini-batch steps, counted as the strategies do
 
-from benchlib import DATA_DIR, BenchError, load_split, log, machine, spark_submit, versions
+ROOT = Path(__file__).resolve().parents[1]
 
 WAYS = ("numpy", "local", "sync", "mllib")
 BLAS_DIR = Path("/usr/lib/x86_64-linux-gnu")
@@ -193,8 +195,8 @@ def mllib_job(args: argparse.Namespace) -> None:
     from pyspark.ml.functions import array_to_vector
     from pyspark.sql import functions as F
 
-    from pipelines.data import lake
     from pipelines.core.session import build_session
+    from pipelines.data import lake
 
     config = sample_config(args.lake)
     timings: dict[str, float] = {}

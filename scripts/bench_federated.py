@@ -29,33 +29,33 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-for _path in (ROOT, ROOT / "scripts"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
+if __package__ in (None, ""):  # run as a file (python or spark-submit): make the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
 import datetime
 import json
 import statistics
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 from pyspark.sql import SparkSession
 from threadpoolctl import threadpool_limits
 
-from pipelines.federated import rounds, partitioners
-from pipelines.federated.clients import Clients, partition_report, prepare_clients
-from pipelines.federated.server import weighted_mean
 from pipelines.core.config import Config, load_config
 from pipelines.core.session import build_session
+from pipelines.federated import partitioners, rounds
+from pipelines.federated.clients import Clients, partition_report, prepare_clients
+from pipelines.federated.server import weighted_mean
 from pipelines.training.runners import initial_theta, model_spec
-from udfs.federated.clients import ClientSplit, train_client
+from scripts.benchlib import load_split, log, machine, versions
 from udfs.core.seeding import Stream, rng
+from udfs.federated.clients import ClientSplit, train_client
 
-from benchlib import load_split, log, machine, versions
+ROOT = Path(__file__).resolve().parents[1]
 
 PARTS = ("overhead", "iid", "shards", "dirichlet", "robust", "dp", "secagg")
 # noise multipliers that spend epsilon of about 8, 3 and 1 at delta 1e-5 in conf/fed_dp.yaml's 30

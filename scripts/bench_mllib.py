@@ -19,10 +19,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-for _path in (ROOT, ROOT / "scripts"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
+if __package__ in (None, ""):  # run as a file (python or spark-submit): make the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
 import datetime
@@ -32,15 +30,15 @@ from typing import Any
 
 from pyspark.sql import SparkSession
 
-from pipelines.data import lake
-from pipelines.training import mllib, data_parallel
-from pipelines.training import runners
 from pipelines.core.config import Config, load_config
-from pipelines.data.blocks import load_blocks
 from pipelines.core.session import build_session
+from pipelines.data import lake
+from pipelines.data.blocks import load_blocks
+from pipelines.training import data_parallel, mllib, runners
+from scripts.benchlib import log, machine, versions
 from udfs.training import tasks
 
-from benchlib import log, machine, versions
+ROOT = Path(__file__).resolve().parents[1]
 
 PARTS = ("mlp", "softmax")
 

@@ -22,10 +22,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-for _path in (ROOT, ROOT / "scripts"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
+if __package__ in (None, ""):  # run as a file (python or spark-submit): make the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
 import datetime
@@ -38,13 +36,14 @@ from typing import Any
 
 from pyspark.sql import SparkSession
 
-from pipelines.data import lake
 from pipelines import train
 from pipelines.core.cli import main_wrapper
 from pipelines.core.session import build_session
+from pipelines.data import lake
+from scripts.benchlib import log, machine, versions
 from udfs.data import sparse_rows
 
-from benchlib import log, machine, versions
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def ensure_table(spark: SparkSession, lake_path: str, args: argparse.Namespace) -> str:

@@ -41,18 +41,18 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.store import artifacts
-from pipelines.data import lake
-from pipelines.data.blocks import Blocks, load_blocks
 from pipelines import generate
 from pipelines.core.session import build_session
+from pipelines.data import lake
+from pipelines.data.blocks import Blocks, load_blocks
+from pipelines.store import artifacts
 from pipelines.training.data_parallel import evaluate, reduce_in_order
 from scripts.benchlib import log, machine, versions
-from udfs.data import blocks
-from udfs.training import tasks
-from udfs.data import synthetic as synthetic
 from udfs.core.models import ModelSpec
 from udfs.core.optimizers import Optimizer
+from udfs.data import blocks
+from udfs.data import synthetic as synthetic
+from udfs.training import tasks
 
 # --- memory ----------------------------------------------------------------------------------------
 
@@ -113,7 +113,7 @@ class MemoryWatch:
         while not self._stop.wait(self.every):
             self._sample()
 
-    def __enter__(self) -> "MemoryWatch":
+    def __enter__(self) -> MemoryWatch:
         self._thread.start()
         return self
 
@@ -278,7 +278,8 @@ def main() -> None:
     p.add_argument("--passes", type=int, default=5)
     p.add_argument("--cache-gb", type=float, default=4.0)
     p.add_argument("--driver-memory", default="6g")
-    p.add_argument("--mllib-iters", default="5,15", help="maxIter values of the short fits (tol 0); the marginal cost comes from the "
+    p.add_argument("--mllib-iters", default="5,15",
+                   help="maxIter values of the short fits (tol 0); the marginal cost comes from the "
                         "last of them and the converged fit")
     p.add_argument("--mllib-converge", type=int, default=100)
     p.add_argument("--adam-lr", type=float, default=0.05)

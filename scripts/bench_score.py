@@ -15,10 +15,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-for _path in (ROOT, ROOT / "scripts"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
+if __package__ in (None, ""):  # run as a file (python or spark-submit): make the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
 import datetime
@@ -32,10 +30,11 @@ import pyarrow.parquet as pq
 from threadpoolctl import threadpool_limits
 
 from pipelines.store import artifacts
+from scripts.benchlib import log, machine, spark_submit, versions
 from udfs.core import models
 from udfs.core.models import ModelSpec, init_params
 
-from benchlib import log, machine, spark_submit, versions
+ROOT = Path(__file__).resolve().parents[1]
 
 SPARK_CONF = {"spark.master": "local[2]", "spark.driver.memory": "4g",
               "spark.driver.maxResultSize": "1m"}

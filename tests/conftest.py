@@ -77,7 +77,7 @@ def fashion_mnist(every: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     parts = [idx.read_split(IDX_DIR, s) for s in ("train", "test")]
     X = np.concatenate([p[0][::every] for p in parts]).astype(np.float32) / np.float32(255)
     y = np.concatenate([p[1][::every] for p in parts]).astype(np.int32)
-    split = np.array([s for s, p in zip(("train", "test"), parts) for _ in p[1][::every]])
+    split = np.array([s for s, p in zip(("train", "test"), parts, strict=False) for _ in p[1][::every]])
     return X.reshape(len(y), -1), y, split
 
 

@@ -28,7 +28,7 @@ def accuracy_evaluator():
 @pytest.fixture(scope="module")
 def frame(spark):
     X, y, _ = blobs(3000, 6, 3, seed=4, spread=1.5)
-    rows = [(*map(float, x), int(label)) for x, label in zip(X, y)]
+    rows = [(*map(float, x), int(label)) for x, label in zip(X, y, strict=False)]
     return spark.createDataFrame(rows, [*COLUMNS, "label"]).repartition(3).cache()
 
 
@@ -78,7 +78,7 @@ def test_train_validation_split_picks_the_better_rate_and_its_metric_is_reproduc
     # TrainValidationSplit's own split: a rand(seed) column, train below the ratio
     marked = frame.select("*", F.rand(7).alias("r"))
     train, validation = marked.filter(F.col("r") < 0.75), marked.filter(F.col("r") >= 0.75)
-    for rate, metric in zip((1e-6, 0.05), tvs.validationMetrics):
+    for rate, metric in zip((1e-6, 0.05), tvs.validationMetrics, strict=False):
         alone, _ = _pipeline(learningRate=rate)
         assert accuracy_of(alone.fit(train).transform(validation)) == pytest.approx(metric, abs=1e-9)
 
@@ -92,7 +92,7 @@ def test_cross_validator_over_our_params(frame):
     assert cv.bestModel.stages[-1].getOrDefault("learningRate") == 0.05
     # CrossValidator's own folds: a rand(seed) column cut into numFolds equal ranges
     marked = frame.select("*", F.rand(3).alias("r"))
-    for rate, metric in zip((1e-6, 0.05), cv.avgMetrics):
+    for rate, metric in zip((1e-6, 0.05), cv.avgMetrics, strict=False):
         folds = []
         for i in range(2):
             held = (F.col("r") >= i / 2) & (F.col("r") < (i + 1) / 2)
@@ -112,7 +112,8 @@ def test_bad_input_names_the_column_or_param(spark):
     empty = spark.createDataFrame([], "features array<double>, label int")
     with pytest.raises(ValueError, match="no rows"):
         est.fit(empty)
-    with pytest.raises(ValueError, match=r"Param learningRate=-1.0 is not allowed \(trainer.optimizer.lr\): .*greater than 0"):
+    with pytest.raises(ValueError,
+                       match=r"Param learningRate=-1.0 is not allowed \(trainer.optimizer.lr\): .*greater than 0"):
         FedsparkEstimator(learningRate=-1.0).fit(mixed)
     with pytest.raises(ValueError, match="Param strategy"):
         FedsparkEstimator(strategy="mllib").fit(mixed)

@@ -24,7 +24,7 @@ def test_a_pipeline_model_saved_before_the_move_predicts_the_same(spark):
     saved = _inputs()
     columns = [f"x{i}" for i in range(saved["X"].shape[1])]
     frame = spark.createDataFrame([(*map(float, x), int(label)) for x, label in
-                                   zip(saved["X"], saved["y"])], [*columns, "label"]).coalesce(1)
+                                   zip(saved["X"], saved["y"], strict=False)], [*columns, "label"]).coalesce(1)
     model = PipelineModel.load(str(FIXTURES / "pipeline_model"))
     assert type(model.stages[-1]).__name__ == "FedsparkModel"
     predicted = np.array([r["prediction"] for r in model.transform(frame).collect()])

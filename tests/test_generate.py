@@ -11,13 +11,13 @@ import pyarrow as pa
 import pytest
 from scipy import sparse
 
+from pipelines import generate, train
+from pipelines.core.cli import main_wrapper
 from pipelines.data import lake
 from pipelines.data.blocks import load_blocks
-from pipelines import generate, train
 from pipelines.training import data_parallel
-from pipelines.core.cli import main_wrapper
-from udfs.data import blocks
 from udfs.core.models import ModelSpec
+from udfs.data import blocks
 
 
 def gen(lake_dir, capsys, *args) -> dict:
@@ -259,7 +259,7 @@ def test_the_worker_cache_budget_bounds_blocks_and_derived_values(tmp_path):
         assert again.in_memory is held
         np.testing.assert_array_equal(again.X, block.X)
         assert blocks.resident_bytes() <= budget
-        plan = blocks.derived(path, ("plan", layout), lambda b: (roles.train, np.array([0, rows])))
+        plan = blocks.derived(path, ("plan", layout), lambda b, r=roles: (r.train, np.array([0, rows])))
         assert plan[0] is roles.train
         if roles_kept:   # the plan shares the roles' array: only its bounds are new
             assert blocks.resident_bytes() == again.cached_bytes + roles_bytes + 16

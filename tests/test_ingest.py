@@ -605,7 +605,7 @@ def test_libsvm_ingest_matches_scikit_learn_and_rejects_bad_pairs(spark, lake_di
     reference = tmp_path / "good.svm"
     write_text(reference, [LIBSVM_LINES[n - 1][0] for n in good_lines])
     X, y = load_svmlight_file(str(reference), n_features=20, zero_based=False)
-    for r, x_ref, y_ref in zip(rows, X, y):
+    for r, x_ref, y_ref in zip(rows, X, y, strict=False):
         assert r.features.size == 20
         assert r.features.indices == list(x_ref.indices)
         assert np.allclose(r.features.values, x_ref.data, rtol=1e-7)
@@ -639,10 +639,11 @@ def test_a_libsvm_table_trains_sparse_and_matches_the_dense_table(spark, lake_di
     X = np.where(rng.random((400, 30)) < 0.2, rng.integers(1, 5, (400, 30)), 0).astype(float)
     y = (X[:, :5].sum(axis=1) > X[:, 5:10].sum(axis=1)).astype(int)
     # a comment first line, so every row has the line number (and so the id and split) of its CSV row
-    write_text(tmp_path / "t.svm", ["# label index:value ..."] + [f"{label} " + " ".join(f"{j + 1}:{v:g}" for j, v in
-                                                           enumerate(row) if v) for row, label in zip(X, y)])
+    pairs = [" ".join(f"{j + 1}:{v:g}" for j, v in enumerate(row) if v) for row in X]
+    write_text(tmp_path / "t.svm", ["# label index:value ..."]
+               + [f"{label} {row}" for row, label in zip(pairs, y, strict=True)])
     write_text(tmp_path / "t.csv", ["label," + ",".join(f"f{j}" for j in range(30))] +
-               [f"{label}," + ",".join(f"{v:g}" for v in row) for row, label in zip(X, y)])
+               [f"{label}," + ",".join(f"{v:g}" for v in row) for row, label in zip(X, y, strict=False)])
     for source, table in ((f"libsvm:{tmp_path / 't.svm'}", "sp"), (f"csv:{tmp_path / 't.csv'}", "de")):
         extra = ("--num-features", "30") if table == "sp" else ()
         code, _, err = run(capsys, source, table, lake_dir, "--classes", "2", *extra)

@@ -14,14 +14,14 @@ import pyarrow as pa
 import pytest
 
 from pipelines import evaluate, train
-from pipelines.model_parallel import training, vertical
 from pipelines.core.cli import main_wrapper
 from pipelines.core.config import ConfigError, config_from_dict
+from pipelines.model_parallel import training, vertical
 from tests.conftest import blobs, fashion_mnist, save_arrow, train_and_load, write_table
 from udfs.core import models
-from udfs.model_parallel import shards
 from udfs.core.models import ModelSpec, init_params
 from udfs.core.seeding import Stream, rng
+from udfs.model_parallel import shards
 
 N, D, K = 240, 12, 3
 
@@ -63,7 +63,7 @@ def test_shards_draw_the_first_layer_and_head_like_init_params():
     whole = init_params(spec, rng(5, Stream.INIT), "glorot_uniform", np.float64)
     bounds = shards.block_bounds(10, 3)
     rows = [shards.init_rows(spec, 5, "glorot_uniform", "float64", a, b)
-            for a, b in zip(bounds[:-1], bounds[1:])]
+            for a, b in zip(bounds[:-1], bounds[1:], strict=False)]
     head = shards.init_head(spec, 5, "glorot_uniform", "float64")
     np.testing.assert_array_equal(np.concatenate([r.ravel() for r in rows] + [head]), whole)
 

@@ -13,11 +13,11 @@ import pytest
 from dp_accounting import rdp
 from scipy import stats
 
-from pipelines.federated import rounds, privacy, robust, secure_round
-from pipelines.federated.clients import prepare_clients
 from pipelines import train
 from pipelines.core.cli import main_wrapper
 from pipelines.core.config import config_from_dict
+from pipelines.federated import privacy, robust, rounds, secure_round
+from pipelines.federated.clients import prepare_clients
 from tests.conftest import write_table
 from udfs.federated import attacks, secagg, secure_clients
 from udfs.federated.noise import Release
@@ -230,7 +230,8 @@ def test_a_sign_flip_attack_breaks_fedavg_but_not_the_median(lake, tmp_path, cap
 
 # --- secure aggregation --------------------------------------------------------------------------
 
-def _secure(spark, lake, phases=secure_round.Phases(), clip=100.0, hidden=None):
+def _secure(spark, lake, phases=None, clip=100.0, hidden=None):
+    phases = phases or secure_round.Phases()
     model = {"kind": "mlp", "hidden": hidden, "init": "glorot_uniform"} if hidden else {}
     config = _config(lake, privacy={"secure_aggregation": True, "clip": clip}, model=model)
     c, test = prepare_clients(spark, config)
@@ -302,7 +303,7 @@ def test_the_driver_sees_only_uniform_masked_vectors_it_cannot_unmask(spark, lak
     assert abs(np.corrcoef(masked.view(np.int64).astype(float), inputs.view(np.int64).astype(float))[0, 1]) < 0.05
     # fresh OS-entropy secrets: different keys and masks, the same sum
     assert first.received["keys"] != second.received["keys"]
-    for a, b in zip(first.received["masked"], second.received["masked"]):
+    for a, b in zip(first.received["masked"], second.received["masked"], strict=False):
         assert not np.array_equal(a["masked"], b["masked"])
     np.testing.assert_array_equal(first.weighted_sum, second.weighted_sum)
     # with nobody dropped, the driver asked only for self-mask shares, never a mask key
@@ -340,7 +341,7 @@ def test_local_dp_clients_noise_their_own_updates(spark, lake):
         accountant.compose(dp_accounting.GaussianDpEvent(1.0), 3)
         assert dp.epsilon_after(3) == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
         again, _ = rounds.run_round(spark.sparkContext, c, task, theta, [0, 1, 2, 3])
-        for a, b in zip(reports, again):  # seeded by (seed, round, client): a retry is identical
+        for a, b in zip(reports, again, strict=False):  # seeded by (seed, round, client): a retry is identical
             np.testing.assert_array_equal(a["update"], b["update"])
     finally:
         c.release()

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.store import artifacts
 from pipelines import evaluate, runs, score, train
 from pipelines.core.cli import main_wrapper
+from pipelines.store import artifacts
 from pipelines.store.plots import SERIES_KEY
 from tests.conftest import ROOT, blobs, write_table
 
@@ -202,7 +202,7 @@ def test_sync_resumes_from_a_step_checkpoint_without_duplicate_records(spark, la
     with np.load(run_dir / "model" / "weights.npz", allow_pickle=False) as z:
         expected = z["theta"].copy()
     steps = sorted(int(p.stem.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*.json"))
-    assert steps and steps[0] == 5 and all(b - a == 5 for a, b in zip(steps, steps[1:]))
+    assert steps and steps[0] == 5 and all(b - a == 5 for a, b in zip(steps, steps[1:], strict=False))
 
     # as if the job died after the first checkpoint of epoch 2 (mid-epoch)
     steps_per_epoch = -(-full["data"]["train_rows"] // 256)

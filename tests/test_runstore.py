@@ -16,10 +16,10 @@ import tempfile
 import numpy as np
 import pytest
 
-from pipelines.store import artifacts, rundir
 from pipelines import score, train
 from pipelines.core.cli import main_wrapper
 from pipelines.core.errors import UserError
+from pipelines.store import artifacts, rundir
 from tests.conftest import ROOT, blobs, write_table
 
 pytestmark = pytest.mark.cluster

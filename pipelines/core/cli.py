@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 import sys
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from pipelines.core.errors import EXIT_FAILURE, EXIT_OK, EXIT_USER_ERROR, UserError
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 import sys
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pipelines.core.errors import UserError
 from pipelines.federated.robust import NEEDS_INDIVIDUAL_UPDATES
 from pipelines.store.rundir import local_path
+
 
 def _conf_dir() -> Path:
     """`conf/` of the source checkout (a clone, an editable install, the --py-files zip's sibling),
@@ -68,7 +69,7 @@ class RunsSection(_Section):
 
 class DataSection(_Section):
     table: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
-    version: Optional[int] = Field(ge=0)
+    version: int | None = Field(ge=0)
     partitions: int = Field(ge=1, le=10_000)
     validation_fraction: float = Field(ge=0.0, lt=1.0)
     worker_cache_gb: float = Field(ge=0.0)
@@ -80,7 +81,7 @@ class ModelSection(_Section):
     init: Literal["glorot_uniform", "zeros"]
 
     @model_validator(mode="after")
-    def _positive_layers(self) -> "ModelSection":
+    def _positive_layers(self) -> ModelSection:
         if any(h < 1 for h in self.hidden):
             raise ValueError(f"hidden layer sizes must be >= 1, got {self.hidden}")
         return self
@@ -102,7 +103,7 @@ class TrainerSection(_Section):
     seed: int = Field(ge=0)
     dtype: Literal["float32", "float64"]
     optimizer: OptimizerSection
-    average_every: Optional[int] = Field(ge=1)
+    average_every: int | None = Field(ge=1)
     checkpoint_every: int = Field(ge=0)
     aggregation_depth: int = Field(ge=1, le=10)
 
@@ -121,7 +122,7 @@ class FederatedSection(_Section):
     local_epochs: int = Field(ge=1)
     local_batch_size: int = Field(ge=1)
     eval_every: int = Field(ge=1)
-    target_accuracy: Optional[float] = Fraction
+    target_accuracy: float | None = Fraction
     strategy: Literal["fedavg", "fedprox", "fedavgm", "fedadagrad", "fedadam", "fedyogi", "fedsgd"]
     mu: float = Field(ge=0.0)
     server_lr: float = Field(gt=0.0)
@@ -139,7 +140,7 @@ class PrivacySection(_Section):
     adaptive_clip: bool
     target_quantile: float = Field(gt=0.0, lt=1.0)
     delta: float = Field(gt=0.0, lt=1.0)
-    target_epsilon: Optional[float] = Field(gt=0.0)
+    target_epsilon: float | None = Field(gt=0.0)
 
 
 class AttackSection(_Section):
@@ -158,7 +159,7 @@ class RobustSection(_Section):
 class ModelParallelSection(_Section):
     shards: int = Field(ge=1)
     parties: dict[str, Any]
-    label_party: Optional[str]
+    label_party: str | None
 
 
 class TrackingSection(_Section):
@@ -190,7 +191,7 @@ class Config(_Section):
     mllib: MllibSection
 
     @model_validator(mode="after")
-    def _cross_section_rules(self) -> "Config":
+    def _cross_section_rules(self) -> Config:
         if self.privacy.secure_aggregation and self.robust.rule in NEEDS_INDIVIDUAL_UPDATES:
             raise ValueError(
                 f"robust.rule={self.robust.rule!r} needs individual updates, which "

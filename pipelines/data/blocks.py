@@ -8,9 +8,10 @@ for why and for how rows get their global order and roles.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import numpy as np
 from pyspark import RDD, SparkContext
@@ -18,8 +19,8 @@ from pyspark.sql import Column, DataFrame, Row, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from pipelines.data import lake
 from pipelines.core.errors import UserError
+from pipelines.data import lake
 from udfs.data import blocks
 
 R = TypeVar("R")

@@ -28,7 +28,7 @@ class TableRef:
     version: int | None = None
 
     @classmethod
-    def parse(cls, text: str) -> "TableRef":
+    def parse(cls, text: str) -> TableRef:
         m = _REF.match(text)
         if not m:
             raise UserError(f"table {text!r}: expected NAME or NAME@VERSION, NAME made of letters, "

@@ -16,8 +16,8 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from pipelines.data import idx, lake
 from pipelines.core.errors import UserError
+from pipelines.data import idx, lake
 
 REJECTS_SUFFIX = "_rejects"
 # Rows without a `split` column: this fraction goes to `test`, chosen by a hash of the row id.
@@ -34,7 +34,7 @@ class Source:
     path: str
 
     @classmethod
-    def parse(cls, text: str) -> "Source":
+    def parse(cls, text: str) -> Source:
         kind, sep, path = text.partition(":")
         if not sep or kind not in KINDS or not path:
             raise UserError(f"--source {text!r}: expected idx:DIR, csv:PATH, parquet:PATH or "

@@ -61,7 +61,7 @@ def shards(labels: np.ndarray, clients: int, per_client: int, rng: np.random.Gen
     owner = rng.permutation(np.repeat(np.arange(clients), per_client))
     out = np.empty(len(labels), dtype=np.int64)
     shard = 0
-    for value, k in zip(values, per_label):
+    for value, k in zip(values, per_label, strict=False):
         for rows in np.array_split(rng.permutation(np.flatnonzero(labels == value)), k):
             out[rows] = owner[shard]
             shard += 1

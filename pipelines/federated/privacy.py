@@ -35,8 +35,8 @@ from absl import logging as absl_logging
 from dp_accounting import rdp
 
 from pipelines.core.config import Config, ConfigError
-from udfs.federated.noise import Release
 from udfs.core.seeding import Stream, rng
+from udfs.federated.noise import Release
 
 CLIP_LEARNING_RATE = 0.2       # eta of Andrew et al. 2021
 # dp-accounting logs a warning for each low fractional RDP order it cannot evaluate and skips it
@@ -71,7 +71,7 @@ class Dp:
     expected_clients: float    # q * N: the fixed denominator of the noisy average
 
     @classmethod
-    def from_config(cls, config: Config, n_clients: int) -> "Dp":
+    def from_config(cls, config: Config, n_clients: int) -> Dp:
         p, fed = config.privacy, config.federated
         return cls(p.dp, p.noise_multiplier, p.clip, p.adaptive_clip, p.target_quantile, p.delta,
                    p.target_epsilon, fed.fraction, fed.fraction * n_clients)

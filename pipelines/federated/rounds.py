@@ -10,24 +10,24 @@ its sample count and its training loss (udfs/federated/clients.py).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable
 
 import numpy as np
 from pyspark import SparkContext
 
+from pipelines.core.config import Config, ConfigError, FederatedSection
+from pipelines.data.blocks import Blocks
 from pipelines.federated import privacy, robust, secure_round, secure_sum
 from pipelines.federated.clients import Clients
 from pipelines.federated.server import ServerRule
-from pipelines.core.config import Config, ConfigError, FederatedSection
-from pipelines.data.blocks import Blocks
 from pipelines.training.data_parallel import evaluate, optimizer_from
+from udfs.core.models import ModelSpec
+from udfs.core.seeding import Stream, rng
 from udfs.federated import clients
 from udfs.federated.attacks import Attack, malicious_clients
-from udfs.core.models import ModelSpec
 from udfs.federated.noise import Release
-from udfs.core.seeding import Stream, rng
 
 
 def sample(fed: FederatedSection, round_: int, n_clients: int, seed: int) -> list[int]:
@@ -60,8 +60,11 @@ RoundHook = Callable[[FedState, dict], None]
 StopRule = Callable[[dict], bool]
 
 
-def client_round(config: Config, spec: ModelSpec, round_: int, release: Release = Release(),
-                 attack: Attack = Attack("none", 0.0, frozenset())) -> clients.ClientRound:
+NO_ATTACK = Attack("none", 0.0, frozenset())
+
+
+def client_round(config: Config, spec: ModelSpec, round_: int, release: Release | None = None,
+                 attack: Attack = NO_ATTACK) -> clients.ClientRound:
     fed, t = config.federated, config.trainer
     fedsgd = fed.strategy == "fedsgd"
     return clients.ClientRound(
@@ -69,7 +72,7 @@ def client_round(config: Config, spec: ModelSpec, round_: int, release: Release 
         round=round_, local_epochs=1 if fedsgd else fed.local_epochs,
         batch_size=None if fedsgd else fed.local_batch_size,
         optimizer=optimizer_from(config),
-        mu=fed.mu if fed.strategy == "fedprox" else 0.0, release=release, attack=attack)
+        mu=fed.mu if fed.strategy == "fedprox" else 0.0, release=release or Release(), attack=attack)
 
 
 def attack_from(config: Config, n_clients: int) -> Attack:

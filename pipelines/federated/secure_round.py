@@ -8,18 +8,18 @@ and the clip, so that the weighted sum of all of them cannot overflow the ring.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable
 
 import numpy as np
 from pyspark import SparkContext
 
 from pipelines.federated import secure_sum
+from pipelines.federated.clients import Clients
 from udfs.federated import secure_clients
 from udfs.federated.clients import ClientRound
 from udfs.federated.secagg import SecAggError
-from pipelines.federated.clients import Clients
 
 
 @dataclass(frozen=True)

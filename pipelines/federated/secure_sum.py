@@ -9,14 +9,25 @@ the unmasked sum comes back as floats through `decode`.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from fractions import Fraction
 from functools import lru_cache
-from typing import Mapping
 
 import numpy as np
 
-from udfs.federated.secagg import (PRIME, SECRET_BYTES, PublicKeys, RoundId, SecAggError, check_threshold,
-                         pairwise_masks, prg, public_key_of, ring_mask, share_x)
+from udfs.federated.secagg import (
+    PRIME,
+    SECRET_BYTES,
+    PublicKeys,
+    RoundId,
+    SecAggError,
+    check_threshold,
+    pairwise_masks,
+    prg,
+    public_key_of,
+    ring_mask,
+    share_x,
+)
 
 Answers = Mapping[int, Mapping[int, tuple[str, int]]]
 """{answering client: {client asked about: ("b" or "s", share)}}, from `udfs.secagg.unmask_shares`."""
@@ -87,7 +98,7 @@ def reconstruct(shares: Mapping[int, int], t: int) -> bytes:
         raise SecAggError(f"{len(shares)} shares cannot reconstruct a secret with threshold {t}")
     holders = sorted(shares)[:t]
     coefficients = _lagrange_at_zero(tuple(share_x(h) for h in holders))
-    value = sum(c * shares[h] for c, h in zip(coefficients, holders)) % PRIME
+    value = sum(c * shares[h] for c, h in zip(coefficients, holders, strict=False)) % PRIME
     if value >> (8 * SECRET_BYTES):
         raise SecAggError(f"the shares held by clients {holders} are inconsistent")
     return value.to_bytes(SECRET_BYTES, "big")

@@ -29,7 +29,7 @@ def weighted_mean(updates: list[np.ndarray], counts: list[int]) -> np.ndarray:
     """Sample-weighted mean of the clients' updates, accumulated in float64."""
     total = float(sum(counts))
     acc = np.zeros(updates[0].shape, dtype=np.float64)
-    for update, n in zip(updates, counts):
+    for update, n in zip(updates, counts, strict=False):
         acc += (n / total) * update
     return acc
 

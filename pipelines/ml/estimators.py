@@ -23,22 +23,28 @@ from pyspark.ml import Estimator, Model
 from pyspark.ml.functions import array_to_vector, vector_to_array
 from pyspark.ml.linalg import VectorUDT
 from pyspark.ml.param import Param, Params, TypeConverters
-from pyspark.ml.param.shared import (HasFeaturesCol, HasLabelCol, HasPredictionCol, HasProbabilityCol,
-                                     HasSeed)
-from pyspark.ml.util import (DefaultParamsReadable, DefaultParamsReader, DefaultParamsWritable,
-                             DefaultParamsWriter, MLReadable, MLReader, MLWritable, MLWriter)
+from pyspark.ml.param.shared import HasFeaturesCol, HasLabelCol, HasPredictionCol, HasProbabilityCol, HasSeed
+from pyspark.ml.util import (
+    DefaultParamsReadable,
+    DefaultParamsReader,
+    DefaultParamsWritable,
+    DefaultParamsWriter,
+    MLReadable,
+    MLReader,
+    MLWritable,
+    MLWriter,
+)
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from pipelines.core.config import Config, ConfigError, config_from_dict, deep_merge, nested
+from pipelines.core.errors import UserError
+from pipelines.data.blocks import blocks_from_rows, training_rows
 from pipelines.federated import rounds
 from pipelines.federated.clients import clients_from_rows
-from pipelines.training import data_parallel
-from pipelines.training import runners
-from pipelines.core.config import Config, ConfigError, config_from_dict, deep_merge, nested
-from pipelines.data.blocks import blocks_from_rows, training_rows
-from pipelines.core.errors import UserError
 from pipelines.ml.scoring import score_column
+from pipelines.training import data_parallel, runners
 from udfs.core.models import ModelSpec
 
 SOURCE = "DataFrame"
@@ -129,7 +135,7 @@ class FedsparkEstimator(Estimator, _FedsparkParams, DefaultParamsReadable, Defau
         self._set(**self._input_kwargs)
 
     @keyword_only
-    def setParams(self, **kwargs: Any) -> "FedsparkEstimator":
+    def setParams(self, **kwargs: Any) -> FedsparkEstimator:
         return self._set(**self._input_kwargs)
 
     def _training_rows(self, dataset: DataFrame, config: Config) -> DataFrame:
@@ -152,7 +158,7 @@ class FedsparkEstimator(Estimator, _FedsparkParams, DefaultParamsReadable, Defau
             raise ValueError("the DataFrame to fit has no rows")
         return training_rows(rows, SOURCE, tuple(c for c in rows.columns[4:]))
 
-    def _fit(self, dataset: DataFrame) -> "FedsparkModel":
+    def _fit(self, dataset: DataFrame) -> FedsparkModel:
         config = self.config()
         spark = dataset.sparkSession
         rows = self._training_rows(dataset, config)

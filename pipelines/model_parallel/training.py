@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -29,20 +30,20 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from pipelines.store import artifacts
-from pipelines.data import lake
-from pipelines.model_parallel import vertical
 from pipelines.core.config import Config
-from pipelines.data.blocks import LABEL_TYPES, place
 from pipelines.core.errors import UserError
+from pipelines.data import lake
+from pipelines.data.blocks import LABEL_TYPES, place
+from pipelines.model_parallel import vertical
+from pipelines.store import artifacts
 from pipelines.store.rundir import RunDir
 from pipelines.training.data_parallel import metrics_from_sums, optimizer_from
-from udfs.data import blocks
-from udfs.model_parallel import shards
-from udfs.training import tasks
 from udfs.core.models import ModelSpec
 from udfs.core.optimizers import Optimizer
+from udfs.data import blocks
+from udfs.model_parallel import shards
 from udfs.model_parallel.shards import Forward, Grid, Update
+from udfs.training import tasks
 
 LINEAGE_EVERY = 50          # steps between reliable checkpoints of the carried state RDD
 SPLITS = ("train", "test")
@@ -219,7 +220,7 @@ def _build(spark: SparkSession, rows: DataFrame, kind: str, bounds: tuple[int, .
            name: str) -> RDD:
     """Place each (row, block) in cell (shard mod R) * S + s and build the cells there."""
     S = len(bounds) - 1
-    widths = tuple(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+    widths = tuple(b - a for a, b in zip(bounds[:-1], bounds[1:], strict=False))
     target = F.pmod(F.col("shard"), F.lit(R)) * S + F.col("s")
     key = f"{name}-{uuid.uuid4().hex[:12]}"
     handles = (place(spark, rows, R * S, target).drop("s")

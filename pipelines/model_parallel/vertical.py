@@ -25,9 +25,9 @@ from typing import Any
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from pipelines.data import lake
 from pipelines.core.config import ConfigError, ModelParallelSection
 from pipelines.core.errors import UserError
+from pipelines.data import lake
 
 TABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -103,7 +103,7 @@ def parse(mp: ModelParallelSection) -> Parties | None:
 def _check_cover(features: list[Party]) -> None:
     """Every column 0..d-1 held by exactly one party."""
     expected = 0
-    for prev, party in zip([None, *features], features):
+    for prev, party in zip([None, *features], features, strict=False):
         lo, hi = party.columns
         if lo > expected:
             raise ConfigError(f"model_parallel.parties: columns {expected}..{lo - 1} are assigned to no "

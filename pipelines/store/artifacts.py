@@ -20,13 +20,14 @@ import os
 import re
 import time
 import zipfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
-from pipelines.store import rundir
 from pipelines.core.errors import UserError
+from pipelines.store import rundir
 from pipelines.store.rundir import RunDir
 from udfs.core.models import ModelSpec
 
@@ -97,7 +98,7 @@ def newest_run(runs_path: str, run_name: str) -> RunDir | None:
     return rundir.open_run(rundir.join(str(runs_path), max(found)[1])) if found else None
 
 
-def lock_run_name(runs_path: str, name: str) -> "RunLock | rundir.HadoopRunLock":
+def lock_run_name(runs_path: str, name: str) -> RunLock | rundir.HadoopRunLock:
     """The run-name lock for runs.path: a file lock locally, an exclusive lock file on Hadoop."""
     if rundir.is_remote(runs_path):
         return rundir.HadoopRunLock(runs_path, name)
@@ -124,12 +125,12 @@ class RunLock:
             holder = self._fh.read().strip() or "another process"
             self._fh.close()
             raise UserError(f"run name {name!r} is in use: a job ({holder}) is running it now "
-                            f"(lock {self.path}); wait for it to end or choose another --run-name")
+                            f"(lock {self.path}); wait for it to end or choose another --run-name") from None
         self._fh.truncate(0)
         self._fh.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
         self._fh.flush()
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -41,11 +41,11 @@ def _value(record: dict[str, Any], key: str) -> float | None:
 def curves(history: list[dict[str, Any]], unit: str, classifier: bool) -> Figure:
     """Loss and accuracy (or RMSE) against the epoch or round, one line per series the run has."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
-    for ax, (title, ylabel, series) in zip(axes, CLASSIFIER_PANELS if classifier else REGRESSION_PANELS):
+    for ax, (title, ylabel, series) in zip(axes, CLASSIFIER_PANELS if classifier else REGRESSION_PANELS, strict=False):
         for key, label in series:
             points = [(r[unit], v) for r in history if (v := _value(r, key)) is not None]
             if points:
-                xs, ys = zip(*points)
+                xs, ys = zip(*points, strict=False)
                 ax.plot(xs, ys, marker="o" if len(points) < 30 else None, markersize=3,
                         label=label, gid=key)
         ax.set(title=title, xlabel=unit, ylabel=ylabel)
@@ -82,7 +82,8 @@ def drawn_series(fig: Figure) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for ax in fig.axes:
         for line in ax.lines:
-            out[line.get_gid()] = [[float(x), float(y)] for x, y in zip(line.get_xdata(), line.get_ydata())]
+            out[line.get_gid()] = [[float(x), float(y)]
+                                   for x, y in zip(line.get_xdata(), line.get_ydata(), strict=True)]
         if ax.patches:
             out["histogram"] = {"counts": [float(p.get_height()) for p in ax.patches],
                                 "title": ax.get_title()}

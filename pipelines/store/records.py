@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Iterable
+from typing import Any
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.window import Window
 
-from pipelines.data import lake
 from pipelines.core.errors import UserError
+from pipelines.data import lake
 
 RUNS, METRICS = "runs", "metrics"
 RUNS_SCHEMA = ("run_id string, run_name string, attempt int, status string, strategy string, "

@@ -17,8 +17,9 @@ import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from pipelines.core.errors import UserError
 
@@ -268,7 +269,7 @@ def _holder() -> str:
 def _is_stale(holder: str) -> bool:
     """A lock left by a job on this host whose process is gone (killed hard)."""
     words = holder.split()
-    fields = dict(zip(words[::2], words[1::2]))
+    fields = dict(zip(words[::2], words[1::2], strict=False))
     if fields.get("host") != socket.gethostname() or not fields.get("pid", "").isdigit():
         return False
     pid = int(fields["pid"])
@@ -311,7 +312,7 @@ class HadoopRunLock:
                             f"(lock {self.uri}); wait for it to end or choose another --run-name "
                             "(if that job was killed on another host, delete the lock file)")
 
-    def __enter__(self) -> "HadoopRunLock":
+    def __enter__(self) -> HadoopRunLock:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -16,10 +16,10 @@ from typing import Any
 
 from pyspark.sql import SparkSession
 
-from pipelines.store import artifacts, plots, records
 from pipelines.core.config import Config, dump_yaml
 from pipelines.core.errors import UserError
 from pipelines.core.progress import clock
+from pipelines.store import artifacts, plots, records
 from pipelines.store.rundir import RunDir, is_remote
 
 

@@ -14,19 +14,20 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from pyspark import RDD, SparkContext
 
 from pipelines.core.config import Config
-from pipelines.data.blocks import Blocks
 from pipelines.core.progress import progress
-from udfs.training import tasks
+from pipelines.data.blocks import Blocks
 from udfs.core.models import ModelSpec
 from udfs.core.optimizers import Optimizer
+from udfs.training import tasks
 
 
 @dataclass
@@ -67,6 +68,11 @@ def reduce_in_order(rdd: RDD, depth: int) -> Any:
     return tasks.sum_group((0, partials.collect()))[1]
 
 
+def summed(handles: RDD, fn: Callable[..., Any], depth: int) -> Any:
+    """`fn` over every partition of the block handles, its results added in partition order."""
+    return reduce_in_order(handles.mapPartitions(fn), depth)
+
+
 def optimizer_from(config: Config) -> Optimizer:
     """The optimizer `trainer.optimizer` names: the driver's in `sync`, each partition's in
     `local`, each client's in `federated`."""
@@ -79,9 +85,8 @@ def evaluate(sc: SparkContext, data: Blocks, spec: ModelSpec, dtype: str, theta:
     """Loss and accuracy (or RMSE and R^2) of theta on the named roles, computed on the executors."""
     bc = sc.broadcast(theta)
     try:
-        sums = data.run(lambda handles: reduce_in_order(handles.mapPartitions(
-            partial(tasks.evaluate, spec=spec, layout=data.layout, dtype=dtype, which=which, weights=bc)
-        ), depth))
+        sums = data.run(partial(summed, fn=partial(tasks.evaluate, spec=spec, layout=data.layout,
+                                                   dtype=dtype, which=which, weights=bc), depth=depth))
     finally:
         bc.destroy()
     return {role: metrics_from_sums(spec, sums[role]) for role in which} if sums else {}
@@ -109,8 +114,8 @@ def _local_epoch(sc: SparkContext, data: Blocks, job: tasks.Job, settings: Setti
         bc = sc.broadcast((state.theta, state.opt_state))
         try:
             task = tasks.LocalRound(job, state.epoch, round_, settings.average_every)
-            total = data.run(lambda handles: reduce_in_order(handles.mapPartitions(
-                partial(tasks.local_round, task=task, weights=bc)), settings.depth))
+            total = data.run(partial(summed, fn=partial(tasks.local_round, task=task, weights=bc),
+                                     depth=settings.depth))
         finally:
             bc.destroy()
         n, theta_sum, state_sums, round_loss, round_batches = total
@@ -130,9 +135,8 @@ def _sync_epoch(sc: SparkContext, data: Blocks, job: tasks.Job, settings: Settin
     for batch in range(state.step - state.epoch * steps, steps):
         bc = sc.broadcast(state.theta)
         try:
-            grad_sum, batch_loss, count = data.run(lambda handles: reduce_in_order(
-                handles.mapPartitions(partial(tasks.sync_gradient, job=job, epoch=state.epoch,
-                                              batch=batch, weights=bc)), settings.depth))
+            grad_sum, batch_loss, count = data.run(partial(summed, fn=partial(
+                tasks.sync_gradient, job=job, epoch=state.epoch, batch=batch, weights=bc), depth=settings.depth))
         finally:
             bc.destroy(blocking=False)
         state.step += 1

@@ -27,10 +27,10 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from pipelines.data import lake
 from pipelines.core.config import Config
-from pipelines.data.blocks import check_schema
 from pipelines.core.errors import UserError
+from pipelines.data import lake
+from pipelines.data.blocks import check_schema
 from udfs.core.models import ModelSpec
 
 HOLDOUT_BUCKETS = 1_000_000

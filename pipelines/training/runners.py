@@ -7,32 +7,32 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
-
 from pyspark.sql import SparkSession
 
-from pipelines.store import artifacts, rundir
-from pipelines.federated import rounds
-from pipelines.federated.clients import Clients, partition_report, prepare_clients
-from pipelines.data import lake
-from pipelines.training import mllib
-from pipelines.model_parallel import training as model_parallel_training
 from pipelines.core.cli import print_summary
 from pipelines.core.config import Config, ConfigError, dump_yaml, load_config
-from pipelines.data.blocks import Blocks, load_blocks
 from pipelines.core.errors import UserError
 from pipelines.core.progress import progress
-from pipelines.store.rundir import RunDir
 from pipelines.core.session import build_session
-from pipelines.training.data_parallel import Settings, TrainState, evaluate, optimizer_from, train
+from pipelines.data import lake
+from pipelines.data.blocks import Blocks, load_blocks
+from pipelines.federated import rounds
+from pipelines.federated.clients import Clients, partition_report, prepare_clients
+from pipelines.model_parallel import training as model_parallel_training
+from pipelines.store import artifacts, rundir
+from pipelines.store.rundir import RunDir
 from pipelines.store.tracking import Tracker
-from udfs.training import tasks
+from pipelines.training import mllib
+from pipelines.training.data_parallel import Settings, TrainState, evaluate, optimizer_from, train
 from udfs.core.models import ModelSpec, init_params
 from udfs.core.seeding import Stream, rng
+from udfs.training import tasks
 
 
 def model_spec(config: Config, n_features: int, n_classes: int) -> ModelSpec:

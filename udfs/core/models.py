@@ -16,8 +16,8 @@ flat vector makes averaging, clipping, noise, masking and checkpoints plain vect
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 from scipy import sparse
@@ -44,7 +44,7 @@ class ModelSpec:
             raise ValueError(f"a {self.kind} model has one output, got {self.layers[-1]}")
 
     @classmethod
-    def build(cls, kind: str, n_features: int, n_outputs: int, hidden: list[int]) -> "ModelSpec":
+    def build(cls, kind: str, n_features: int, n_outputs: int, hidden: list[int]) -> ModelSpec:
         """The spec for `kind` on data with `n_features` inputs and `n_outputs` classes (1 for
         regression and binary logistic)."""
         if kind == "mlp":
@@ -69,20 +69,20 @@ class ModelSpec:
 
     @property
     def n_params(self) -> int:
-        return sum(a * b + b for a, b in zip(self.layers[:-1], self.layers[1:]))
+        return sum(a * b + b for a, b in zip(self.layers[:-1], self.layers[1:], strict=False))
 
     def to_json(self) -> str:
         return json.dumps({"kind": self.kind, "layers": list(self.layers)})
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ModelSpec":
+    def from_dict(cls, data: dict) -> ModelSpec:
         return cls(str(data["kind"]), tuple(int(w) for w in data["layers"]))
 
 
 def unpack(spec: ModelSpec, theta: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield (W, b) views of `theta` for each layer; writing to them writes to `theta`."""
     offset = 0
-    for fan_in, fan_out in zip(spec.layers[:-1], spec.layers[1:]):
+    for fan_in, fan_out in zip(spec.layers[:-1], spec.layers[1:], strict=False):
         w = theta[offset:offset + fan_in * fan_out].reshape(fan_in, fan_out)
         offset += fan_in * fan_out
         b = theta[offset:offset + fan_out]

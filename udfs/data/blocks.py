@@ -20,17 +20,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, fields, is_dataclass
 from functools import lru_cache
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 from scipy import sparse
 
 from udfs.core import worker
-from udfs.federated.secagg import SECRET_BYTES
 from udfs.core.seeding import Stream, rng
+from udfs.federated.secagg import SECRET_BYTES
 
 N_SHARDS = 1024
 
@@ -413,7 +414,7 @@ def remove_partition(rows: Iterable[Any]) -> Iterator[int]:
     """mapPartitions function: delete this partition's block files and forget the dataset here."""
     for row in rows:
         dataset = os.path.dirname(row.path)
-        _forget(lambda p: os.path.dirname(p) != dataset)
+        _forget(lambda p, d=dataset: os.path.dirname(p) != d)
         shutil.rmtree(row.path, ignore_errors=True)
         yield 1
 

@@ -8,7 +8,7 @@ table's width (1 + the largest index) is d. 10% of the rows are test rows.
 """
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa

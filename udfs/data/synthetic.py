@@ -14,8 +14,9 @@ random indices, stored sparse as struct<size, indices, values> (the layout of Sp
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa

@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
-from udfs.data import blocks
 from udfs.core import models, worker
-from udfs.federated.attacks import Attack
 from udfs.core.models import ModelSpec
 from udfs.core.optimizers import Optimizer
-from udfs.federated.noise import Release
 from udfs.core.seeding import Stream, rng
+from udfs.data import blocks
+from udfs.federated.attacks import Attack
+from udfs.federated.noise import Release
 from udfs.training.tasks import handle_of, metric_sums
 
 

@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Iterable, Mapping
 from secrets import randbelow
-from typing import Iterable, Mapping
 
 import numpy as np
 from cryptography.exceptions import InvalidTag

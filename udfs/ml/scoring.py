@@ -3,8 +3,9 @@ for a whole Arrow batch at once, one matrix product per layer. The weights arriv
 broadcast, read once per Python worker."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd

@@ -22,19 +22,20 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 from pyspark.accumulators import AccumulatorParam
 
-from udfs.data import blocks
 from udfs.core import models, worker
-from udfs.training import tasks
 from udfs.core.models import ModelSpec
 from udfs.core.optimizers import Optimizer
 from udfs.core.seeding import Stream, rng
+from udfs.data import blocks
+from udfs.training import tasks
 
 HANDLE_SCHEMA = "part int, path string, rows long, test_rows long"
 DENSE, SPARSE = "dense", "sparse"

@@ -1,21 +1,23 @@
 """Per-partition functions handed to `mapPartitions` over the block handles.
 
 Each takes the partition's handle rows and a small frozen job description, and yields one tuple of
-numpy arrays and numbers for the driver to reduce in partition order (`partition_sum`,
-`regroup`, `sum_group` below). Weights travel in a Spark broadcast (`.value` is read inside the task), never in a closure.
+numpy arrays and numbers for the driver to reduce in partition order (`partition_sum`, `regroup`,
+`sum_group` below). Weights travel in a Spark broadcast (`.value` is read inside the task), never in
+a closure.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
-from udfs.data import blocks
 from udfs.core import models, worker
 from udfs.core.models import ModelSpec
 from udfs.core.optimizers import Optimizer
 from udfs.core.seeding import Stream, rng
+from udfs.data import blocks
 
 
 def _placed(path: str, layout: blocks.Layout) -> tuple[blocks.Block, blocks.Roles]:
@@ -219,7 +221,7 @@ def add(a: Any, b: Any) -> Any:
     if isinstance(a, dict):
         return {k: add(a[k], b[k]) for k in a}
     if isinstance(a, tuple):
-        return tuple(add(x, y) for x, y in zip(a, b))
+        return tuple(add(x, y) for x, y in zip(a, b, strict=False))
     return a + b
 
 
