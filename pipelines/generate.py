@@ -21,12 +21,12 @@ if __package__ in (None, ""):  # run as a script by spark-submit: make the proje
 import argparse
 import time
 
-from pipelines import ingest
 from pipelines.core.cli import main_wrapper, print_summary
 from pipelines.core.config import DEFAULT_FILE, load_config
 from pipelines.core.errors import UserError
 from pipelines.core.session import build_session
 from pipelines.data import lake
+from pipelines.data.sources import REJECTS_SUFFIX
 from pipelines.data.synthetic_tables import TRUTH_SUFFIX, generate_table
 from udfs.data import synthetic
 
@@ -69,9 +69,9 @@ def spec_of(args: argparse.Namespace) -> synthetic.Spec:
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
     lake.TableRef.parse(args.table)
-    if args.table.endswith(TRUTH_SUFFIX) or args.table.endswith(ingest.REJECTS_SUFFIX):
+    if args.table.endswith(TRUTH_SUFFIX) or args.table.endswith(REJECTS_SUFFIX):
         raise UserError(f"--table {args.table!r}: names ending in {TRUTH_SUFFIX} or "
-                        f"{ingest.REJECTS_SUFFIX} are kept for fedspark's own tables")
+                        f"{REJECTS_SUFFIX} are kept for fedspark's own tables")
     config = load_config(args.config or DEFAULT_FILE, args.sets)
     started = time.perf_counter()
     spark = build_session("fedspark-generate", config.spark.conf, config.spark.delta_packages)

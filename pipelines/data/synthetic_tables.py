@@ -11,8 +11,7 @@ import numpy as np
 import pyarrow as pa
 from pyspark.sql import SparkSession
 
-from pipelines import ingest
-from pipelines.data import lake
+from pipelines.data import lake, sources
 from udfs.data import synthetic
 
 TRUTH_SUFFIX = "_truth"
@@ -41,7 +40,7 @@ def generate_table(spark: SparkSession, lake_path: str, table: str, spec: synthe
     options = {"generate": dataclasses.asdict(spec)}
     for existing in (path, truth_path):
         if lake.exists(spark, existing):
-            previous = ingest.last_ingest(spark, existing)   # refuses a table we did not write
+            previous = sources.last_ingest(spark, existing)   # refuses a table we did not write
             if existing == path and previous.get("options") == options:
                 return {"table": table, "version": lake.latest_version(spark, path),
                         "skipped": True, "rows": spec.rows}
@@ -54,8 +53,8 @@ def generate_table(spark: SparkSession, lake_path: str, table: str, spec: synthe
         meta = {"checksum": None, "options": options, "source": "generate", "rows": spec.rows,
                 "rejected": 0}
         with lake.arrow_frame(spark, truth_table(model)) as truth:
-            ingest.write(truth, truth_path, meta)
-        ingest.write(rows, path, meta)
+            sources.write(truth, truth_path, meta)
+        sources.write(rows, path, meta)
     finally:
         bc.destroy()
     return {"table": table, "version": lake.latest_version(spark, path), "skipped": False,
