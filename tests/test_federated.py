@@ -21,6 +21,7 @@ from pipelines.core.config import config_from_dict
 from pipelines.federated import partitioners, rounds
 from pipelines.federated.clients import partition_report, prepare_clients
 from pipelines.federated.server import ServerRule, weighted_mean
+from pipelines.training import runners
 from tests.conftest import ROOT, save_arrow, write_table
 
 N, D, K = 240, 5, 3
@@ -116,13 +117,13 @@ def _prepared(spark, lake, **fed):
         "federated": {"clients": 8, "fraction": 0.5, "local_epochs": 1, "local_batch_size": 8,
                       "rounds": 2, **fed}})
     clients, test = prepare_clients(spark, config)
-    spec = train.model_spec(config, clients.n_features, clients.n_classes)
+    spec = runners.model_spec(config, clients.n_features, clients.n_classes)
     return config, clients, test, spec
 
 
 def _first_round(config, clients, spec):
     """Round 1's starting weights, client task and sampled clients."""
-    return (train.initial_theta(config, spec), rounds.client_round(config, spec, 1),
+    return (runners.initial_theta(config, spec), rounds.client_round(config, spec, 1),
             rounds.sample(config.federated, 1, clients.count, config.trainer.seed))
 
 
@@ -356,9 +357,10 @@ import sys
 sys.path.insert(0, {str(ROOT)!r})
 import numpy as np
 from pyspark import TaskContext
-from pipelines.federated import rounds
-from pipelines import train
 from pipelines.core.config import config_from_dict
+from pipelines.federated import rounds as federated
+from pipelines.federated.clients import prepare_clients
+from pipelines.training import runners
 from pipelines.core.session import build_session
 from udfs.federated import clients as udf_clients
 
@@ -372,9 +374,9 @@ config = config_from_dict({{"lake": {{"path": {str(lake)!r}}}, "data": {{"table"
     "model": {{"kind": "mlp", "hidden": [4]}},
     "trainer": {{"strategy": "federated", "optimizer": {{"name": "sgd", "lr": 0.1}}}},
     "federated": {{"clients": 6, "fraction": 0.5, "local_epochs": 2, "local_batch_size": 8}}}})
-c, test = federated.prepare_clients(spark, config)
-spec = train.model_spec(config, c.n_features, c.n_classes)
-theta = train.initial_theta(config, spec)
+c, test = prepare_clients(spark, config)
+spec = runners.model_spec(config, c.n_features, c.n_classes)
+theta = runners.initial_theta(config, spec)
 sampled = federated.sample(config.federated, 1, c.count, 0)
 task = federated.client_round(config, spec, 1)
 clean, _ = federated.run_round(spark.sparkContext, c, task, theta, sampled)

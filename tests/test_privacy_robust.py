@@ -18,6 +18,7 @@ from pipelines.core.cli import main_wrapper
 from pipelines.core.config import config_from_dict
 from pipelines.federated import privacy, robust, rounds, secure_round
 from pipelines.federated.clients import prepare_clients
+from pipelines.training import runners
 from tests.conftest import write_table
 from udfs.federated import attacks, secagg, secure_clients
 from udfs.federated.noise import Release
@@ -144,7 +145,7 @@ def test_dp_clients_send_updates_clipped_to_the_bound(spark, lake):
     config = _config(lake, privacy={"dp": "central", "clip": 0.05}, federated={"sampling": "poisson"})
     c, test = prepare_clients(spark, config)
     try:
-        spec = train.model_spec(config, c.n_features, c.n_classes)
+        spec = runners.model_spec(config, c.n_features, c.n_classes)
         dp = privacy.Dp.from_config(config, c.count)
         task = rounds.client_round(config, spec, 1, dp.release(dp.init_state(), None))
         reports, _ = rounds.run_round(spark.sparkContext, c, task, np.zeros(spec.n_params),
@@ -235,8 +236,8 @@ def _secure(spark, lake, phases=None, clip=100.0, hidden=None):
     model = {"kind": "mlp", "hidden": hidden, "init": "glorot_uniform"} if hidden else {}
     config = _config(lake, privacy={"secure_aggregation": True, "clip": clip}, model=model)
     c, test = prepare_clients(spark, config)
-    spec = train.model_spec(config, c.n_features, c.n_classes)
-    theta = train.initial_theta(config, spec)
+    spec = runners.model_spec(config, c.n_features, c.n_classes)
+    theta = runners.initial_theta(config, spec)
     task = rounds.client_round(config, spec, 1, Release(clip=clip))
     try:
         plain, _ = rounds.run_round(spark.sparkContext, c, task, theta, list(range(c.count)))
@@ -330,10 +331,10 @@ def test_local_dp_clients_noise_their_own_updates(spark, lake):
                      trainer={"optimizer": {"name": "sgd", "lr": 1e-12}})
     c, test = prepare_clients(spark, config)
     try:
-        spec = train.model_spec(config, c.n_features, c.n_classes)
+        spec = runners.model_spec(config, c.n_features, c.n_classes)
         dp = privacy.Dp.from_config(config, c.count)
         task = rounds.client_round(config, spec, 1, dp.release(dp.init_state(), None))
-        theta = train.initial_theta(config, spec)
+        theta = runners.initial_theta(config, spec)
         reports, _ = rounds.run_round(spark.sparkContext, c, task, theta, [0, 1, 2, 3])
         noise = np.concatenate([r["update"] for r in reports])  # the trained part is ~1e-12
         assert abs(noise.std() - 2.0 * 0.5) < 0.03
