@@ -2,11 +2,18 @@
 
 `conf/default.yaml` is the single source of default values; the models below only declare types and
 ranges, so a key missing from the defaults file is an error rather than a silent second default.
+
+The allowed names of a pluggable part (server strategies, robust rules, partitioners, attacks,
+optimizers, model kinds) are the keys of the registry in the module that implements it, so adding
+one there is all it takes (as scikit-learn builds `StrOptions(set(loss_functions))`). Errors for a
+bad value name the key and list the allowed values in the registry's order.
 """
 from __future__ import annotations
 
 import copy
+import functools
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,8 +21,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipelines.core.errors import UserError
-from pipelines.federated.robust import NEEDS_INDIVIDUAL_UPDATES
+from pipelines.federated import partitioners
+from pipelines.federated.robust import NEEDS_INDIVIDUAL_UPDATES, RULES
+from pipelines.federated.server import STRATEGIES
 from pipelines.store.rundir import local_path
+from udfs.core.models import HEADS
+from udfs.core.optimizers import OPTIMIZERS
+from udfs.federated.attacks import ATTACKS
 
 
 def _conf_dir() -> Path:
@@ -30,6 +42,29 @@ def _conf_dir() -> Path:
 CONF_DIR = _conf_dir()
 DEFAULT_FILE = CONF_DIR / "default.yaml"
 DEFAULT_EXPERIMENT = CONF_DIR / "fashion_mnist.yaml"
+
+
+def one_of(names: Iterable[str]) -> Any:
+    """The type of a key that accepts exactly `names` (a registry's keys), in their order."""
+    return Literal[tuple(names)]
+
+
+# Fallback until udfs.core.models has an INITIALISERS registry (a parallel branch adds it): then
+# model.init becomes one_of(INITIALISERS) like model.kind.
+_INITIALISERS = ("glorot_uniform", "zeros")
+
+ModelKind = one_of(HEADS)
+ModelInit = one_of(_INITIALISERS)
+OptimizerName = one_of(OPTIMIZERS)
+ServerStrategy = one_of(STRATEGIES)
+Partitioner = one_of(partitioners.NAMES)
+RobustRule = one_of(RULES)
+AttackKind = one_of(ATTACKS)
+# option sets that are not registries: each declared once
+TrainerStrategy = Literal["local", "sync", "federated", "mllib", "model_parallel"]
+Dtype = Literal["float32", "float64"]
+Sampling = Literal["fixed", "poisson"]
+DpMode = Literal["none", "central", "local"]
 
 
 class ConfigError(UserError):
@@ -76,9 +111,9 @@ class DataSection(_Section):
 
 
 class ModelSection(_Section):
-    kind: Literal["mlp", "softmax", "logistic", "linear"]
+    kind: ModelKind
     hidden: list[int]
-    init: Literal["glorot_uniform", "zeros"]
+    init: ModelInit
 
     @model_validator(mode="after")
     def _positive_layers(self) -> ModelSection:
@@ -88,7 +123,7 @@ class ModelSection(_Section):
 
 
 class OptimizerSection(_Section):
-    name: Literal["adam", "sgd", "momentum"]
+    name: OptimizerName
     lr: float = Field(gt=0.0)
     beta1: float = Field(ge=0.0, lt=1.0)
     beta2: float = Field(ge=0.0, lt=1.0)
@@ -97,11 +132,11 @@ class OptimizerSection(_Section):
 
 
 class TrainerSection(_Section):
-    strategy: Literal["local", "sync", "federated", "mllib", "model_parallel"]
+    strategy: TrainerStrategy
     epochs: int = Field(ge=1)
     batch_size: int = Field(ge=1)
     seed: int = Field(ge=0)
-    dtype: Literal["float32", "float64"]
+    dtype: Dtype
     optimizer: OptimizerSection
     average_every: int | None = Field(ge=1)
     checkpoint_every: int = Field(ge=0)
@@ -110,12 +145,12 @@ class TrainerSection(_Section):
 
 class FederatedSection(_Section):
     clients: int = Field(ge=1)
-    partitioner: Literal["iid", "dirichlet", "shards", "quantity", "column"]
+    partitioner: Partitioner
     alpha: float = Field(gt=0.0)
     shards_per_client: int = Field(ge=1)
     client_column: str
     holdout_fraction: float = Field(ge=0.0, lt=1.0)
-    sampling: Literal["fixed", "poisson"]
+    sampling: Sampling
     fraction: float = Field(gt=0.0, le=1.0)
     min_clients: int = Field(ge=1)
     rounds: int = Field(ge=1)
@@ -123,7 +158,7 @@ class FederatedSection(_Section):
     local_batch_size: int = Field(ge=1)
     eval_every: int = Field(ge=1)
     target_accuracy: float | None = Fraction
-    strategy: Literal["fedavg", "fedprox", "fedavgm", "fedadagrad", "fedadam", "fedyogi", "fedsgd"]
+    strategy: ServerStrategy
     mu: float = Field(ge=0.0)
     server_lr: float = Field(gt=0.0)
     server_momentum: float = Field(ge=0.0, lt=1.0)
@@ -134,7 +169,7 @@ class PrivacySection(_Section):
     secure_aggregation: bool
     secagg_threshold: float = Field(gt=0.0, le=1.0)
     ring_bits: int = Field(ge=32, le=64)
-    dp: Literal["none", "central", "local"]
+    dp: DpMode
     noise_multiplier: float = Field(ge=0.0)
     clip: float = Field(gt=0.0)
     adaptive_clip: bool
@@ -144,13 +179,13 @@ class PrivacySection(_Section):
 
 
 class AttackSection(_Section):
-    kind: Literal["none", "sign_flip", "scale", "label_flip", "noise"]
+    kind: AttackKind
     fraction: float = Fraction
     scale: float
 
 
 class RobustSection(_Section):
-    rule: Literal["mean", "median", "trimmed_mean", "krum", "multi_krum", "norm_bound"]
+    rule: RobustRule
     trim_fraction: float = Field(ge=0.0, lt=0.5)
     byzantine: int = Field(ge=0)
     attack: AttackSection
@@ -211,6 +246,16 @@ class Config(_Section):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+@functools.cache
+def default(key: str) -> Any:
+    """The value of dotted `key` in conf/default.yaml, for a library function whose callers (tests,
+    benchmarks) may leave out a setting that jobs pass from their config."""
+    node: Any = read_yaml(DEFAULT_FILE)
+    for part in key.split("."):
+        node = node[part]
+    return node
 
 
 def read_yaml(path: Path) -> dict[str, Any]:

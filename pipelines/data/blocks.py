@@ -19,13 +19,14 @@ from pyspark.sql import Column, DataFrame, Row, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from pipelines.core.config import default
 from pipelines.core.errors import UserError
 from pipelines.data import lake
 from udfs.data import blocks
 
 R = TypeVar("R")
 MAX_REBUILDS = 3
-DEFAULT_CACHE_GB = 4.0   # data.worker_cache_gb
+DEFAULT_CACHE_GB = default("data.worker_cache_gb")   # callers without a config (tests, benchmarks)
 SPARSE_FEATURES = "struct<size:int,indices:array<int>,values:array<float>>"
 LABEL_TYPES = (T.IntegerType, T.LongType, T.ShortType, T.ByteType, T.FloatType, T.DoubleType)
 

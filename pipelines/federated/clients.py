@@ -70,7 +70,7 @@ def prepare_clients(spark: SparkSession, config: Config) -> tuple[Clients, Block
     evaluation (None when the table has no test rows)."""
     fed = config.federated
     ref = lake.TableRef(config.data.table, config.data.version)
-    extra = (fed.client_column,) if fed.partitioner == "column" else ()
+    extra = (fed.client_column,) if fed.partitioner == partitioners.COLUMN else ()
     rows, version = read_rows(spark, config.lake.path, ref, ("train",), extra)
     clients = clients_from_rows(spark, config, rows, ref.name, version)
     pinned = lake.TableRef(ref.name, version)
@@ -86,7 +86,7 @@ def clients_from_rows(spark: SparkSession, config: Config, rows: DataFrame, tabl
     federated.partitioner is column)."""
     fed = config.federated
     name = f"{table}@{version}"
-    if fed.partitioner == "column":
+    if fed.partitioner == partitioners.COLUMN:
         assigned, names = _column_clients(rows, fed.client_column, name)
     else:
         assigned, names = _partitioned_clients(rows, fed, config.trainer.seed, name)

@@ -11,24 +11,41 @@ same clients on any machine.
              shards_per_client of them (so it holds at most that many labels).
 * quantity:  size skew: client sizes proportional to draws from a power law (Pareto, shape alpha),
              rows otherwise iid.
+
+They are registered by name in PARTITIONERS; federated.partitioner accepts those names and COLUMN,
+the clients a table column names (pipelines/federated/clients.py reads them; nothing to draw).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
 
-PARTITIONERS = ("iid", "dirichlet", "shards", "quantity")
+COLUMN = "column"
 _MAX_DRAWS = 1000
 
 
-def iid(labels: np.ndarray, clients: int, rng: np.random.Generator) -> np.ndarray:
+@dataclass(frozen=True)
+class Split:
+    """What a partitioner is asked for: the number of clients and the settings some of them take
+    (federated.alpha, federated.shards_per_client)."""
+
+    clients: int
+    alpha: float
+    shards_per_client: int
+
+
+def iid(labels: np.ndarray, split: Split, rng: np.random.Generator) -> np.ndarray:
     out = np.empty(len(labels), dtype=np.int64)
-    for c, rows in enumerate(np.array_split(rng.permutation(len(labels)), clients)):
+    for c, rows in enumerate(np.array_split(rng.permutation(len(labels)), split.clients)):
         out[rows] = c
     return out
 
 
-def dirichlet(labels: np.ndarray, clients: int, alpha: float, rng: np.random.Generator) -> np.ndarray:
+def dirichlet(labels: np.ndarray, split: Split, rng: np.random.Generator) -> np.ndarray:
     """Redraws (at most a thousand times) until every client has at least one row."""
+    clients, alpha = split.clients, split.alpha
     for _ in range(_MAX_DRAWS):
         out = np.empty(len(labels), dtype=np.int64)
         for label in np.unique(labels):
@@ -43,10 +60,11 @@ def dirichlet(labels: np.ndarray, clients: int, alpha: float, rng: np.random.Gen
                      "clients or a larger alpha")
 
 
-def shards(labels: np.ndarray, clients: int, per_client: int, rng: np.random.Generator) -> np.ndarray:
+def shards(labels: np.ndarray, split: Split, rng: np.random.Generator) -> np.ndarray:
     """Label-pure shards: each label's rows are cut into a number of shards proportional to its
     share of the rows (largest remainders, at least one), so a client dealt k shards holds at most
     k labels. With equal label counts this is exactly McMahan et al.'s sort-and-cut."""
+    clients, per_client = split.clients, split.shards_per_client
     n_shards = clients * per_client
     values, counts = np.unique(labels, return_counts=True)
     if n_shards < len(values) or n_shards > len(labels):
@@ -68,8 +86,8 @@ def shards(labels: np.ndarray, clients: int, per_client: int, rng: np.random.Gen
     return out
 
 
-def quantity(labels: np.ndarray, clients: int, alpha: float, rng: np.random.Generator) -> np.ndarray:
-    n = len(labels)
+def quantity(labels: np.ndarray, split: Split, rng: np.random.Generator) -> np.ndarray:
+    n, clients, alpha = len(labels), split.clients, split.alpha
     if clients > n:
         raise ValueError(f"{clients} clients need at least as many rows, have {n}")
     weights = rng.pareto(alpha, clients) + 1.0
@@ -78,15 +96,15 @@ def quantity(labels: np.ndarray, clients: int, alpha: float, rng: np.random.Gene
     return np.repeat(np.arange(clients), sizes)[rng.permutation(n)]
 
 
+Partitioner = Callable[[np.ndarray, Split, np.random.Generator], np.ndarray]
+PARTITIONERS: dict[str, Partitioner] = {"iid": iid, "dirichlet": dirichlet, "shards": shards,
+                                        "quantity": quantity}
+NAMES = (*PARTITIONERS, COLUMN)   # federated.partitioner's allowed values
+
+
 def assign(kind: str, labels: np.ndarray, clients: int, rng: np.random.Generator, alpha: float,
            shards_per_client: int) -> np.ndarray:
     """Client index of each row for the named partitioner."""
-    if kind == "iid":
-        return iid(labels, clients, rng)
-    if kind == "dirichlet":
-        return dirichlet(labels, clients, alpha, rng)
-    if kind == "shards":
-        return shards(labels, clients, shards_per_client, rng)
-    if kind == "quantity":
-        return quantity(labels, clients, alpha, rng)
-    raise ValueError(f"partitioner must be one of {PARTITIONERS}, got {kind!r}")
+    if kind not in PARTITIONERS:
+        raise ValueError(f"partitioner must be one of {tuple(PARTITIONERS)}, got {kind!r}")
+    return PARTITIONERS[kind](labels, Split(clients, alpha, shards_per_client), rng)

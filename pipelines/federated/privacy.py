@@ -17,6 +17,10 @@ sees every participant's noisy update, so sampling does not amplify privacy, and
 update can move by 2C when its data change: epsilon is that of R rounds of the Gaussian mechanism
 with noise multiplier z/2, no subsampling (a client that takes part in every round).
 
+Central DP wraps the round's aggregation (as Flower's DP strategies wrap another strategy): CentralDP
+takes the plain sum of the clients' clipped updates, from their reports or from secure aggregation,
+and returns the noisy average, moving the clip as it goes.
+
 Accounting: Google's dp-accounting (Renyi DP); central DP is R rounds of the Poisson-subsampled
 Gaussian mechanism with sampling rate q = federated.fraction and noise multiplier z. A round that
 samples too few clients to run is still counted. The noise is drawn from (run seed, round): the model
@@ -27,7 +31,9 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import dp_accounting
 import numpy as np
@@ -148,3 +154,24 @@ class Dp:
         return {"secure_aggregation": secure_aggregation, "dp": self.mode,
                 "epsilon": self.epsilon_after(rounds), "delta": self.delta if self.enabled else None,
                 "noise_multiplier": self.z if self.enabled else None, "clip": clip}
+
+
+# What the driver received from a round's clients, its server state and the round -> the aggregate
+Aggregate = Callable[[Any, dict[str, np.ndarray], int], np.ndarray]
+
+
+@dataclass(frozen=True)
+class CentralDP:
+    """DP-FedAvg around a plain aggregation: `summed` gives the (unweighted) sum of the clients'
+    clipped updates; the wrapper releases its noisy average, then adapts the clip from the clients'
+    centred within-clip bits (`received.within_clip`), in that order: the noise uses this round's
+    clip. It wraps the sum, not the weighted mean, because its denominator is fixed (q N)."""
+
+    dp: Dp
+    seed: int
+    summed: Aggregate
+
+    def __call__(self, received: Any, state: dict[str, np.ndarray], round_: int) -> np.ndarray:
+        aggregate = self.dp.noisy_mean(self.summed(received, state, round_), state, self.seed, round_)
+        self.dp.adapt_clip(received.within_clip, state, self.seed, round_)
+        return aggregate

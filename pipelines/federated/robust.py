@@ -12,29 +12,42 @@ the round's aggregate update, which the server rule (pipelines/federated/server.
 
 f, the number of Byzantine clients a round tolerates, is `robust.byzantine`, or when that is 0 the
 expected number of malicious clients among those sampled; Krum needs n > 2f + 2 (and n >= 3).
+
+Each rule is a function `(updates, counts, settings) -> aggregate` registered by name in RULES, which
+robust.rule accepts exactly. `mean` takes the updates as the clients sent them (float32 under
+trainer.dtype float32); the others work on them stacked in float64.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
 from pipelines.federated.server import weighted_mean
 
-RULES = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "norm_bound")
 NEEDS_INDIVIDUAL_UPDATES = ("median", "trimmed_mean", "krum", "multi_krum")
+KRUM = ("krum", "multi_krum")   # the rules that need f and more than 2f + 2 updates
 
 
-def coordinate_median(updates: np.ndarray) -> np.ndarray:
-    return np.median(updates, axis=0)
+@dataclass(frozen=True)
+class Settings:
+    """robust.trim_fraction, the round's f, and the L2 bound of norm_bound (privacy.clip)."""
+
+    trim_fraction: float
+    f: int
+    bound: float
 
 
-def trimmed_mean(updates: np.ndarray, beta: float) -> np.ndarray:
-    k = int(math.floor(beta * len(updates)))
-    if 2 * k >= len(updates):
-        raise ValueError(f"robust.trim_fraction={beta} trims all {len(updates)} updates")
-    ordered = np.sort(updates, axis=0)
-    return ordered[k:len(updates) - k].mean(axis=0)
+def _rows(updates: list[np.ndarray]) -> np.ndarray:
+    return np.stack(updates).astype(np.float64, copy=False)
+
+
+def krum_f(n: int, f: int) -> int:
+    """A round with too few updates for f (Poisson sampling, dropped clients) runs Krum with the
+    largest f it allows."""
+    return min(f, max(0, (n - 3) // 2))
 
 
 def krum_scores(updates: np.ndarray, f: int) -> np.ndarray:
@@ -48,38 +61,53 @@ def krum_scores(updates: np.ndarray, f: int) -> np.ndarray:
     return np.sort(dist, axis=1)[:, :n - f - 2].sum(axis=1)
 
 
-def krum(updates: np.ndarray, f: int) -> np.ndarray:
-    return updates[int(np.argmin(krum_scores(updates, f)))].copy()
+def mean(updates: list[np.ndarray], counts: list[int], s: Settings) -> np.ndarray:
+    return weighted_mean(updates, counts)
 
 
-def multi_krum(updates: np.ndarray, counts: list[int], f: int) -> np.ndarray:
-    chosen = np.argsort(krum_scores(updates, f), kind="stable")[:len(updates) - f]
-    return weighted_mean([updates[i] for i in chosen], [counts[i] for i in chosen])
+def median(updates: list[np.ndarray], counts: list[int], s: Settings) -> np.ndarray:
+    """Coordinate-wise median."""
+    return np.median(_rows(updates), axis=0)
 
 
-def norm_bound(updates: np.ndarray, counts: list[int], bound: float) -> np.ndarray:
-    norms = np.linalg.norm(updates, axis=1)
-    factors = np.minimum(1.0, bound / np.maximum(norms, 1e-12))
-    return weighted_mean(list(updates * factors[:, None]), counts)
+def trimmed_mean(updates: list[np.ndarray], counts: list[int], s: Settings) -> np.ndarray:
+    rows = _rows(updates)
+    k = int(math.floor(s.trim_fraction * len(rows)))
+    if 2 * k >= len(rows):
+        raise ValueError(f"robust.trim_fraction={s.trim_fraction} trims all {len(rows)} updates")
+    return np.sort(rows, axis=0)[k:len(rows) - k].mean(axis=0)
+
+
+def krum(updates: list[np.ndarray], counts: list[int], s: Settings) -> np.ndarray:
+    rows = _rows(updates)
+    return rows[int(np.argmin(krum_scores(rows, krum_f(len(rows), s.f))))].copy()
+
+
+def multi_krum(updates: list[np.ndarray], counts: list[int], s: Settings) -> np.ndarray:
+    rows = _rows(updates)
+    f = krum_f(len(rows), s.f)
+    chosen = np.argsort(krum_scores(rows, f), kind="stable")[:len(rows) - f]
+    return weighted_mean([rows[i] for i in chosen], [counts[i] for i in chosen])
+
+
+def norm_bound(updates: list[np.ndarray], counts: list[int], s: Settings) -> np.ndarray:
+    rows = _rows(updates)
+    factors = np.minimum(1.0, s.bound / np.maximum(np.linalg.norm(rows, axis=1), 1e-12))
+    return weighted_mean(list(rows * factors[:, None]), counts)
+
+
+Rule = Callable[[list[np.ndarray], list[int], Settings], np.ndarray]
+# robust.rule: the config accepts exactly these names, in this order
+RULES: dict[str, Rule] = {"mean": mean, "median": median, "trimmed_mean": trimmed_mean, "krum": krum,
+                          "multi_krum": multi_krum, "norm_bound": norm_bound}
 
 
 def aggregate(rule: str, updates: list[np.ndarray], counts: list[int], trim_fraction: float,
               f: int, bound: float = np.inf) -> np.ndarray:
-    """The round's aggregate update under `rule` (float64). A round with too few updates for f
-    (Poisson sampling, dropped clients) runs Krum with the largest f it allows."""
-    if rule == "mean":
-        return weighted_mean(updates, counts)
-    stacked = np.stack(updates).astype(np.float64, copy=False)
-    if rule == "median":
-        return coordinate_median(stacked)
-    if rule == "trimmed_mean":
-        return trimmed_mean(stacked, trim_fraction)
-    if rule in ("krum", "multi_krum"):
-        f = min(f, max(0, (len(stacked) - 3) // 2))
-        return krum(stacked, f) if rule == "krum" else multi_krum(stacked, counts, f)
-    if rule == "norm_bound":
-        return norm_bound(stacked, counts, bound)
-    raise ValueError(f"robust.rule must be one of {RULES}, got {rule!r}")
+    """The round's aggregate update under `rule` (float64)."""
+    if rule not in RULES:
+        raise ValueError(f"robust.rule must be one of {tuple(RULES)}, got {rule!r}")
+    return RULES[rule](updates, counts, Settings(trim_fraction, f, bound))
 
 
 def byzantine_count(byzantine: int, malicious_fraction: float, per_round: float) -> int:

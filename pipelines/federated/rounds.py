@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import numpy as np
 from pyspark import SparkContext
@@ -63,16 +64,33 @@ StopRule = Callable[[dict], bool]
 NO_ATTACK = Attack("none", 0.0, frozenset())
 
 
+def local_epochs(fed: FederatedSection) -> dict[str, Any]:
+    """FedAvg's client: E local epochs of mini-batches of B (and every server-side variant's)."""
+    return {"local_epochs": fed.local_epochs, "batch_size": fed.local_batch_size, "mu": 0.0}
+
+
+def proximal(fed: FederatedSection) -> dict[str, Any]:
+    """FedProx: FedAvg's local training plus the proximal term mu/2 |theta - theta_round|^2."""
+    return {**local_epochs(fed), "mu": fed.mu}
+
+
+def one_full_batch(fed: FederatedSection) -> dict[str, Any]:
+    """FedSGD: one gradient step on the client's whole local data set."""
+    return {"local_epochs": 1, "batch_size": None, "mu": 0.0}
+
+
+# how a strategy's clients train, where it differs from FedAvg's (the server side: server.STRATEGIES)
+CLIENT_TRAINING: dict[str, Callable[[FederatedSection], dict[str, Any]]] = {
+    "fedprox": proximal, "fedsgd": one_full_batch}
+
+
 def client_round(config: Config, spec: ModelSpec, round_: int, release: Release | None = None,
                  attack: Attack = NO_ATTACK) -> clients.ClientRound:
     fed, t = config.federated, config.trainer
-    fedsgd = fed.strategy == "fedsgd"
     return clients.ClientRound(
         spec=spec, dtype=t.dtype, split=clients.ClientSplit(t.seed, fed.holdout_fraction),
-        round=round_, local_epochs=1 if fedsgd else fed.local_epochs,
-        batch_size=None if fedsgd else fed.local_batch_size,
-        optimizer=optimizer_from(config),
-        mu=fed.mu if fed.strategy == "fedprox" else 0.0, release=release or Release(), attack=attack)
+        round=round_, **CLIENT_TRAINING.get(fed.strategy, local_epochs)(fed),
+        optimizer=optimizer_from(config), release=release or Release(), attack=attack)
 
 
 def attack_from(config: Config, n_clients: int) -> Attack:
@@ -87,7 +105,7 @@ def smallest_round(config: Config) -> int:
     needed = config.federated.min_clients
     if config.privacy.secure_aggregation:
         needed = max(needed, 2)
-    if config.robust.rule in ("krum", "multi_krum"):
+    if config.robust.rule in robust.KRUM:
         needed = max(needed, 3)
     return needed
 
@@ -102,7 +120,7 @@ def check_setup(config: Config, n_clients: int) -> None:
     """What the config alone cannot check: settings that depend on how many clients there are."""
     per_round = expected_per_round(config.federated, n_clients)
     r = config.robust
-    if r.rule in ("krum", "multi_krum"):
+    if r.rule in robust.KRUM:
         f = robust.byzantine_count(r.byzantine, r.attack.fraction, per_round)
         if per_round <= 2 * f + 2:
             raise ConfigError(
@@ -120,43 +138,72 @@ def check_setup(config: Config, n_clients: int) -> None:
     privacy.Dp.from_config(config, n_clients).check_startable()
 
 
+@dataclass(frozen=True)
+class Reports:
+    """What the driver receives from a round's clients without secure aggregation: every update
+    (under secure aggregation it receives a secure_round.SecureResult, sums only)."""
+
+    reports: list[dict]
+
+    @property
+    def updates(self) -> list[np.ndarray]:
+        return [d["update"] for d in self.reports]
+
+    @property
+    def counts(self) -> list[int]:
+        return [d["n"] for d in self.reports]
+
+    @property
+    def within_clip(self) -> float:
+        """The sum over clients of (within the clip) - 1/2, as secure aggregation adds it up."""
+        return sum(float(bool(d.get("within_clip"))) - 0.5 for d in self.reports)
+
+
+def robust_rule(config: Config, per_round: float) -> privacy.Aggregate:
+    """The robust rule (by default the sample-weighted mean) over the reported updates."""
+    r = config.robust
+    f = robust.byzantine_count(r.byzantine, r.attack.fraction, per_round)
+    return lambda got, state, round_: robust.aggregate(r.rule, got.updates, got.counts,
+                                                       r.trim_fraction, f, config.privacy.clip)
+
+
+def secure_mean(got: secure_round.SecureResult, state: dict, round_: int) -> np.ndarray:
+    return got.weighted_sum / got.weight_sum
+
+
+def reported_sum(got: Reports, state: dict, round_: int) -> np.ndarray:
+    return np.sum(np.stack(got.updates), axis=0, dtype=np.float64)
+
+
+def secure_total(got: secure_round.SecureResult, state: dict, round_: int) -> np.ndarray:
+    """The sum secure aggregation reveals; unweighted when the clients were told so (central DP)."""
+    return got.weighted_sum
+
+
+def aggregator(config: Config, dp: privacy.Dp, per_round: float) -> privacy.Aggregate:
+    """The round's aggregation from what the driver receives: the robust rule, or the mean secure
+    aggregation reveals; under central DP, the CentralDP wrapper around the plain sum instead."""
+    secure = config.privacy.secure_aggregation
+    if dp.mode == "central":
+        return privacy.CentralDP(dp, config.trainer.seed, secure_total if secure else reported_sum)
+    return secure_mean if secure else robust_rule(config, per_round)
+
+
 def train_clients(sc: SparkContext, config: Config, c: Clients, task: clients.ClientRound,
-                  state: FedState, sampled: list[int], dp: privacy.Dp, per_round: float
+                  state: FedState, sampled: list[int], dp: privacy.Dp, aggregate: privacy.Aggregate
                   ) -> tuple[list[dict], list[dict], np.ndarray | None, int]:
     """Run the round's client training: (reports, dropped, aggregate update or None when nobody
     reported, bytes the clients sent up). Under secure aggregation the driver only learns sums."""
     if not sampled:
         return [], [], None, 0
-    p, r, seed = config.privacy, task.round, config.trainer.seed
+    p, r = config.privacy, task.round
     if not p.secure_aggregation:
         reports, dropped = run_round(sc, c, task, state.theta, sampled)
-        aggregate = combine(config, dp, reports, state, r, per_round) if reports else None
-        return reports, dropped, aggregate, int(sum(d["update"].nbytes for d in reports))
+        update = aggregate(Reports(reports), state.server_state, r) if reports else None
+        return reports, dropped, update, int(sum(d["update"].nbytes for d in reports))
     res = secure_round.run_secure_round(sc, c, task, state.theta, sampled, p.secagg_threshold,
                                         p.ring_bits, weighted=dp.mode != "central")
-    if dp.mode == "central":
-        aggregate = dp.noisy_mean(res.weighted_sum, state.server_state, seed, r)
-        dp.adapt_clip(res.within_clip, state.server_state, seed, r)
-    else:
-        aggregate = res.weighted_sum / res.weight_sum
-    return res.reports, res.dropped, aggregate, res.bytes_up
-
-
-def combine(config: Config, dp: privacy.Dp, reports: list[dict], state: FedState,
-            round_: int, per_round: float) -> np.ndarray:
-    """The round's aggregate update from what the clients reported: DP's noisy average, or the
-    robust rule (the sample-weighted mean by default)."""
-    updates = [d["update"] for d in reports]
-    r, seed = config.robust, config.trainer.seed
-    if dp.mode == "central":
-        total = np.sum(np.stack(updates), axis=0, dtype=np.float64)
-        aggregate = dp.noisy_mean(total, state.server_state, seed, round_)
-        centred = sum(float(bool(d.get("within_clip"))) - 0.5 for d in reports)
-        dp.adapt_clip(centred, state.server_state, seed, round_)
-        return aggregate
-    f = robust.byzantine_count(r.byzantine, r.attack.fraction, per_round)
-    return robust.aggregate(r.rule, updates, [d["n"] for d in reports], r.trim_fraction, f,
-                            config.privacy.clip)
+    return res.reports, res.dropped, aggregate(res, state.server_state, r), res.bytes_up
 
 
 def server_rule(fed: FederatedSection) -> ServerRule:
@@ -206,6 +253,7 @@ def fit(sc: SparkContext, config: Config, c: Clients, test: Blocks | None, spec:
     dp = privacy.Dp.from_config(config, c.count)
     attack = attack_from(config, c.count)
     per_round = expected_per_round(fed, c.count)
+    aggregate_round = aggregator(config, dp, per_round)
     split = clients.ClientSplit(t.seed, fed.holdout_fraction)
     while state.round < fed.rounds:
         started = time.perf_counter()
@@ -223,7 +271,7 @@ def fit(sc: SparkContext, config: Config, c: Clients, test: Blocks | None, spec:
         clip = config.privacy.clip if config.privacy.secure_aggregation else None
         task = client_round(config, spec, r, dp.release(state.server_state, clip), attack)
         reports, dropped, aggregate, bytes_up = train_clients(sc, config, c, task, state, sampled, dp,
-                                                              per_round)
+                                                              aggregate_round)
         if sampled and len(reports) < fed.min_clients:
             reasons = "; ".join(f"{c.names[d['client']]}: {d['dropped']}" for d in dropped[:3])
             raise RuntimeError(f"round {r}: only {len(reports)} of {len(sampled)} sampled clients "
