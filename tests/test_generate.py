@@ -15,6 +15,7 @@ from pipelines import generate, train
 from pipelines.core.cli import main_wrapper
 from pipelines.data import lake
 from pipelines.data.blocks import load_blocks
+from pipelines.data.synthetic_tables import read_truth
 from pipelines.training import data_parallel
 from udfs.core.models import ModelSpec
 from udfs.data import blocks
@@ -75,7 +76,7 @@ def test_generated_rows_do_not_depend_on_partitions_and_follow_the_truth(spark, 
     df = spark.read.format("delta").load(f"{lake_dir}/dense")
     assert dict((f.name, f.dataType.simpleString()) for f in df.schema.fields) == {
         "id": "bigint", "features": "array<float>", "label": "int", "split": "string"}
-    truth = generate.read_truth(spark, str(lake_dir), "dense")
+    truth = read_truth(spark, str(lake_dir), "dense")
     X = np.array([r.features for r in here])
     y = np.array([r.label for r in here])
     assert truth.W.shape == (8, 1)
@@ -93,7 +94,7 @@ def test_sync_full_batch_recovers_the_true_model(gen_lake, tmp_path, capsys, spa
         "trainer.strategy=sync", "trainer.batch_size=100000", "trainer.epochs=150",
         "trainer.optimizer.lr=0.2", "data.validation_fraction=0.0")
     assert code == 0, err
-    truth = generate.read_truth(spark, str(gen_lake), "dense")
+    truth = read_truth(spark, str(gen_lake), "dense")
     theta = weights(summary).astype(np.float64)
     w, b = theta[:8], theta[8]
     cosine = w @ truth.W[:, 0] / np.linalg.norm(w) / np.linalg.norm(truth.W[:, 0])
