@@ -19,9 +19,12 @@ def spark():
 
     # 2 GiB: the whole suite shares this JVM, and the full Fashion-MNIST ingest needs more than
     # the 1 GiB default once earlier tests have cached their tables
+    # no web UI: the suite runs thousands of small jobs, and nothing reads the UI (the status
+    # tracker the progress lines use works without it)
     session = build_session("fedspark-tests", {"spark.master": "local[2]",
                                                "spark.driver.memory": "2g",
-                                               "spark.sql.shuffle.partitions": "4"})
+                                               "spark.sql.shuffle.partitions": "4",
+                                               "spark.ui.enabled": "false"})
     yield session
     session.stop()
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import fashion_mnist, write_table
+from tests.conftest import fashion_mnist, train_and_load, write_table
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.cluster
@@ -105,10 +105,11 @@ FEDERATED = ("--config", "conf/fedavg_iid.yaml", "--set", "federated.clients=4",
 
 
 @pytest.mark.parametrize("job", [SAMPLE, FEDERATED], ids=["sample", "federated"])
-def test_cluster_gives_the_same_test_accuracy_as_local(cluster, small_lake, tmp_path, job):
+def test_cluster_gives_the_same_test_accuracy_as_local(cluster, small_lake, tmp_path, capsys, job):
+    """The same job through train.sh on the cluster and in this process's local[2] session."""
     master, _ = cluster
     runs = ("--set", f"runs.path={tmp_path}", "--set", f"lake.path={small_lake}")
     on_cluster = train_sh("--master", master, *job, *runs)
-    on_local = train_sh("--master", "local[2]", *job, *runs)
+    on_local, _ = train_and_load(capsys, [*job, *runs])
     assert on_cluster["test_accuracy"] == on_local["test_accuracy"]
     assert on_cluster["test_accuracy"] > 0.5
