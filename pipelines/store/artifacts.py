@@ -29,15 +29,11 @@ import numpy as np
 from pipelines.core.errors import UserError
 from pipelines.store import rundir
 from pipelines.store.rundir import RunDir
+from udfs.core import files
+from udfs.core.files import atomic_write
 from udfs.core.models import ModelSpec
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def write(run_dir: RunDir, rel: str, data: bytes) -> None:
@@ -169,8 +165,8 @@ def _write_spec(run_dir: RunDir, spec: ModelSpec, dtype: str | None, extra: dict
 def stream_npz(path: Path, members: dict[str, tuple[str, int, Iterable[np.ndarray]]]) -> None:
     """An uncompressed .npz of 1-D arrays, each written chunk by chunk as the chunks arrive, so
     np.load reads it like np.savez's but no writer ever holds a whole array."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+    with files.replacing(path) as out, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED,
+                                                        allowZip64=True) as zf:
         for name, (dtype, length, chunks) in members.items():
             with zf.open(f"{name}.npy", "w", force_zip64=True) as fh:
                 np.lib.format.write_array_header_2_0(fh, {
@@ -182,7 +178,6 @@ def stream_npz(path: Path, members: dict[str, tuple[str, int, Iterable[np.ndarra
                     written += chunk.size
                 if written != length:
                     raise RuntimeError(f"{path}: {name} got {written} values, expected {length}")
-    os.replace(tmp, path)
 
 
 def read_npz_slice(path: Path, name: str, start: int, stop: int) -> np.ndarray:
