@@ -33,7 +33,7 @@ from pyspark.sql import types as T
 from pipelines.core.config import Config
 from pipelines.core.errors import UserError
 from pipelines.data import lake
-from pipelines.data.blocks import LABEL_TYPES, place
+from pipelines.data.blocks import LABEL_TYPES, place, worker_cache_bytes
 from pipelines.model_parallel import vertical
 from pipelines.store import artifacts
 from pipelines.store.rundir import RunDir
@@ -217,14 +217,16 @@ def label_blocks(table: pa.Table, row_blocks: int, seed: int,
 
 
 def _build(spark: SparkSession, rows: DataFrame, kind: str, bounds: tuple[int, ...], R: int,
-           name: str) -> RDD:
-    """Place each (row, block) in cell (shard mod R) * S + s and build the cells there."""
+           name: str, cache_gb: float) -> RDD:
+    """Place each (row, block) in cell (shard mod R) * S + s and build the cells there; a worker
+    keeps them in memory within its share of data.worker_cache_gb, as it does blocks."""
     S = len(bounds) - 1
     widths = tuple(b - a for a, b in zip(bounds[:-1], bounds[1:], strict=False))
     target = F.pmod(F.col("shard"), F.lit(R)) * S + F.col("s")
     key = f"{name}-{uuid.uuid4().hex[:12]}"
     handles = (place(spark, rows, R * S, target).drop("s")
-               .mapInArrow(partial(shards.build_cells, key=key, kind=kind, widths=widths),
+               .mapInArrow(partial(shards.build_cells, key=key, kind=kind, widths=widths,
+                                   cache_bytes=worker_cache_bytes(spark.sparkContext, cache_gb)),
                            shards.HANDLE_SCHEMA).rdd.cache())
     try:
         described = handles.collect()
@@ -254,7 +256,7 @@ def prepare(spark: SparkSession, config: Config) -> Cells:
     y = np.concatenate([b.y for b in labels])
     n_classes = 0 if y.dtype.kind == "f" else int(y.max()) + 1
     handles = _build(spark, source["cells"], source["kind"], source["bounds"], R,
-                     f"{source['table']}@{source['version']}")
+                     f"{source['table']}@{source['version']}", config.data.worker_cache_gb)
     return Cells(handles, layout, labels, source["bounds"], source["kind"], n_classes, source["table"],
                  source["version"], int(sum(len(b.roles.test) for b in labels)), source["vertical"])
 
