@@ -291,16 +291,10 @@ def batch_rows(path: str, grid: Grid, epoch: int, batch: int) -> np.ndarray:
 # --- initial parameters ----------------------------------------------------------------------------
 
 def init_rows(spec: ModelSpec, seed: int, init: str, dtype: str, lo: int, hi: int) -> np.ndarray:
-    """Rows lo..hi of the first-layer matrix, exactly as udfs.models.init_params draws them for the
-    whole model: Glorot draws are consumed row-major, one 64-bit output per value, so skipping lo*h
-    outputs of the same generator lands on row lo."""
+    """Rows lo..hi of the first-layer matrix, exactly as udfs.core.models.init_params draws them
+    for the whole model."""
     d, h = spec.layers[0], spec.layers[1]
-    if init == "zeros":
-        return np.zeros((hi - lo, h), dtype=dtype)
-    gen = rng(seed, Stream.INIT)
-    gen.bit_generator.advance(lo * h)
-    limit = np.sqrt(6.0 / (d + h))
-    return gen.uniform(-limit, limit, size=(hi - lo, h)).astype(dtype)
+    return models.initialiser(init)(rng(seed, Stream.INIT), d, h, lo, hi).astype(dtype)
 
 
 def rest_spec(spec: ModelSpec) -> ModelSpec | None:
@@ -314,16 +308,13 @@ def head_size(spec: ModelSpec) -> int:
 
 def init_head(spec: ModelSpec, seed: int, init: str, dtype: str) -> np.ndarray:
     """The head: b1, then the later layers' parameters (the tail of the model's flat vector),
-    drawn as udfs.models.init_params draws them."""
+    drawn as udfs.core.models.init_params draws them: after the first layer's draws."""
     head = np.zeros(head_size(spec), dtype=dtype)
     rest = rest_spec(spec)
-    if init == "zeros" or rest is None:
-        return head
-    gen = rng(seed, Stream.INIT)
-    gen.bit_generator.advance(spec.layers[0] * spec.layers[1])
-    for w, _ in models.unpack(rest, head[spec.layers[1]:]):
-        limit = np.sqrt(6.0 / (w.shape[0] + w.shape[1]))
-        w[...] = gen.uniform(-limit, limit, size=w.shape)
+    if rest is not None:
+        gen = rng(seed, Stream.INIT)
+        models.skip(gen, spec.layers[0] * spec.layers[1])
+        head[spec.layers[1]:] = models.init_params(rest, gen, init, dtype)
     return head
 
 
@@ -353,24 +344,17 @@ def head_step(spec: ModelSpec, head: np.ndarray, Z: np.ndarray,
               y: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
     """Mean loss over the batch, its gradient with respect to the head, and dZ, its gradient with
     respect to the summed first-layer partials (what goes back to the feature blocks)."""
-    n = Z.shape[0]
     inputs, out = _head_forward(spec, head, Z)
-    loss, delta = models.head_loss(spec, out, y)
-    delta = delta.astype(head.dtype, copy=False) / n
     grad = np.empty_like(head)
     h = spec.layers[1]
     rest = rest_spec(spec)
+    weights, grads = [], []
     if rest is not None:
-        grads = list(models.unpack(rest, grad[h:]))
         weights = [w for w, _ in models.unpack(rest, head[h:])]
-        for i in range(len(weights) - 1, -1, -1):
-            gw, gb = grads[i]
-            np.matmul(inputs[i].T, delta, out=gw)
-            gb[...] = delta.sum(axis=0)
-            delta = delta @ weights[i].T
-            delta *= inputs[i] > 0
-    grad[:h] = delta.sum(axis=0)
-    return loss / n, grad, delta
+        grads = list(models.unpack(rest, grad[h:]))
+    loss, dZ = models.backward(spec, out, y, head.dtype, weights, grads, inputs, through_first=True)
+    grad[:h] = dZ.sum(axis=0)
+    return loss, grad, dZ
 
 
 # --- the carried state -----------------------------------------------------------------------------
