@@ -21,7 +21,7 @@ from pipelines.core.cli import main_wrapper, print_summary, process_start_time
 from pipelines.core.config import ConfigError
 from pipelines.core.session import build_session
 from pipelines.model_parallel import vertical
-from pipelines.store import artifacts, rundir
+from pipelines.store import locks, rundir
 from pipelines.training.runners import RUNNERS, interrupted_run, resolve_run, run
 
 
@@ -54,7 +54,7 @@ def main(argv: list[str]) -> None:
         vertical.parse(config.model_parallel)  # bad parties stop the job before Spark starts
     if rundir.is_remote(config.runs.path):  # the run store goes through Spark's JVM
         build_session("fedspark-train", config.spark.conf, config.spark.delta_packages)
-    with artifacts.lock_run_name(config.runs.path, run_name) if run_name else contextlib.nullcontext():
+    with locks.lock_run_name(config.runs.path, run_name) if run_name else contextlib.nullcontext():
         if args.resume_if_exists:
             resume_dir = interrupted_run(config, run_name)
         summary = resume_dir.read("summary.json") if resume_dir is not None else None

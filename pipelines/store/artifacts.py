@@ -16,7 +16,6 @@ files and then publishing them (copied to the URI, atomically) in the order writ
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 import zipfile
@@ -92,45 +91,6 @@ def newest_run(runs_path: str, run_name: str) -> RunDir | None:
         if info.get("run_name") == run_name:
             found.append((info.get("created", 0.0), name))
     return rundir.open_run(rundir.join(str(runs_path), max(found)[1])) if found else None
-
-
-def lock_run_name(runs_path: str, name: str) -> RunLock | rundir.HadoopRunLock:
-    """The run-name lock for runs.path: a file lock locally, an exclusive lock file on Hadoop."""
-    if rundir.is_remote(runs_path):
-        return rundir.HadoopRunLock(runs_path, name)
-    return RunLock(runs_path, name)
-
-
-class RunLock:
-    """An exclusive lock on a run name, held while the job lives: a second job with the same name
-    stops with a clear message instead of racing the first. The OS drops the lock when the process
-    ends, even by SIGKILL, so a killed job never leaves a stale lock behind. (Local file lock: a
-    runs.path on a shared file system needs the jobs' drivers on one machine, as cron gives.)"""
-
-    def __init__(self, runs_path: str, name: str) -> None:
-        import fcntl
-
-        lock_dir = Path(runs_path) / ".locks"
-        lock_dir.mkdir(parents=True, exist_ok=True)
-        self.path = lock_dir / f"{name}.lock"
-        self._fh = open(self.path, "a+")
-        try:
-            fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._fh.seek(0)
-            holder = self._fh.read().strip() or "another process"
-            self._fh.close()
-            raise UserError(f"run name {name!r} is in use: a job ({holder}) is running it now "
-                            f"(lock {self.path}); wait for it to end or choose another --run-name") from None
-        self._fh.truncate(0)
-        self._fh.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
-        self._fh.flush()
-
-    def __enter__(self) -> RunLock:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._fh.close()  # releases the lock
 
 
 def save_model(run_dir: RunDir, spec: ModelSpec, theta: np.ndarray | None,
