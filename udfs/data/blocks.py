@@ -42,7 +42,6 @@ HANDLE_SCHEMA = ("part int, path string, rows long, test_rows long, width int, l
 SMALL = ("y", "id", "shard", "test")
 SECRET_FILE = "secret.key"
 META_FILE = "meta.json"
-MISSING = "fedspark-block-missing"   # marks the error a task raises on an executor without its block
 
 
 class BlockError(ValueError):
@@ -305,7 +304,7 @@ def _open(path: str, may_copy: bool = True) -> Block:
 
 def _missing(path: str) -> BlockMissing:
     return BlockMissing(
-        f"{MISSING}: block {path} is not on this executor (the task ran away from the executor "
+        f"block {path} is not on this executor (the task ran away from the executor "
         "that built it, or the executor's files were removed)")
 
 
