@@ -43,7 +43,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str], wire_log: list | None = None) -> None:
+    """`wire_log`, a list, records what a model_parallel run's label owner exchanges with the
+    cells (for tests: what crosses between parties)."""
     started = process_start_time()
     args = parse_args(argv)
     config, resume_dir, run_name = resolve_run(args)
@@ -62,7 +64,7 @@ def main(argv: list[str]) -> None:
             resume_dir.close()
             print_summary(json.loads(summary))
             return
-        run(config, args, resume_dir, started)
+        run(config, args, resume_dir, started, wire_log)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from pipelines.core import py4j
 from pipelines.core.config import Config
 from pipelines.core.errors import UserError
 from pipelines.data import lake
@@ -231,8 +232,9 @@ def _build(spark: SparkSession, rows: DataFrame, kind: str, bounds: tuple[int, .
     try:
         described = handles.collect()
     except Exception as exc:  # noqa: BLE001 - surface a bad row as a user error
-        if "CellError" in str(exc):
-            raise UserError(f"table {name}: {str(exc).split('CellError: ')[-1].splitlines()[0]}") from None
+        reason = py4j.task_message(exc, shards.CellError.__name__)
+        if reason is not None:
+            raise UserError(f"table {name}: {reason}") from None
         raise
     missing = sorted(set(range(R * S)) - {h.part for h in described})
     if missing:
@@ -281,9 +283,6 @@ class Wire:
         if self.log is not None:
             self.log.extend(("received", item) for item in got)
         return got
-
-
-WIRE_LOG: list | None = None   # set by a test to record the wire of the next run
 
 
 class Carrier:
