@@ -21,6 +21,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from pipelines.core import py4j
 from pipelines.core.cli import main_wrapper, print_summary
 from pipelines.core.config import DEFAULT_FILE, load_config
 from pipelines.core.errors import UserError
@@ -127,8 +128,8 @@ def score(spark: SparkSession, lake_path: str, model: str, input_ref: lake.Table
         (scored.write.format("delta").mode("overwrite").option("replaceWhere", own_rows)
          .partitionBy("model_id").save(out_path))
     except Exception as exc:  # noqa: BLE001 - a row the model cannot read fails the task
-        if "features column" in str(exc):
-            message = str(exc)[str(exc).index("features column"):].splitlines()[0]
+        message = py4j.task_message(exc, ValueError.__name__)
+        if message is not None and message.startswith("features column"):
             raise UserError(f"table {input_ref.name}@{version}: {message}") from exc
         raise
     finally:

@@ -21,7 +21,7 @@ from pipelines.core.cli import main_wrapper, print_summary, process_start_time
 from pipelines.core.config import ConfigError
 from pipelines.core.session import build_session
 from pipelines.model_parallel import vertical
-from pipelines.store import artifacts, rundir
+from pipelines.store import locks, rundir
 from pipelines.training.runners import RUNNERS, interrupted_run, resolve_run, run
 
 
@@ -43,7 +43,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str], wire_log: list | None = None) -> None:
+    """`wire_log`, a list, records what a model_parallel run's label owner exchanges with the
+    cells (for tests: what crosses between parties)."""
     started = process_start_time()
     args = parse_args(argv)
     config, resume_dir, run_name = resolve_run(args)
@@ -54,7 +56,7 @@ def main(argv: list[str]) -> None:
         vertical.parse(config.model_parallel)  # bad parties stop the job before Spark starts
     if rundir.is_remote(config.runs.path):  # the run store goes through Spark's JVM
         build_session("fedspark-train", config.spark.conf, config.spark.delta_packages)
-    with artifacts.lock_run_name(config.runs.path, run_name) if run_name else contextlib.nullcontext():
+    with locks.lock_run_name(config.runs.path, run_name) if run_name else contextlib.nullcontext():
         if args.resume_if_exists:
             resume_dir = interrupted_run(config, run_name)
         summary = resume_dir.read("summary.json") if resume_dir is not None else None
@@ -62,7 +64,7 @@ def main(argv: list[str]) -> None:
             resume_dir.close()
             print_summary(json.loads(summary))
             return
-        run(config, args, resume_dir, started)
+        run(config, args, resume_dir, started, wire_log)
 
 
 if __name__ == "__main__":

@@ -108,10 +108,12 @@ def blobs_lake(spark, tmp_path_factory):
     return path
 
 
-def train_and_load(capsys, argv: list[str], sets=()) -> tuple[dict, np.ndarray]:
+def train_and_load(capsys, argv: list[str], sets=(), wire_log: list | None = None
+                   ) -> tuple[dict, np.ndarray]:
     """Run train.py in this process with `argv` plus one `--set` per item of `sets`: its summary and
-    the saved weights."""
+    the saved weights. `wire_log`: a list to record a model_parallel run's wire in (train.main)."""
     import json
+    from functools import partial
 
     from pipelines import train
     from pipelines.core.cli import main_wrapper
@@ -119,7 +121,7 @@ def train_and_load(capsys, argv: list[str], sets=()) -> tuple[dict, np.ndarray]:
     for s in sets:
         argv = [*argv, "--set", s]
     capsys.readouterr()
-    assert main_wrapper(train.main, argv) == 0
+    assert main_wrapper(partial(train.main, wire_log=wire_log), argv) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     with np.load(f"{summary['model_path']}/weights.npz", allow_pickle=False) as z:
         return summary, z["theta"]

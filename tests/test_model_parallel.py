@@ -51,11 +51,11 @@ def lake(spark, tmp_path_factory):
 
 
 def run(lake_path: Path, tmp_path: Path, capsys, *sets: str, table: str = "small",
-        extra: list[str] = ()) -> tuple[dict, np.ndarray]:
+        extra: list[str] = (), wire_log: list | None = None) -> tuple[dict, np.ndarray]:
     argv = ["--set", f"lake.path={lake_path}", "--set", f"runs.path={tmp_path / 'runs'}",
             "--set", f"data.table={table}", "--set", "trainer.dtype=float64",
             "--set", "trainer.batch_size=16", "--set", "data.validation_fraction=0.1", *extra]
-    return train_and_load(capsys, argv, sets)
+    return train_and_load(capsys, argv, sets, wire_log)
 
 
 def test_shards_draw_the_first_layer_and_head_like_init_params():
@@ -210,13 +210,9 @@ def test_vertical_parties_train_like_centralised_and_share_only_activations(spar
     common = ["model.kind=mlp", "model.hidden=[6]", "trainer.epochs=2", "data.partitions=2"]
     _, ref = run(path, tmp_path, capsys, *common, "trainer.strategy=sync", table="aligned")
 
-    training.WIRE_LOG = []
-    try:
-        summary, theta = run(path, tmp_path, capsys, *common, "trainer.strategy=model_parallel",
-                             *party_sets(parties))
-        log = training.WIRE_LOG
-    finally:
-        training.WIRE_LOG = None
+    log: list = []
+    summary, theta = run(path, tmp_path, capsys, *common, "trainer.strategy=model_parallel",
+                         *party_sets(parties), wire_log=log)
     assert summary["vertical"]["aligned_rows"] == keep.sum()
     assert summary["vertical"]["left_out_rows"] == {"p0": dropped, "p1": 0, "p2": dropped, "owner": dropped}
     assert summary["shards"] == 3

@@ -14,7 +14,7 @@ from PIL import Image
 
 from pipelines import evaluate, runs, score, train
 from pipelines.core.cli import main_wrapper
-from pipelines.store import artifacts
+from pipelines.store import locks
 from pipelines.store.plots import SERIES_KEY
 from tests.conftest import ROOT, blobs, write_table
 
@@ -186,7 +186,7 @@ def _version(spark, path: Path) -> int:
 
 
 def test_a_second_job_with_a_running_name_stops(lake, tmp_path, capsys):
-    with artifacts.RunLock(str(tmp_path), "busy"):
+    with locks.RunLock(str(tmp_path), "busy"):
         code, _, err = job(train, ["--run-name", "busy", "--set", f"lake.path={lake}",
                                    "--set", f"runs.path={tmp_path}", *sum([["--set", s] for s in BLOBS], [])],
                            capsys)

@@ -19,7 +19,7 @@ import pytest
 from pipelines import score, train
 from pipelines.core.cli import main_wrapper
 from pipelines.core.errors import UserError
-from pipelines.store import artifacts, rundir
+from pipelines.store import locks, rundir
 from tests.conftest import ROOT, blobs, write_table
 
 pytestmark = pytest.mark.cluster
@@ -167,7 +167,7 @@ def test_an_interrupted_run_resumes_from_its_uri(hdfs, lake, finished, tmp_path,
 
 def test_the_run_name_lock_refuses_a_second_job(hdfs, lake, capsys):
     runs_uri = f"{hdfs}/locked"
-    with artifacts.lock_run_name(runs_uri, "busy") as lock:
+    with locks.lock_run_name(runs_uri, "busy") as lock:
         code, _, err = job(train, train_argv(lake, runs_uri, "--run-name", "busy"), capsys)
         assert code == 2 and "run name 'busy' is in use" in err and f"pid {os.getpid()}" in err
         assert lock.uri in err
@@ -182,8 +182,8 @@ def test_the_run_name_lock_refuses_a_second_job(hdfs, lake, capsys):
         assert fs.create_new(f"{runs_uri}/.locks/busy.lock",
                              f"host {host} pid {dead} start 1 since then".encode())
         if taken:
-            with artifacts.lock_run_name(runs_uri, "busy"):
+            with locks.lock_run_name(runs_uri, "busy"):
                 assert f"pid {os.getpid()}" in fs.read(f"{runs_uri}/.locks/busy.lock").decode()
         else:
             with pytest.raises(UserError, match="run name 'busy' is in use"):
-                artifacts.lock_run_name(runs_uri, "busy")
+                locks.lock_run_name(runs_uri, "busy")

@@ -19,6 +19,7 @@ from pyspark.sql import Column, DataFrame, Row, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from pipelines.core import py4j
 from pipelines.core.config import default
 from pipelines.core.errors import UserError
 from pipelines.data import lake
@@ -53,7 +54,7 @@ class BlockSet:
             try:
                 return job(self.handles)
             except Exception as exc:  # noqa: BLE001 - py4j wraps the task's BlockMissing
-                if blocks.MISSING not in str(exc) or attempt == MAX_REBUILDS:
+                if not py4j.raised(exc, blocks.BlockMissing.__name__) or attempt == MAX_REBUILDS:
                     raise
             self.handles.unpersist(blocking=True)
             self.handles.cache().count()
@@ -198,8 +199,8 @@ def build(spark: SparkSession, rows: DataFrame, partitions: int, target: Column,
     try:
         return handles, handles.collect()
     except Exception as exc:  # noqa: BLE001 - surface a bad row as a user error
-        if "BlockError" in str(exc):
-            reason = str(exc).split("BlockError: ")[-1].splitlines()[0]
+        reason = py4j.task_message(exc, blocks.BlockError.__name__)
+        if reason is not None:
             raise UserError(f"table {name}: {reason}") from None
         raise
 

@@ -41,7 +41,6 @@ class SecureResult:
     within_clip: float              # sum over survivors of (within the clip) - 1/2
     reports: list[dict]             # per survivor: client, n, train_loss, seconds (no update)
     dropped: list[dict]
-    threshold: int
     scale: float                    # the fixed-point scale the clients encoded with
     bytes_up: int
     received: dict = field(default_factory=dict)   # everything the driver received, by step
@@ -96,7 +95,7 @@ def run_secure_round(sc: SparkContext, c: Clients, task: ClientRound, theta: np.
                 + sum(64 * len(a) for a in answers.values()))
     reports = [{k: v for k, v in d.items() if k != "masked"} for d in masked]
     return SecureResult(x[:-2], float(x[-2]), float(x[-1]), reports,
-                        [d for d in results if "dropped" in d], t, scale, bytes_up,
+                        [d for d in results if "dropped" in d], scale, bytes_up,
                         {"keys": keys, "sealed": sealed, "masked": masked, "answers": answers})
 
 

@@ -30,10 +30,11 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from pipelines.core import py4j
 from pipelines.core.config import Config
 from pipelines.core.errors import UserError
 from pipelines.data import lake
-from pipelines.data.blocks import LABEL_TYPES, place
+from pipelines.data.blocks import LABEL_TYPES, place, worker_cache_bytes
 from pipelines.model_parallel import vertical
 from pipelines.store import artifacts
 from pipelines.store.rundir import RunDir
@@ -217,20 +218,23 @@ def label_blocks(table: pa.Table, row_blocks: int, seed: int,
 
 
 def _build(spark: SparkSession, rows: DataFrame, kind: str, bounds: tuple[int, ...], R: int,
-           name: str) -> RDD:
-    """Place each (row, block) in cell (shard mod R) * S + s and build the cells there."""
+           name: str, cache_gb: float) -> RDD:
+    """Place each (row, block) in cell (shard mod R) * S + s and build the cells there; a worker
+    keeps them in memory within its share of data.worker_cache_gb, as it does blocks."""
     S = len(bounds) - 1
     widths = tuple(b - a for a, b in zip(bounds[:-1], bounds[1:], strict=False))
     target = F.pmod(F.col("shard"), F.lit(R)) * S + F.col("s")
     key = f"{name}-{uuid.uuid4().hex[:12]}"
     handles = (place(spark, rows, R * S, target).drop("s")
-               .mapInArrow(partial(shards.build_cells, key=key, kind=kind, widths=widths),
+               .mapInArrow(partial(shards.build_cells, key=key, kind=kind, widths=widths,
+                                   cache_bytes=worker_cache_bytes(spark.sparkContext, cache_gb)),
                            shards.HANDLE_SCHEMA).rdd.cache())
     try:
         described = handles.collect()
     except Exception as exc:  # noqa: BLE001 - surface a bad row as a user error
-        if "CellError" in str(exc):
-            raise UserError(f"table {name}: {str(exc).split('CellError: ')[-1].splitlines()[0]}") from None
+        reason = py4j.task_message(exc, shards.CellError.__name__)
+        if reason is not None:
+            raise UserError(f"table {name}: {reason}") from None
         raise
     missing = sorted(set(range(R * S)) - {h.part for h in described})
     if missing:
@@ -254,7 +258,7 @@ def prepare(spark: SparkSession, config: Config) -> Cells:
     y = np.concatenate([b.y for b in labels])
     n_classes = 0 if y.dtype.kind == "f" else int(y.max()) + 1
     handles = _build(spark, source["cells"], source["kind"], source["bounds"], R,
-                     f"{source['table']}@{source['version']}")
+                     f"{source['table']}@{source['version']}", config.data.worker_cache_gb)
     return Cells(handles, layout, labels, source["bounds"], source["kind"], n_classes, source["table"],
                  source["version"], int(sum(len(b.roles.test) for b in labels)), source["vertical"])
 
@@ -279,9 +283,6 @@ class Wire:
         if self.log is not None:
             self.log.extend(("received", item) for item in got)
         return got
-
-
-WIRE_LOG: list | None = None   # set by a test to record the wire of the next run
 
 
 class Carrier:

@@ -16,7 +16,6 @@ files and then publishing them (copied to the URI, atomically) in the order writ
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 import zipfile
@@ -29,15 +28,11 @@ import numpy as np
 from pipelines.core.errors import UserError
 from pipelines.store import rundir
 from pipelines.store.rundir import RunDir
+from udfs.core import files
+from udfs.core.files import atomic_write
 from udfs.core.models import ModelSpec
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def write(run_dir: RunDir, rel: str, data: bytes) -> None:
@@ -98,45 +93,6 @@ def newest_run(runs_path: str, run_name: str) -> RunDir | None:
     return rundir.open_run(rundir.join(str(runs_path), max(found)[1])) if found else None
 
 
-def lock_run_name(runs_path: str, name: str) -> RunLock | rundir.HadoopRunLock:
-    """The run-name lock for runs.path: a file lock locally, an exclusive lock file on Hadoop."""
-    if rundir.is_remote(runs_path):
-        return rundir.HadoopRunLock(runs_path, name)
-    return RunLock(runs_path, name)
-
-
-class RunLock:
-    """An exclusive lock on a run name, held while the job lives: a second job with the same name
-    stops with a clear message instead of racing the first. The OS drops the lock when the process
-    ends, even by SIGKILL, so a killed job never leaves a stale lock behind. (Local file lock: a
-    runs.path on a shared file system needs the jobs' drivers on one machine, as cron gives.)"""
-
-    def __init__(self, runs_path: str, name: str) -> None:
-        import fcntl
-
-        lock_dir = Path(runs_path) / ".locks"
-        lock_dir.mkdir(parents=True, exist_ok=True)
-        self.path = lock_dir / f"{name}.lock"
-        self._fh = open(self.path, "a+")
-        try:
-            fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._fh.seek(0)
-            holder = self._fh.read().strip() or "another process"
-            self._fh.close()
-            raise UserError(f"run name {name!r} is in use: a job ({holder}) is running it now "
-                            f"(lock {self.path}); wait for it to end or choose another --run-name") from None
-        self._fh.truncate(0)
-        self._fh.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
-        self._fh.flush()
-
-    def __enter__(self) -> RunLock:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._fh.close()  # releases the lock
-
-
 def save_model(run_dir: RunDir, spec: ModelSpec, theta: np.ndarray | None,
                metadata: dict[str, Any]) -> str:
     """weights.npz then spec.json; without weights (an MLlib model saved by MLlib beside them) only
@@ -169,8 +125,8 @@ def _write_spec(run_dir: RunDir, spec: ModelSpec, dtype: str | None, extra: dict
 def stream_npz(path: Path, members: dict[str, tuple[str, int, Iterable[np.ndarray]]]) -> None:
     """An uncompressed .npz of 1-D arrays, each written chunk by chunk as the chunks arrive, so
     np.load reads it like np.savez's but no writer ever holds a whole array."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+    with files.replacing(path) as out, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED,
+                                                        allowZip64=True) as zf:
         for name, (dtype, length, chunks) in members.items():
             with zf.open(f"{name}.npy", "w", force_zip64=True) as fh:
                 np.lib.format.write_array_header_2_0(fh, {
@@ -182,7 +138,6 @@ def stream_npz(path: Path, members: dict[str, tuple[str, int, Iterable[np.ndarra
                     written += chunk.size
                 if written != length:
                     raise RuntimeError(f"{path}: {name} got {written} values, expected {length}")
-    os.replace(tmp, path)
 
 
 def read_npz_slice(path: Path, name: str, start: int, stop: int) -> np.ndarray:

@@ -16,6 +16,8 @@ matplotlib.use("Agg")  # no display on executors, CI or cron
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from udfs.core import files  # noqa: E402
+
 SERIES_KEY = "fedspark:series"
 # (panel title, y label, [(record key, legend label)])
 CLASSIFIER_PANELS = [
@@ -92,11 +94,12 @@ def drawn_series(fig: Figure) -> dict[str, Any]:
 
 def save(fig: Figure, path: Path) -> None:
     """Write the PNG atomically, with the drawn series in its metadata."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=100,
-                metadata={SERIES_KEY: json.dumps(drawn_series(fig))})
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with files.replacing(path) as fh:
+            fig.savefig(fh, format="png", dpi=100,
+                        metadata={SERIES_KEY: json.dumps(drawn_series(fig))})
+    finally:
+        plt.close(fig)
 
 
 def save_run_plots(run_dir: Path, history: list[dict[str, Any]], unit: str, classifier: bool) -> list[Path]:

@@ -23,6 +23,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.window import Window
 
+from pipelines.core import py4j
 from pipelines.core.errors import UserError
 from pipelines.data import lake
 
@@ -51,9 +52,10 @@ class RunInfo:
 
 
 def _is_conflict(exc: Exception) -> bool:
-    text = f"{type(exc).__name__}: {exc}"
-    return any(k in text for k in ("Concurrent", "ProtocolChanged", "MetadataChanged",
-                                   "DELTA_PROTOCOL_CHANGED", "FileAlreadyExists"))
+    """A Delta commit that lost a race (a concurrent append, or two writers creating the table:
+    DELTA_PROTOCOL_CHANGED is a ProtocolChangedException), worth retrying."""
+    return any(k in n for n in py4j.names(exc)
+               for k in ("Concurrent", "ProtocolChanged", "MetadataChanged", "FileAlreadyExists"))
 
 
 def append(spark: SparkSession, lake_path: str, table: str, rows: list[tuple], schema: str,

@@ -16,14 +16,11 @@ import os
 import shutil
 import socket
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from pipelines.core.errors import UserError
-
-LOCKS = ".locks"
 
 
 def is_remote(path: str) -> bool:
@@ -247,74 +244,3 @@ def run_files(runs_path: str, marker: str) -> Iterator[tuple[str, bytes]]:
             yield path.parent.name, path.read_bytes()
         except OSError:
             continue
-
-
-# --- the run-name lock on a Hadoop filesystem -----------------------------------------------------
-
-def _started(pid: int) -> str | None:
-    """A process's start time in clock ticks since boot (Linux), or None when it is not running:
-    with the pid, it names a process even after the pid is reused."""
-    try:
-        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _holder() -> str:
-    pid = os.getpid()
-    return (f"host {socket.gethostname()} pid {pid} start {_started(pid)} "
-            f"since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
-
-
-def _is_stale(holder: str) -> bool:
-    """A lock left by a job on this host whose process is gone (killed hard)."""
-    words = holder.split()
-    fields = dict(zip(words[::2], words[1::2], strict=False))
-    if fields.get("host") != socket.gethostname() or not fields.get("pid", "").isdigit():
-        return False
-    pid = int(fields["pid"])
-    if not os.path.isdir("/proc/self"):   # no /proc: only whether that pid is alive
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            pass
-        return False
-    return _started(pid) != fields.get("start")
-
-
-class HadoopRunLock:
-    """The run-name lock for a runs.path on a Hadoop filesystem, where there is no flock: the lock
-    is the file <runs.path>/.locks/<name>.lock, created only if it does not exist (atomic on HDFS),
-    holding the holder's host, pid and process start, and deleted when the job ends. A job killed
-    hard (SIGKILL, a lost container) leaves it behind: a later job on the same host takes it over
-    once that process is gone; from another host the message names the file to delete once no job
-    holds the name. Correct for one scheduler starting the jobs; on S3 (no atomic create) two jobs
-    started in the same instant can both get it."""
-
-    def __init__(self, runs_path: str, name: str) -> None:
-        self.fs = HadoopFS(runs_path)
-        self.uri = join(runs_path, LOCKS, f"{name}.lock")
-        self.me = _holder()
-        for attempt in range(2):
-            if self.fs.create_new(self.uri, self.me.encode()):
-                return
-            holder = (self.fs.read(self.uri) or b"").decode().strip() or "another process"
-            if attempt == 0 and _is_stale(holder):
-                stale = f"{self.uri}.stale-{socket.gethostname()}-{os.getpid()}"
-                if self.fs.rename(self.uri, stale):   # only one job can move it
-                    self.fs.delete(stale)
-                    print(f"taking over the lock of run name {name!r} from a job that is gone "
-                          f"({holder})", flush=True)
-                continue
-            raise UserError(f"run name {name!r} is in use: a job ({holder}) is running it now "
-                            f"(lock {self.uri}); wait for it to end or choose another --run-name "
-                            "(if that job was killed on another host, delete the lock file)")
-
-    def __enter__(self) -> HadoopRunLock:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if (self.fs.read(self.uri) or b"").decode().strip() == self.me:
-            self.fs.delete(self.uri)

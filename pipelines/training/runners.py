@@ -70,7 +70,9 @@ def checkpoint_arrays(theta: np.ndarray, state: dict[str, np.ndarray]) -> dict[s
 @dataclass
 class Job:
     """One invocation of train.py: its session, config and arguments, the run it continues (if
-    any), and, once a runner opens the run, that run's tracker."""
+    any), and, once a runner opens the run, that run's tracker. `wire_log`, when given, records
+    what a model_parallel run's label owner sends to and receives from the cells (model_parallel's
+    Wire: tests inspect what crosses between parties)."""
 
     spark: SparkSession
     config: Config
@@ -79,6 +81,7 @@ class Job:
     timings: dict[str, float] = field(default_factory=dict)
     tracker: Tracker | None = None
     history: list[dict] = field(default_factory=list)
+    wire_log: list | None = None
 
     def open_run(self, table: str, version: int, unit: str, total: int) -> Tracker:
         """The run directory (the resumed one, or a new one holding the resolved config) and its
@@ -312,7 +315,7 @@ def train_model_parallel(job: Job) -> dict:
         restored, head = restored
         tracker.resumed(head.history, f"epoch {head.epoch}")
     mark = time.perf_counter()
-    carrier = mp.Carrier(spark.sparkContext, grid, cells.handles, mp.Wire(spark.sparkContext, mp.WIRE_LOG),
+    carrier = mp.Carrier(spark.sparkContext, grid, cells.handles, mp.Wire(spark.sparkContext, job.wire_log),
                          tracker.run_dir.child("rdd-checkpoints"), restored or None)
 
     def on_epoch(s: mp.HeadState, record: dict[str, Any]) -> None:
@@ -375,12 +378,15 @@ RUNNERS: dict[str, Callable[[Job], dict]] = {
 }
 
 
-def run(config: Config, args: argparse.Namespace, resume_dir: RunDir | None, started: float) -> None:
-    """Train, record and save one run; the summary line is the last thing printed."""
+def run(config: Config, args: argparse.Namespace, resume_dir: RunDir | None, started: float,
+        wire_log: list | None = None) -> None:
+    """Train, record and save one run; the summary line is the last thing printed. `wire_log`: see
+    Job."""
     t = config.trainer
     mark = time.perf_counter()
     spark = build_session("fedspark-train", config.spark.conf, config.spark.delta_packages)
-    job = Job(spark, config, args, resume_dir, {"session": time.perf_counter() - mark})
+    job = Job(spark, config, args, resume_dir, {"session": time.perf_counter() - mark},
+              wire_log=wire_log)
     try:
         part = RUNNERS[t.strategy](job)
         run_dir = job.tracker.run_dir

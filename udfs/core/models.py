@@ -15,8 +15,7 @@ flat vector makes averaging, clipping, noise, masking and checkpoints plain vect
 """
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,9 +70,6 @@ class ModelSpec:
     def n_params(self) -> int:
         return sum(a * b + b for a, b in zip(self.layers[:-1], self.layers[1:], strict=False))
 
-    def to_json(self) -> str:
-        return json.dumps({"kind": self.kind, "layers": list(self.layers)})
-
     @classmethod
     def from_dict(cls, data: dict) -> ModelSpec:
         return cls(str(data["kind"]), tuple(int(w) for w in data["layers"]))
@@ -90,17 +86,46 @@ def unpack(spec: ModelSpec, theta: np.ndarray) -> Iterator[tuple[np.ndarray, np.
         yield w, b
 
 
+def skip(gen: np.random.Generator, values: int) -> None:
+    """Move `gen` past `values` weight draws: every initialiser draws a matrix row-major, one
+    64-bit output per value (Generator.uniform in float64), so a part of a model drawn on its own
+    (a model-parallel feature block, the head) gets the values the whole model would."""
+    if values:
+        gen.bit_generator.advance(values)
+
+
+def glorot_uniform(gen: np.random.Generator, fan_in: int, fan_out: int, lo: int = 0,
+                   hi: int | None = None) -> np.ndarray:
+    """Rows lo..hi (default: all) of a fan_in x fan_out Glorot-uniform matrix (Keras's default)
+    whose draws start at `gen`'s position, in float64; `gen` ends after row hi."""
+    skip(gen, lo * fan_out)
+    limit = np.sqrt(6.0 / (fan_in + fan_out))
+    return gen.uniform(-limit, limit, size=((fan_in if hi is None else hi) - lo, fan_out))
+
+
+def zeros(gen: np.random.Generator, fan_in: int, fan_out: int, lo: int = 0,
+          hi: int | None = None) -> np.ndarray:
+    """Rows lo..hi of an all-zero matrix; draws nothing."""
+    return np.zeros(((fan_in if hi is None else hi) - lo, fan_out))
+
+
+# model.init: how a weight matrix (rows lo..hi of fan_in x fan_out) is drawn; biases start at zero
+INITIALISERS: dict[str, Callable[..., np.ndarray]] = {"glorot_uniform": glorot_uniform, "zeros": zeros}
+
+
+def initialiser(init: str) -> Callable[..., np.ndarray]:
+    if init not in INITIALISERS:
+        raise ValueError(f"init must be one of {sorted(INITIALISERS)}, got {init!r}")
+    return INITIALISERS[init]
+
+
 def init_params(spec: ModelSpec, rng: np.random.Generator, init: str = "glorot_uniform",
                 dtype: np.dtype = np.float32) -> np.ndarray:
-    """Glorot-uniform weights and zero biases (Keras's defaults), or all zeros."""
+    """Weights drawn by the `init` initialiser layer by layer from `rng`, and zero biases."""
+    draw = initialiser(init)
     theta = np.zeros(spec.n_params, dtype=dtype)
-    if init == "zeros":
-        return theta
-    if init != "glorot_uniform":
-        raise ValueError(f"init must be glorot_uniform or zeros, got {init!r}")
     for w, _ in unpack(spec, theta):
-        limit = np.sqrt(6.0 / (w.shape[0] + w.shape[1]))
-        w[...] = rng.uniform(-limit, limit, size=w.shape)
+        w[...] = draw(rng, *w.shape)
     return theta
 
 
@@ -149,17 +174,17 @@ def head_loss(spec: ModelSpec, out: np.ndarray, y: np.ndarray,
     return loss, delta
 
 
-def loss_and_grad(spec: ModelSpec, theta: np.ndarray, X: np.ndarray,
-                  y: np.ndarray) -> tuple[float, np.ndarray]:
-    """Mean loss over the rows of X and its gradient with respect to theta (same dtype as theta)."""
-    n = X.shape[0]
-    inputs, out = _forward(spec, theta, X)
+def backward(spec: ModelSpec, out: np.ndarray, y: np.ndarray, dtype: np.dtype,
+             weights: list[np.ndarray], grads: list[tuple[np.ndarray, np.ndarray]],
+             inputs: list[np.ndarray], through_first: bool = False) -> tuple[float, np.ndarray | None]:
+    """The backward pass of dense layers with ReLU between them: `out` is the last layer's output,
+    inputs[i] the input of layer i (weights[i]); each layer's (W, b) gradient of the mean loss
+    against `y` is written into grads[i]. Returns the mean loss and, when `through_first`, the
+    gradient with respect to the pre-activation whose ReLU gave inputs[0] (a model-parallel head:
+    the summed first-layer partials), else None (inputs[0] is the data)."""
+    n = out.shape[0]
     loss, delta = head_loss(spec, out, y)
-    delta = delta.astype(theta.dtype, copy=False) / n
-
-    grad = np.empty_like(theta)
-    grads = list(unpack(spec, grad))
-    weights = [w for w, _ in unpack(spec, theta)]
+    delta = delta.astype(dtype, copy=False) / n
     for i in range(len(weights) - 1, -1, -1):
         gw, gb = grads[i]
         if sparse.issparse(inputs[i]):   # a sparse input row block: the gradient stays dense, X does too
@@ -167,10 +192,20 @@ def loss_and_grad(spec: ModelSpec, theta: np.ndarray, X: np.ndarray,
         else:
             np.matmul(inputs[i].T, delta, out=gw)
         gb[...] = delta.sum(axis=0)
-        if i:
+        if i or through_first:
             delta = delta @ weights[i].T
             delta *= inputs[i] > 0
-    return loss / n, grad
+    return loss / n, delta if through_first else None
+
+
+def loss_and_grad(spec: ModelSpec, theta: np.ndarray, X: np.ndarray,
+                  y: np.ndarray) -> tuple[float, np.ndarray]:
+    """Mean loss over the rows of X and its gradient with respect to theta (same dtype as theta)."""
+    inputs, out = _forward(spec, theta, X)
+    grad = np.empty_like(theta)
+    loss, _ = backward(spec, out, y, theta.dtype, [w for w, _ in unpack(spec, theta)],
+                       list(unpack(spec, grad)), inputs)
+    return loss, grad
 
 
 def decision(spec: ModelSpec, theta: np.ndarray, X: np.ndarray) -> np.ndarray:

@@ -21,15 +21,16 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
 from scipy import sparse
 
-from udfs.core import worker
+from udfs.core import cache, files, worker
+from udfs.core.cache import resident_bytes
 from udfs.core.seeding import Stream, rng
 from udfs.federated.secagg import SECRET_BYTES
 
@@ -41,7 +42,6 @@ HANDLE_SCHEMA = ("part int, path string, rows long, test_rows long, width int, l
 SMALL = ("y", "id", "shard", "test")
 SECRET_FILE = "secret.key"
 META_FILE = "meta.json"
-MISSING = "fedspark-block-missing"   # marks the error a task raises on an executor without its block
 
 
 class BlockError(ValueError):
@@ -61,6 +61,7 @@ class Block:
     test: np.ndarray     # bool [n]
     in_memory: bool = True
     budget: int = 0      # the worker's cache budget in bytes (meta cache_bytes)
+    derived_per_entry: ClassVar[int] = 3   # roles and the newest batch plans
 
     @property
     def feature_bytes(self) -> int:
@@ -69,31 +70,7 @@ class Block:
     @property
     def cached_bytes(self) -> int:
         """What this block keeps in the worker's memory: nothing when memory-mapped."""
-        return nbytes((self.X, self.y, self.id, self.shard, self.test)) if self.in_memory else 0
-
-
-def nbytes(value: Any) -> int:
-    """Bytes of the numpy arrays in `value` (nested tuples, lists, dicts, dataclasses, CSR
-    matrices), each array counted once (a batch plan may hand back the roles' own array);
-    memory-mapped arrays count nothing: their pages belong to the OS page cache."""
-    return sum({id(a): a.nbytes for a in _arrays(value)}.values())
-
-
-def _arrays(value: Any) -> Iterator[np.ndarray]:
-    if isinstance(value, np.memmap):
-        return
-    if isinstance(value, np.ndarray):
-        yield value
-        return
-    if sparse.issparse(value):
-        value = (value.data, value.indices, value.indptr)
-    elif isinstance(value, dict):
-        value = tuple(value.values())
-    elif is_dataclass(value) and not isinstance(value, type):
-        value = tuple(getattr(value, f.name) for f in fields(value))
-    if isinstance(value, (tuple, list)):
-        for v in value:
-            yield from _arrays(v)
+        return cache.nbytes((self.X, self.y, self.id, self.shard, self.test)) if self.in_memory else 0
 
 
 def feature_bytes(X: np.ndarray | sparse.csr_matrix) -> int:
@@ -253,24 +230,15 @@ def build_partition(batches: Iterator[pa.RecordBatch], key: str, cache_bytes: in
     worker.prepare()
     part = TaskContext.get().partitionId()
     path = block_dir(SparkFiles.getRootDirectory(), key, part)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+    with files.replacing_dir(path) as tmp:   # an empty partition leaves it empty: no block
         writer = _Writer(tmp)
         for batch in batches:
             if batch.num_rows:
                 writer.add(batch)
         if writer.width is None:
-            shutil.rmtree(tmp)
             return
         facts = writer.finish(cache_bytes)
         _write_secret(os.path.join(tmp, SECRET_FILE))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
     test, y = facts["test"], facts["y"]
     counts = np.bincount(facts["shard"][~test], minlength=N_SHARDS).astype(np.int64)
     yield pa.RecordBatch.from_pydict({
@@ -293,38 +261,9 @@ def _stored_feature_bytes(path: str, meta: dict[str, Any]) -> int:
     return sum(os.path.getsize(os.path.join(path, n)) for n in names)
 
 
-# What this Python worker holds, by block path: the block, and values derived from it (roles,
-# sync's batch plan). Spark reuses Python workers across tasks, so a block is opened once per
-# worker. The memory budget (`cache_bytes`, the dataset's share per worker of data.worker_cache_gb)
-# bounds everything this cache keeps: a block is held in memory (features and per-row columns) only
-# while what the worker already keeps plus the block fit in it, and any other block is
-# memory-mapped from the executor's local disk, so the operating system streams it from the page
-# cache or the disk on every pass and a table larger than the budget still trains.
-# Derived values come before copies of blocks: they are small (index arrays, a few bytes a row) but
-# cost a sort or a gather over the block to rebuild, while a block memory-mapped from a warm page
-# cache reads about as fast as a copy (measured on the 20M-row benchmark: 0.12-0.2 s per 1 GB
-# block either way, while rebuilding a 2M-row block's roles took 0.12-0.2 s on every task). So a
-# derived value that does not fit first demotes in-memory blocks to memory-mapped ones; only when
-# none is left is it computed again each time it is asked for instead of kept. Blocks are not
-# evicted to make room for other blocks (two blocks taking turns would reread each other every
-# pass); everything of other datasets is dropped when a new one arrives, and `remove_partition`
-# drops a dataset's files and memory when the driver releases it.
-_LOADED: dict[str, Block] = {}
-_DERIVED: dict[str, dict[Any, Any]] = {}
-_DERIVED_PER_BLOCK = 3
-
-
-def _forget(keep: Callable[[str], bool]) -> None:
-    for path in [p for p in _LOADED if not keep(p)]:
-        del _LOADED[path]
-        _DERIVED.pop(path, None)
-
-
-def resident_bytes(adding: Any = None) -> int:
-    """Bytes this worker's cache keeps in memory (in-memory blocks and kept derived values), and
-    would keep after also keeping `adding`."""
-    return (sum(b.cached_bytes for b in _LOADED.values())
-            + nbytes([adding] + [list(cache.values()) for cache in _DERIVED.values()]))
+# The worker's cache (udfs/core/cache.py) holds blocks and values derived from them, under one
+# budget shared with model-parallel cells; its derived values by block path are _DERIVED here.
+_DERIVED = cache.DERIVED
 
 
 def _read(path: str, name: str, dtype: type, shape: tuple[int, ...], in_memory: bool) -> np.ndarray:
@@ -350,7 +289,7 @@ def _open(path: str, may_copy: bool = True) -> Block:
     with open(os.path.join(path, META_FILE)) as fh:
         meta = json.load(fh)
     n, d, budget = meta["rows"], meta["width"], meta["cache_bytes"]
-    in_memory = may_copy and resident_bytes() + _stored_bytes(path, meta) <= budget
+    in_memory = may_copy and cache.has_room(_stored_bytes(path, meta), budget)
     if meta["sparse"]:
         indptr = _load_npy(path, "X_indptr.npy", in_memory)
         nnz = meta["nnz"]
@@ -363,41 +302,23 @@ def _open(path: str, may_copy: bool = True) -> Block:
     return Block(X, *small, in_memory=in_memory, budget=budget)
 
 
+def _missing(path: str) -> BlockMissing:
+    return BlockMissing(
+        f"block {path} is not on this executor (the task ran away from the executor "
+        "that built it, or the executor's files were removed)")
+
+
+_BLOCKS = cache.Kind(_open, _missing)
+
+
 def load(path: str) -> Block:
-    """The block at `path`, opened once per worker (see the budget above). The files decide: a block
-    whose directory is gone (released, or built on another executor) is missing even if this worker
-    still remembers it."""
-    if not os.path.isdir(path):
-        _forget(lambda p: p != path)
-        raise BlockMissing(
-            f"{MISSING}: block {path} is not on this executor (the task ran away from the executor "
-            "that built it, or the executor's files were removed)")
-    block = _LOADED.get(path)
-    if block is None:
-        dataset = os.path.dirname(path)
-        _forget(lambda p: os.path.dirname(p) == dataset)
-        block = _open(path)
-        _LOADED[path] = block
-    return block
+    """The block at `path`, opened once per worker (see udfs/core/cache.py)."""
+    return _BLOCKS.load(path)
 
 
 def derived(path: str, key: Any, compute: Callable[[Block], Any]) -> Any:
-    """`compute(block)` for the block at `path`, kept while the block is (the newest few per block)
-    if the worker's budget has room for it, demoting in-memory blocks to make that room."""
-    block = load(path)
-    cache = _DERIVED.setdefault(path, {})
-    if key in cache:
-        return cache[key]
-    if len(cache) >= _DERIVED_PER_BLOCK:
-        del cache[next(iter(cache))]
-    value = compute(block)
-    held = sorted((p for p, b in _LOADED.items() if b.in_memory), key=lambda p: p == path)
-    while resident_bytes(value) > block.budget and held:
-        demoted = held.pop(0)   # other blocks first: the caller is still using this one
-        _LOADED[demoted] = _open(demoted, may_copy=False)
-    if resident_bytes(value) <= block.budget:
-        cache[key] = value
-    return value
+    """`compute(block)` for the block at `path`, kept by the worker's cache while it has room."""
+    return _BLOCKS.derived(path, key, compute)
 
 
 def rows_of(X: np.ndarray | sparse.csr_matrix, rows: np.ndarray, dtype: str
@@ -413,8 +334,7 @@ def rows_of(X: np.ndarray | sparse.csr_matrix, rows: np.ndarray, dtype: str
 def remove_partition(rows: Iterable[Any]) -> Iterator[int]:
     """mapPartitions function: delete this partition's block files and forget the dataset here."""
     for row in rows:
-        dataset = os.path.dirname(row.path)
-        _forget(lambda p, d=dataset: os.path.dirname(p) != d)
+        cache.release(row.path)
         shutil.rmtree(row.path, ignore_errors=True)
         yield 1
 

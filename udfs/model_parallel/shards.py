@@ -20,17 +20,18 @@ seed gives the same batches as `sync`, and the same arithmetic.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
 from pyspark.accumulators import AccumulatorParam
 
-from udfs.core import models, worker
+from udfs.core import cache, files, models, worker
 from udfs.core.models import ModelSpec
 from udfs.core.optimizers import Optimizer
 from udfs.core.seeding import Stream, rng
@@ -39,6 +40,7 @@ from udfs.training import tasks
 
 HANDLE_SCHEMA = "part int, path string, rows long, test_rows long"
 DENSE, SPARSE = "dense", "sparse"
+META_FILE = "meta.json"
 
 
 class CellError(ValueError):
@@ -97,10 +99,18 @@ class CellData:
     id: np.ndarray
     shard: np.ndarray
     test: np.ndarray
+    in_memory: bool = True
+    budget: int = 0      # the worker's cache budget in bytes (meta cache_bytes)
+    derived_per_entry: ClassVar[int] = 8   # roles, batch plans of several epochs, a float64 copy
 
     @property
     def n(self) -> int:
         return len(self.id)
+
+    @property
+    def cached_bytes(self) -> int:
+        """What this cell keeps in the worker's memory: nothing when memory-mapped."""
+        return cache.nbytes([getattr(self, name) for name in _ARRAYS]) if self.in_memory else 0
 
     def as_block(self) -> blocks.Block:
         """The row facts udfs.blocks.roles reads (shard, test), in a Block without features."""
@@ -150,25 +160,23 @@ def assemble_cell(table: pa.Table, kind: str, width: int) -> CellData:
 _ARRAYS = ("dense", "indptr", "indices", "values", "id", "shard", "test")
 
 
-def save_cell(cell: CellData, path: str) -> None:
-    """The cell's arrays as .npy files, written to a temporary directory renamed into place."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    for name in _ARRAYS:
-        value = getattr(cell, name)
-        if value is not None:
-            np.save(os.path.join(tmp, f"{name}.npy"), value, allow_pickle=False)
-    with open(os.path.join(tmp, "kind"), "w") as fh:
-        fh.write(f"{cell.kind} {cell.width}")
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+def save_cell(cell: CellData, path: str, cache_bytes: int) -> None:
+    """The cell's arrays as .npy files and meta.json (kind, width and the worker's cache budget,
+    `cache_bytes`), written to a temporary directory renamed into place."""
+    with files.replacing_dir(path) as tmp:
+        for name in _ARRAYS:
+            value = getattr(cell, name)
+            if value is not None:
+                np.save(os.path.join(tmp, f"{name}.npy"), value, allow_pickle=False)
+        with open(os.path.join(tmp, META_FILE), "w") as fh:
+            json.dump({"kind": cell.kind, "width": cell.width, "cache_bytes": int(cache_bytes)}, fh)
 
 
 def build_cells(batches: Iterator[pa.RecordBatch], key: str, kind: str,
-                widths: tuple[int, ...]) -> Iterator[pa.RecordBatch]:
+                widths: tuple[int, ...], cache_bytes: int) -> Iterator[pa.RecordBatch]:
     """mapInArrow function: store this partition's cell on the executor's local disk and return
-    one handle row (partition, path, rows, test rows). `widths[s]` is feature block s's width."""
+    one handle row (partition, path, rows, test rows). `widths[s]` is feature block s's width;
+    `cache_bytes` is what one Python worker may keep in memory (udfs/core/cache.py)."""
     from pyspark import SparkFiles, TaskContext
 
     worker.prepare()
@@ -178,55 +186,48 @@ def build_cells(batches: Iterator[pa.RecordBatch], key: str, kind: str,
         return
     cell = assemble_cell(pa.Table.from_batches(batches), kind, widths[part % len(widths)])
     path = blocks.block_dir(SparkFiles.getRootDirectory(), key, part)
-    save_cell(cell, path)
+    save_cell(cell, path, cache_bytes)
     yield pa.RecordBatch.from_pydict({
         "part": pa.array([part], pa.int32()), "path": pa.array([path]),
         "rows": pa.array([cell.n], pa.int64()), "test_rows": pa.array([int(cell.test.sum())], pa.int64()),
     })
 
 
-# This worker's cells in memory, by path, and values derived from them (roles, batch plans, a
-# float64 copy); a new dataset drops the old one's.
-_CELLS: dict[str, CellData] = {}
-_DERIVED: dict[str, dict[Any, Any]] = {}
-_DERIVED_PER_CELL = 8
+def _open(path: str, may_copy: bool) -> CellData:
+    """The cell at `path`: in memory if the worker's cache has room for it, else memory-mapped."""
+    with open(os.path.join(path, META_FILE)) as fh:
+        meta = json.load(fh)
+    stored = {name: os.path.join(path, f"{name}.npy") for name in _ARRAYS}
+    stored = {name: file for name, file in stored.items() if os.path.exists(file)}
+    in_memory = may_copy and cache.has_room(sum(os.path.getsize(f) for f in stored.values()),
+                                            meta["cache_bytes"])
+    arrays = {name: np.load(file, mmap_mode=None if in_memory else "r", allow_pickle=False)
+              for name, file in stored.items()}
+    return CellData(meta["kind"], int(meta["width"]), *(arrays.get(n) for n in _ARRAYS),
+                    in_memory=in_memory, budget=meta["cache_bytes"])
+
+
+def _missing(path: str) -> FileNotFoundError:
+    return FileNotFoundError(f"cell {path} is not on this executor (raise spark.locality.wait)")
+
+
+# The worker's cache (udfs/core/cache.py) holds cells and values derived from them (roles, batch
+# plans, a float64 copy), under one budget shared with data-parallel blocks.
+_CELLS = cache.Kind(_open, _missing)
 
 
 def load_cell(path: str) -> CellData:
-    cell = _CELLS.get(path)
-    if cell is None:
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"cell {path} is not on this executor (raise spark.locality.wait)")
-        dataset = os.path.dirname(path)
-        for other in [p for p in _CELLS if os.path.dirname(p) != dataset]:
-            del _CELLS[other]
-            _DERIVED.pop(other, None)
-        kind, width = open(os.path.join(path, "kind")).read().split()
-
-        def read(name: str) -> np.ndarray | None:
-            file = os.path.join(path, f"{name}.npy")
-            return np.load(file, allow_pickle=False) if os.path.exists(file) else None
-
-        cell = CellData(kind, int(width), *(read(n) for n in _ARRAYS))
-        _CELLS[path] = cell
-    return cell
+    return _CELLS.load(path)
 
 
 def derived(path: str, key: Any, compute: Callable[[CellData], Any]) -> Any:
-    cell = load_cell(path)
-    cache = _DERIVED.setdefault(path, {})
-    if key not in cache:
-        if len(cache) >= _DERIVED_PER_CELL:
-            del cache[next(iter(cache))]
-        cache[key] = compute(cell)
-    return cache[key]
+    return _CELLS.derived(path, key, compute)
 
 
 def remove_cell(rows: Iterable[Any]) -> Iterator[int]:
-    """mapPartitions function: delete this partition's cell files and forget them here."""
+    """mapPartitions function: delete this partition's cell files and forget the dataset here."""
     for row in rows:
-        _CELLS.pop(row.path, None)
-        _DERIVED.pop(row.path, None)
+        cache.release(row.path)
         shutil.rmtree(row.path, ignore_errors=True)
         yield 1
 
@@ -290,16 +291,10 @@ def batch_rows(path: str, grid: Grid, epoch: int, batch: int) -> np.ndarray:
 # --- initial parameters ----------------------------------------------------------------------------
 
 def init_rows(spec: ModelSpec, seed: int, init: str, dtype: str, lo: int, hi: int) -> np.ndarray:
-    """Rows lo..hi of the first-layer matrix, exactly as udfs.models.init_params draws them for the
-    whole model: Glorot draws are consumed row-major, one 64-bit output per value, so skipping lo*h
-    outputs of the same generator lands on row lo."""
+    """Rows lo..hi of the first-layer matrix, exactly as udfs.core.models.init_params draws them
+    for the whole model."""
     d, h = spec.layers[0], spec.layers[1]
-    if init == "zeros":
-        return np.zeros((hi - lo, h), dtype=dtype)
-    gen = rng(seed, Stream.INIT)
-    gen.bit_generator.advance(lo * h)
-    limit = np.sqrt(6.0 / (d + h))
-    return gen.uniform(-limit, limit, size=(hi - lo, h)).astype(dtype)
+    return models.initialiser(init)(rng(seed, Stream.INIT), d, h, lo, hi).astype(dtype)
 
 
 def rest_spec(spec: ModelSpec) -> ModelSpec | None:
@@ -313,16 +308,13 @@ def head_size(spec: ModelSpec) -> int:
 
 def init_head(spec: ModelSpec, seed: int, init: str, dtype: str) -> np.ndarray:
     """The head: b1, then the later layers' parameters (the tail of the model's flat vector),
-    drawn as udfs.models.init_params draws them."""
+    drawn as udfs.core.models.init_params draws them: after the first layer's draws."""
     head = np.zeros(head_size(spec), dtype=dtype)
     rest = rest_spec(spec)
-    if init == "zeros" or rest is None:
-        return head
-    gen = rng(seed, Stream.INIT)
-    gen.bit_generator.advance(spec.layers[0] * spec.layers[1])
-    for w, _ in models.unpack(rest, head[spec.layers[1]:]):
-        limit = np.sqrt(6.0 / (w.shape[0] + w.shape[1]))
-        w[...] = gen.uniform(-limit, limit, size=w.shape)
+    if rest is not None:
+        gen = rng(seed, Stream.INIT)
+        models.skip(gen, spec.layers[0] * spec.layers[1])
+        head[spec.layers[1]:] = models.init_params(rest, gen, init, dtype)
     return head
 
 
@@ -352,24 +344,17 @@ def head_step(spec: ModelSpec, head: np.ndarray, Z: np.ndarray,
               y: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
     """Mean loss over the batch, its gradient with respect to the head, and dZ, its gradient with
     respect to the summed first-layer partials (what goes back to the feature blocks)."""
-    n = Z.shape[0]
     inputs, out = _head_forward(spec, head, Z)
-    loss, delta = models.head_loss(spec, out, y)
-    delta = delta.astype(head.dtype, copy=False) / n
     grad = np.empty_like(head)
     h = spec.layers[1]
     rest = rest_spec(spec)
+    weights, grads = [], []
     if rest is not None:
-        grads = list(models.unpack(rest, grad[h:]))
         weights = [w for w, _ in models.unpack(rest, head[h:])]
-        for i in range(len(weights) - 1, -1, -1):
-            gw, gb = grads[i]
-            np.matmul(inputs[i].T, delta, out=gw)
-            gb[...] = delta.sum(axis=0)
-            delta = delta @ weights[i].T
-            delta *= inputs[i] > 0
-    grad[:h] = delta.sum(axis=0)
-    return loss / n, grad, delta
+        grads = list(models.unpack(rest, grad[h:]))
+    loss, dZ = models.backward(spec, out, y, head.dtype, weights, grads, inputs, through_first=True)
+    grad[:h] = dZ.sum(axis=0)
+    return loss, grad, dZ
 
 
 # --- the carried state -----------------------------------------------------------------------------
@@ -417,16 +402,6 @@ class MaxSizes(AccumulatorParam):
         for k, v in b.items():
             a[k] = max(a.get(k, 0), v)
         return a
-
-
-def _nbytes(value: Any) -> int:
-    if isinstance(value, np.ndarray):
-        return value.nbytes
-    if isinstance(value, dict):
-        return sum(_nbytes(v) for v in value.values())
-    if isinstance(value, (tuple, list)):
-        return sum(_nbytes(v) for v in value)
-    return 0
 
 
 def _rows_of(path: str, grid: Grid, fwd: Forward) -> np.ndarray:
@@ -478,7 +453,7 @@ def send(state: CellState, grid: Grid, update: Update, sizes: Any) -> Iterator[t
     """flatMap for R > 1: this cell's contribution, keyed for every replica of its W_s."""
     worker.prepare()
     part_grad = contribution(state, grid, update)
-    sizes.add({"bytes_in": _nbytes(update.dZ.value), "bytes_out": _nbytes(part_grad)})
+    sizes.add({"bytes_in": cache.nbytes(update.dZ.value), "bytes_out": cache.nbytes(part_grad)})
     source, s = grid.cell(state.part)
     for r in range(grid.row_blocks):
         yield r * grid.shards + s, (source, part_grad)
@@ -516,9 +491,9 @@ def step(state: CellState, grid: Grid, update: Update | None, fwd: Forward | Non
     if update is not None:
         if received is None:
             received = [contribution(state, grid, update)]
-            sizes.add({"bytes_in": _nbytes(update.dZ.value)})
+            sizes.add({"bytes_in": cache.nbytes(update.dZ.value)})
         else:
-            sizes.add({"bytes_in": _nbytes(received)})
+            sizes.add({"bytes_in": cache.nbytes(received)})
         W, opt = _apply(state, received, grid, update)
     return replace(state, W=W, opt=opt, out=_outputs(state.path, W, grid, fwd, sizes))
 
