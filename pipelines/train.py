@@ -58,12 +58,14 @@ def main(argv: list[str], wire_log: list | None = None) -> None:
         build_session("fedspark-train", config.spark.conf, config.spark.delta_packages)
     with locks.lock_run_name(config.runs.path, run_name) if run_name else contextlib.nullcontext():
         if args.resume_if_exists:
+            assert run_name is not None  # parse_args refuses --resume-if-exists without --run-name
             resume_dir = interrupted_run(config, run_name)
-        summary = resume_dir.read("summary.json") if resume_dir is not None else None
-        if summary is not None:
-            resume_dir.close()
-            print_summary(json.loads(summary))
-            return
+        if resume_dir is not None:
+            summary = resume_dir.read("summary.json")
+            if summary is not None:
+                resume_dir.close()
+                print_summary(json.loads(summary))
+                return
         run(config, args, resume_dir, started, wire_log)
 
 

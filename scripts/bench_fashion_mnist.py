@@ -207,7 +207,7 @@ def mllib_job(args: argparse.Namespace) -> None:
     mark = time.perf_counter()
     df, version = lake.read(spark, config.lake.path, lake.TableRef(config.data.table,
                                                                    config.data.version))
-    rows = df.select("id", array_to_vector("features").alias("features"),
+    rows = df.select("id", array_to_vector(F.col("features")).alias("features"),
                      F.col("label").cast("double").alias("label"), "split")
     train_ids = np.array(sorted(r.id for r in df.filter("split = 'train'").select("id").collect()))
     held = spark.createDataFrame([(int(i),) for i in train_ids[held_out(len(train_ids), config)]],
@@ -217,8 +217,13 @@ def mllib_job(args: argparse.Namespace) -> None:
              .repartition(parts).cache())
     test = rows.filter("split = 'test'").repartition(parts).cache()
     n_train, n_test = train.count(), test.count()
-    n_features = len(train.first().features)
-    n_classes = int(train.agg(F.max("label")).first()[0]) + 1
+    first = train.first()
+    if first is None:
+        raise BenchError(f"table {config.data.table!r} has no training rows")
+    n_features = len(first.features)
+    top = train.agg(F.max("label")).first()
+    assert top is not None  # a global aggregate has exactly one row
+    n_classes = int(top[0]) + 1
     timings["data"] = time.perf_counter() - mark
 
     layers = list(mlp_spec(config, n_features, n_classes).layers)

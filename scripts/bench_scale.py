@@ -38,6 +38,7 @@ import threading
 import time
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -163,7 +164,7 @@ def measure_passes(spark, lake_path: str, table: str, args) -> dict:
         seconds.append(time.perf_counter() - t0)
         theta -= np.float32(1.0) * (grad / count).astype(np.float32)
     held = got.handles.mapPartitions(blocks.residency).collect()
-    cached = {}   # what each Python worker's block cache keeps, by process
+    cached: dict[int, int] = {}   # what each Python worker's block cache keeps, by process
     for h in held:
         cached[h["worker_pid"]] = max(cached.get(h["worker_pid"], 0), h["worker_resident_bytes"])
     out = {"table": table, "train_rows": got.train_rows, "partitions": args.block_partitions,
@@ -211,7 +212,7 @@ def mllib_fit(spark, lake_path: str, table: str, max_iter: int, tol: float) -> d
     from pyspark.sql import functions as F
 
     df, _ = lake.read(spark, lake_path, lake.TableRef(table))
-    rows = df.select(array_to_vector("features").alias("features"),
+    rows = df.select(array_to_vector(F.col("features")).alias("features"),
                      F.col("label").cast("double").alias("label"), "split")
     train = rows.filter("split = 'train'")
     started = time.perf_counter()
@@ -296,8 +297,11 @@ def main() -> None:
     load_before = os.getloadavg()
     spark = build_session("fedspark-bench-scale", {"spark.master": "local[2]",
                                                    "spark.driver.memory": args.driver_memory})
-    jvm_pid = spark.sparkContext._gateway.proc.pid
-    result = {"machine": machine(), "versions": versions(), "load_before": load_before,
+    gateway = spark.sparkContext._gateway
+    if gateway is None:
+        raise RuntimeError("the Spark session has no Py4J gateway: cannot find the JVM to watch")
+    jvm_pid = gateway.proc.pid
+    result: dict[str, Any] = {"machine": machine(), "versions": versions(), "load_before": load_before,
               "settings": {k: v for k, v in vars(args).items()}, "sizes": []}
     with MemoryWatch(jvm_pid) as watch:
         for rows in sizes:
@@ -333,7 +337,7 @@ def main() -> None:
     result["memory"] = watch.report()
     spark.stop()
     if len(sizes) > 1:
-        x = np.array([s["train_rows"] for s in result["sizes"]], dtype=float)
+        x = np.array([s["train_rows"] for s in result["sizes"]], dtype=np.float64)
         t = np.array([s["pass_median_seconds"] for s in result["sizes"]])
         slope, intercept = np.polyfit(x, t, 1)
         fit = slope * x + intercept

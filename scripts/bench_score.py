@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from threadpoolctl import threadpool_limits
 
-from pipelines.store import artifacts
+from pipelines.store import artifacts, rundir
 from scripts.benchlib import log, machine, spark_submit, versions
 from udfs.core import models
 from udfs.core.models import ModelSpec, init_params
@@ -52,12 +52,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def write_model(runs: Path, spec: ModelSpec) -> Path:
-    run_dir = runs / "bench-score-model"
-    run_dir.mkdir(parents=True)
+    path = runs / "bench-score-model"
+    path.mkdir(parents=True)
     theta = init_params(spec, np.random.default_rng(0), "glorot_uniform", np.dtype("float32"))
-    artifacts.save_model(run_dir, spec, theta, {"run_id": run_dir.name, "table": "synthetic",
-                                               "version": 0, "n_classes": spec.n_classes})
-    return run_dir
+    artifacts.save_model(rundir.open_run(path), spec, theta,
+                         {"run_id": path.name, "table": "synthetic", "version": 0,
+                          "n_classes": spec.n_classes})
+    return path
 
 
 def table_files(table: Path) -> list[Path]:

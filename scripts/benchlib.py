@@ -84,6 +84,7 @@ def spark_submit(label: str, script: str, args: list[str], conf: dict[str, str] 
     with tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=submit_env(), stdout=subprocess.PIPE, stderr=err,
                                 text=True)
+        assert proc.stdout is not None  # stdout=PIPE
         last = ""
         for line in proc.stdout:
             line = line.rstrip("\n")

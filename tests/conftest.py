@@ -3,6 +3,7 @@ Delta training tables."""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ IDX_DIR = Path("/usr/share/datasets/fashion-mnist")   # Debian's dataset-fashion
 
 @pytest.fixture(scope="session")
 def spark():
-    os.environ.setdefault("PYSPARK_PYTHON", str(Path(os.sys.executable)))
+    os.environ.setdefault("PYSPARK_PYTHON", str(Path(sys.executable)))
     from pipelines.core.session import build_session
 
     # 2 GiB: the whole suite shares this JVM, and the full Fashion-MNIST ingest needs more than

@@ -3,6 +3,8 @@ and loaded, tuned by CrossValidator and TrainValidationSplit with MLlib's evalua
 named scikit-learn-style."""
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 import pytest
 from pyspark.ml import Pipeline, PipelineModel
@@ -73,7 +75,7 @@ def test_train_validation_split_picks_the_better_rate_and_its_metric_is_reproduc
     grid = ParamGridBuilder().addGrid(est.learningRate, [1e-6, 0.05]).build()
     tvs = TrainValidationSplit(estimator=pipeline, estimatorParamMaps=grid, evaluator=accuracy_evaluator(),
                                trainRatio=0.75, seed=7).fit(frame)
-    assert tvs.bestModel.stages[-1].getOrDefault("learningRate") == 0.05
+    assert cast(PipelineModel, tvs.bestModel).stages[-1].getOrDefault("learningRate") == 0.05
     assert tvs.validationMetrics[1] > tvs.validationMetrics[0] + 0.2
     # TrainValidationSplit's own split: a rand(seed) column, train below the ratio
     marked = frame.select("*", F.rand(7).alias("r"))
@@ -89,7 +91,7 @@ def test_cross_validator_over_our_params(frame):
     cv = CrossValidator(estimator=pipeline, estimatorParamMaps=grid, evaluator=accuracy_evaluator(), numFolds=2,
                         seed=3).fit(frame)
     assert cv.avgMetrics[1] > cv.avgMetrics[0] + 0.2
-    assert cv.bestModel.stages[-1].getOrDefault("learningRate") == 0.05
+    assert cast(PipelineModel, cv.bestModel).stages[-1].getOrDefault("learningRate") == 0.05
     # CrossValidator's own folds: a rand(seed) column cut into numFolds equal ranges
     marked = frame.select("*", F.rand(3).alias("r"))
     for rate, metric in zip((1e-6, 0.05), cv.avgMetrics, strict=False):

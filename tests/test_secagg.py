@@ -3,8 +3,11 @@ Shamir sharing and the checks that keep the server from unmasking a single clien
 from __future__ import annotations
 
 import math
+import operator
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import reduce
 
 import numpy as np
 import pytest
@@ -31,6 +34,16 @@ def updates_for(ids: list[int], d: int, seed: int = 0) -> dict[int, np.ndarray]:
     return {u: rng.normal(0.0, 1.0, d) for u in ids}
 
 
+def ring_sum(vectors: list[np.ndarray]) -> np.ndarray:
+    """The element-wise uint64 sum of ring vectors (it wraps mod 2^64), as the server adds them."""
+    return np.asarray(np.sum(vectors, axis=0, dtype=np.uint64))
+
+
+def float_sum(vectors: Iterable[np.ndarray]) -> np.ndarray:
+    """The plain float sum of the updates, added in order: what the decoded total must match."""
+    return reduce(operator.add, vectors)
+
+
 def scale_of(updates: dict[int, np.ndarray], ring_bits: int = 64) -> float:
     return server.scale_for(sum(float(np.abs(x).max()) for x in updates.values()), ring_bits)
 
@@ -48,12 +61,11 @@ def run_round(updates: dict[int, np.ndarray], scale: float, t: int = T, drop_bef
     masked = {u: client.mask(secrets[u], ROUND, u, public_keys, encoded[u], ring_bits)
               for u in ids if u not in drop_before_mask}
     survivors, dropped = set(masked), set(ids) - set(masked)
-    sum_y = np.sum(list(masked.values()), axis=0, dtype=np.uint64)
+    sum_y = ring_sum(list(masked.values()))
     answers = {u: client.unmask_shares(secrets[u], ROUND, u, inbox[u], public_keys, survivors, dropped)
                for u in sorted(survivors - set(drop_before_unmask))}
     total = server.unmask(sum_y, public_keys, survivors, dropped, answers, t, ROUND, ring_bits)
-    expected = (np.sum([encoded[u] for u in survivors], axis=0, dtype=np.uint64)
-                & client.ring_mask(ring_bits))
+    expected = ring_sum([encoded[u] for u in survivors]) & client.ring_mask(ring_bits)
     return Round(total, expected, masked, encoded)
 
 
@@ -67,7 +79,7 @@ def test_full_round_gives_the_exact_sum():
     r = run_round(updates, scale)
     assert r.total.dtype == np.uint64
     assert np.array_equal(r.total, r.expected)
-    assert rel_l2(server.decode(r.total, scale), sum(updates.values())) < 1e-9
+    assert rel_l2(server.decode(r.total, scale), float_sum(updates.values())) < 1e-9
 
 
 @pytest.mark.parametrize("drop_before_mask, drop_before_unmask", [
@@ -83,7 +95,7 @@ def test_dropouts_still_give_the_exact_sum_of_the_survivors(drop_before_mask, dr
                   drop_before_unmask=drop_before_unmask)
     assert np.array_equal(r.total, r.expected)
     survivors = [u for u in IDS if u not in drop_before_mask]
-    assert rel_l2(server.decode(r.total, scale), sum(updates[u] for u in survivors)) < 1e-9
+    assert rel_l2(server.decode(r.total, scale), float_sum(updates[u] for u in survivors)) < 1e-9
 
 
 @pytest.mark.parametrize("drop_before_mask, drop_before_unmask", [
@@ -166,7 +178,7 @@ def test_ring_bits_32_round_trip():
     r = run_round(updates, scale, ring_bits=32)
     assert all(int(y.max()) < 2**32 for y in r.masked.values())
     assert np.array_equal(r.total, r.expected)
-    assert rel_l2(server.decode(r.total, scale, ring_bits=32), sum(updates.values())) < 1e-6
+    assert rel_l2(server.decode(r.total, scale, ring_bits=32), float_sum(updates.values())) < 1e-6
 
 
 def test_shamir_any_t_shares_reconstruct_and_coefficients_are_fresh():
@@ -193,7 +205,7 @@ def test_a_sum_at_the_bound_does_not_overflow(ring_bits):
     scale = server.scale_for(bound, ring_bits)
     parts = [client.encode(np.array([bound / n, -bound / n, 0.0]), scale, ring_bits)
              for _ in range(n)]
-    total = np.sum(parts, axis=0, dtype=np.uint64) & client.ring_mask(ring_bits)
+    total = ring_sum(parts) & client.ring_mask(ring_bits)
     np.testing.assert_allclose(server.decode(total, scale, ring_bits), [bound, -bound, 0.0],
                                rtol=1e-6)
 

@@ -173,5 +173,6 @@ def test_local_with_averaging_rounds_equals_reference(spark, table, tmp_path, ca
                     th = opt.step(th, softmax_grad(th, X[idx], y[idx]), e * steps + j + 1)
                 results.append((th, opt.m, opt.v))
             w = [len(o) / N for o in orders]
-            ref, m, v = (sum(wi * r[k] for wi, r in zip(w, results, strict=False)) for k in range(3))
+            ref, m, v = (sum((wi * r[k] for wi, r in zip(w, results, strict=False)), np.zeros(size))
+                         for k in range(3))
     assert np.abs(theta - ref).max() <= 1e-5

@@ -72,6 +72,8 @@ def progress(sc: SparkContext, label: str, tag: str = "", every: float = 5.0,
     finally:
         stop.set()
         thread.join()
-        sc.setLocalProperty(GROUP, previous)
+        # None (no group before) unsets the property, as setLocalProperty documents; its
+        # annotation says `value: str` all the same
+        sc.setLocalProperty(GROUP, previous)  # type: ignore[arg-type]
         if closing_line:
             print(f"{label}: done in {time.perf_counter() - started:.1f}s{suffix}", flush=True)

@@ -44,6 +44,9 @@ def table_path(lake_path: str, name: str) -> str:
 def _commit_versions(spark: SparkSession, path: str) -> list[int]:
     """Versions with a commit file in the table's _delta_log (any Hadoop URI), without a Spark job."""
     jvm = spark.sparkContext._jvm
+    if jvm is None:
+        raise RuntimeError("the SparkContext has no JVM gateway (it was stopped); cannot list "
+                           f"{path}/_delta_log")
     log = jvm.org.apache.hadoop.fs.Path(f"{path.rstrip('/')}/_delta_log")
     fs = log.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
     if not fs.exists(log):

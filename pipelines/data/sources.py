@@ -284,8 +284,9 @@ def _pair_value(p: Column) -> Column:
 
 def libsvm_width(rows: DataFrame) -> int:
     """The largest index of a LibSVM source (its dimension when --num-features is not given)."""
-    top = rows.select(F.max(F.array_max(F.transform("pairs", _pair_index)))).first()[0]
-    return int(top or 0)
+    row = rows.select(F.max(F.array_max(F.transform("pairs", _pair_index)))).first()
+    assert row is not None  # a global aggregate has exactly one row
+    return int(row[0] or 0)
 
 
 def validate_libsvm(rows: DataFrame, width: int, classes: int | None,
@@ -322,7 +323,7 @@ def validate_libsvm(rows: DataFrame, width: int, classes: int | None,
 
 # --- writing -------------------------------------------------------------------------------------
 
-def last_ingest(spark: SparkSession, path: str) -> dict | None:
+def last_ingest(spark: SparkSession, path: str) -> dict:
     """The fedspark metadata of the table's latest commit; raises when the table is not ours."""
     from delta.tables import DeltaTable
 
@@ -348,7 +349,7 @@ def write(df: DataFrame, path: str, metadata: dict, mode: str = "overwrite",
 
 
 def read_source(spark: SparkSession, kind: str, path: str, args: argparse.Namespace,
-                id_base: int = 0) -> tuple[DataFrame, DataFrame | None]:
+                id_base: int = 0) -> tuple[DataFrame, DataFrame]:
     """One source file (CSV, Parquet, LibSVM) as good rows and rejects, ids from `id_base`."""
     if kind == "libsvm":
         rows = libsvm_frame(spark, path).cache()

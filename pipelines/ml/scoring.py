@@ -18,5 +18,7 @@ def score_column(spark: SparkSession, spec: ModelSpec, theta: np.ndarray, featur
     kind = "struct<prediction double, probability array<double>>" if spec.is_classifier \
         else "struct<prediction double>"
     weights = spark.sparkContext.broadcast(theta)
-    udf = F.pandas_udf(scorer(Scoring(spec, column_name), weights), kind)
+    # pyspark's stubs only type pandas_udf with an explicit functionType; the type-hint form used
+    # here (Spark >= 3.0's, the UDF kind read from scorer's Series -> DataFrame hints) has no overload
+    udf = F.pandas_udf(scorer(Scoring(spec, column_name), weights), kind)  # type: ignore[call-overload]
     return udf(features), weights

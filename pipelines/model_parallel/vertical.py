@@ -38,6 +38,13 @@ class Party:
     table: str
     columns: tuple[int, int] | None     # [lo, hi) of the global features, None for labels only
 
+    @property
+    def span(self) -> tuple[int, int]:
+        """[lo, hi) of a feature party's columns; a ValueError for a party that holds none."""
+        if self.columns is None:
+            raise ValueError(f"party {self.name!r} holds no feature columns")
+        return self.columns
+
 
 @dataclass(frozen=True)
 class Parties:
@@ -46,11 +53,11 @@ class Parties:
 
     @property
     def n_features(self) -> int:
-        return self.features[-1].columns[1]
+        return self.features[-1].span[1]
 
     @property
     def bounds(self) -> tuple[int, ...]:
-        return (0, *(p.columns[1] for p in self.features))
+        return (0, *(p.span[1] for p in self.features))
 
     @property
     def all(self) -> tuple[Party, ...]:
@@ -93,7 +100,7 @@ def parse(mp: ModelParallelSection) -> Parties | None:
     if loose:
         raise ConfigError(f"model_parallel.parties: {loose} hold no columns; only the label party "
                           "may leave out `columns`")
-    features = sorted((p for p in parties if p.columns), key=lambda p: p.columns)
+    features = sorted((p for p in parties if p.columns), key=lambda p: p.span)
     if not features:
         raise ConfigError("model_parallel.parties: no party holds feature columns")
     _check_cover(features)
@@ -103,15 +110,18 @@ def parse(mp: ModelParallelSection) -> Parties | None:
 def _check_cover(features: list[Party]) -> None:
     """Every column 0..d-1 held by exactly one party."""
     expected = 0
-    for prev, party in zip([None, *features], features, strict=False):
-        lo, hi = party.columns
+    prev: Party | None = None
+    for party in features:
+        lo, hi = party.span
         if lo > expected:
             raise ConfigError(f"model_parallel.parties: columns {expected}..{lo - 1} are assigned to no "
                               f"party (party {party.name!r} starts at {lo})")
         if lo < expected:
+            assert prev is not None  # expected is 0 before the first party, and lo >= 0
             raise ConfigError(f"model_parallel.parties: columns {lo}..{min(hi, expected) - 1} are "
                               f"assigned twice (parties {prev.name!r} and {party.name!r})")
         expected = hi
+        prev = party
 
 
 def _columns(df: DataFrame, party: Party, needed: tuple[str, ...]) -> None:
@@ -126,7 +136,7 @@ def read(spark: SparkSession, lake_path: str, parties: Parties) -> tuple[dict[st
     frames, versions = {}, {}
     for party in parties.all:
         df, versions[party.name] = lake.read(spark, lake_path, lake.TableRef(party.table))
-        needed = ("id",)
+        needed: tuple[str, ...] = ("id",)
         if party.columns:
             needed += ("features",) if "indices" not in df.columns else ("indices", "values")
         if party is parties.label:

@@ -15,14 +15,20 @@ written as our weights.npz + spec.json, so evaluate.py and scoring use them like
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from pyspark.ml import Estimator, Model
-from pyspark.ml.classification import LogisticRegression, MultilayerPerceptronClassifier
+from pyspark.ml.classification import (
+    LogisticRegression,
+    LogisticRegressionModel,
+    MultilayerPerceptronClassificationModel,
+    MultilayerPerceptronClassifier,
+)
 from pyspark.ml.evaluation import MulticlassClassificationEvaluator, RegressionEvaluator
 from pyspark.ml.functions import array_to_vector
-from pyspark.ml.regression import LinearRegression
+from pyspark.ml.regression import LinearRegression, LinearRegressionModel
+from pyspark.ml.util import HasTrainingSummary
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -70,9 +76,12 @@ def rows(spark: SparkSession, config: Config) -> tuple[DataFrame, str, int, bool
 def shape(train: DataFrame, name: str, float_label: bool) -> tuple[int, int, int]:
     """(rows, features, classes; 0 classes for regression) of the training rows."""
     stats = train.agg(F.count(F.lit(1)).alias("n"), F.max("label").alias("max")).first()
-    if not stats["n"]:
+    if stats is None or not stats["n"]:
         raise UserError(f"table {name!r} has no training rows")
-    width = train.select("features").first()["features"].size
+    first = train.select("features").first()
+    if first is None:
+        raise UserError(f"table {name!r} has no training rows")
+    width = first["features"].size
     return int(stats["n"]), width, 0 if float_label else int(stats["max"]) + 1
 
 
@@ -82,9 +91,11 @@ def test_metrics(model: Model, test: DataFrame, spec: ModelSpec) -> dict[str, fl
     scored = model.transform(test).cache()
     try:
         if spec.is_classifier:
-            ev = MulticlassClassificationEvaluator(labelCol="label")
-            return {"loss": ev.setMetricName("logLoss").evaluate(scored),
-                    "accuracy": ev.setMetricName("accuracy").evaluate(scored)}
+            mc = MulticlassClassificationEvaluator(labelCol="label")
+            # pyspark's MulticlassClassificationEvaluatorMetricType stub omits "logLoss", a metric
+            # the evaluator has supported since Spark 3.0
+            return {"loss": mc.setMetricName("logLoss").evaluate(scored),  # type: ignore[arg-type]
+                    "accuracy": mc.setMetricName("accuracy").evaluate(scored)}
         ev = RegressionEvaluator(labelCol="label")
         return {"loss": ev.setMetricName("mse").evaluate(scored),
                 "rmse": ev.setMetricName("rmse").evaluate(scored),
@@ -97,9 +108,12 @@ def our_weights(model: Model, spec: ModelSpec) -> np.ndarray | None:
     """The fitted linear model as our flat parameter vector (W as in x out, then b), or None for
     MLlib's MLP, whose sigmoid hidden units our models do not have."""
     if spec.kind == "softmax":
-        W, b = model.coefficientMatrix.toArray().T, model.interceptVector.toArray()
+        multinomial = cast(LogisticRegressionModel, model)
+        W = multinomial.coefficientMatrix.toArray().T
+        b = multinomial.interceptVector.toArray()
     elif spec.kind in ("logistic", "linear"):
-        W, b = model.coefficients.toArray()[:, None], np.array([model.intercept])
+        single = cast("LogisticRegressionModel | LinearRegressionModel", model)
+        W, b = single.coefficients.toArray()[:, None], np.array([single.intercept])
     else:
         return None
     return np.concatenate([W.ravel(), b]).astype(np.float64)
@@ -127,7 +141,10 @@ def fit(spark: SparkSession, config: Config, spec_for: Any) -> dict[str, Any]:
 
 def _iterations(model: Model) -> int | None:
     """Iterations the optimizer ran (MLlib's training summary; MLPC exposes it as a method)."""
-    if not getattr(model, "hasSummary", False):
+    if not isinstance(model, HasTrainingSummary) or not model.hasSummary:
         return None
-    summary = model.summary() if callable(model.summary) else model.summary
+    if isinstance(model, MultilayerPerceptronClassificationModel):
+        summary = model.summary()
+    else:
+        summary = model.summary
     return int(summary.totalIterations)

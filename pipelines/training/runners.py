@@ -311,12 +311,13 @@ def train_model_parallel(job: Job) -> dict:
     names = tuple(grid.optimizer.init_state(np.zeros(1)))
     head = mp.initial_head(config, spec, grid)
     restored = mp.restore(spark.sparkContext, tracker.run_dir, spec, grid, names)
+    start_cells: dict[int, Any] | None = None
     if restored:
-        restored, head = restored
+        start_cells, head = restored
         tracker.resumed(head.history, f"epoch {head.epoch}")
     mark = time.perf_counter()
     carrier = mp.Carrier(spark.sparkContext, grid, cells.handles, mp.Wire(spark.sparkContext, job.wire_log),
-                         tracker.run_dir.child("rdd-checkpoints"), restored or None)
+                         tracker.run_dir.child("rdd-checkpoints"), start_cells or None)
 
     def on_epoch(s: mp.HeadState, record: dict[str, Any]) -> None:
         tracker.log(record, progress_line(record, t.epochs))
@@ -389,7 +390,10 @@ def run(config: Config, args: argparse.Namespace, resume_dir: RunDir | None, sta
               wire_log=wire_log)
     try:
         part = RUNNERS[t.strategy](job)
-        run_dir = job.tracker.run_dir
+        tracker = job.tracker
+        if tracker is None:
+            raise RuntimeError(f"the {t.strategy!r} runner returned without opening a run")
+        run_dir = tracker.run_dir
         summary = {
             "run_id": run_dir.name,
             "run_name": artifacts.run_name_of(run_dir),
@@ -406,7 +410,7 @@ def run(config: Config, args: argparse.Namespace, resume_dir: RunDir | None, sta
             "model_path": run_dir.child("model"),
         }
         summary["total_seconds"] = round(time.time() - started, 3)
-        job.tracker.completed(summary, job.history, "test_accuracy" in summary)
+        tracker.completed(summary, job.history, "test_accuracy" in summary)
     except BaseException as exc:
         if job.tracker is not None:
             job.tracker.failed(exc)
