@@ -263,9 +263,11 @@ def _resume(lake: Path, runs: Path, name: str, capsys) -> tuple[list[str], np.nd
     assert main_wrapper(train.main, argv) == 0
     out = capsys.readouterr().out.splitlines()
     run_dir = _run_dir(runs, name)
+    assert run_dir is not None, "the run left no checkpoint"
     from pyspark.sql import SparkSession
 
     spark = SparkSession.getActiveSession()
+    assert spark is not None
     for table, key in (("runs", ["attempt", "status"]), ("metrics", ["step", "name"])):
         rows = spark.read.format("delta").load(str(lake / table)).filter(
             f"run_id = '{run_dir.name}'").select(*key).collect()
@@ -313,6 +315,7 @@ def test_a_run_killed_after_a_round_resumes_to_the_same_weights(lake, tmp_path, 
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL
     run_dir = _run_dir(runs, "killed")
+    assert run_dir is not None, "the run left no checkpoint"
     assert not (run_dir / "summary.json").exists(), "killed too late to test a resume"
     out, theta = _resume(lake, runs, "killed", capsys)
     assert any(line.startswith(f"resuming {run_dir} after round") for line in out)
@@ -341,6 +344,7 @@ artifacts.atomic_write = dying_write
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == -signal.SIGKILL, err[-2000:]
     run_dir = _run_dir(runs, "torn")
+    assert run_dir is not None, "the run left no checkpoint"
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.json")) == \
         ["round-0001.json", "round-0002.json"]
     out, theta = _resume(lake, runs, "torn", capsys)

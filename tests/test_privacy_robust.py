@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import statistics
 from pathlib import Path
+from typing import Any
 
 import dp_accounting
 import numpy as np
@@ -37,7 +38,7 @@ def lake(spark, tmp_path_factory):
 
 
 def _config(lake: Path, **sections):
-    base = {"lake": {"path": str(lake)}, "data": {"table": "priv"},
+    base: dict[str, dict[str, Any]] = {"lake": {"path": str(lake)}, "data": {"table": "priv"},
             "model": {"kind": "softmax", "init": "zeros"},
             "trainer": {"strategy": "federated", "dtype": "float64",
                         "optimizer": {"name": "sgd", "lr": 0.5}},
@@ -155,7 +156,8 @@ def test_dp_clients_send_updates_clipped_to_the_bound(spark, lake):
         assert min(norms) > 0.049  # the bound binds: these updates were longer
     finally:
         c.release()
-        test.release()
+        if test is not None:
+            test.release()
 
 
 def _run(lake, tmp_path, capsys, *sets):
@@ -246,7 +248,8 @@ def _secure(spark, lake, phases=None, clip=100.0, hidden=None):
                                                weighted=True, phases=phases)
     finally:
         c.release()
-        test.release()
+        if test is not None:
+            test.release()
     return plain, secure
 
 
@@ -346,7 +349,8 @@ def test_local_dp_clients_noise_their_own_updates(spark, lake):
             np.testing.assert_array_equal(a["update"], b["update"])
     finally:
         c.release()
-        test.release()
+        if test is not None:
+            test.release()
 
 
 def test_central_dp_with_secure_aggregation_trains_and_reports_both(lake, tmp_path, capsys):

@@ -13,19 +13,20 @@ from __future__ import annotations
 import copy
 import functools
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
 from pipelines.core.errors import UserError
 from pipelines.federated import partitioners
 from pipelines.federated.robust import NEEDS_INDIVIDUAL_UPDATES, RULES
 from pipelines.federated.server import STRATEGIES
 from pipelines.store.rundir import local_path
-from udfs.core.models import HEADS
+from udfs.core.models import HEADS, INITIALISERS
 from udfs.core.optimizers import OPTIMIZERS
 from udfs.federated.attacks import ATTACKS
 
@@ -49,17 +50,22 @@ def one_of(names: Iterable[str]) -> Any:
     return Literal[tuple(names)]
 
 
-# Fallback until udfs.core.models has an INITIALISERS registry (a parallel branch adds it): then
-# model.init becomes one_of(INITIALISERS) like model.kind.
-_INITIALISERS = ("glorot_uniform", "zeros")
-
-ModelKind = one_of(HEADS)
-ModelInit = one_of(_INITIALISERS)
-OptimizerName = one_of(OPTIMIZERS)
-ServerStrategy = one_of(STRATEGIES)
-Partitioner = one_of(partitioners.NAMES)
-RobustRule = one_of(RULES)
-AttackKind = one_of(ATTACKS)
+if TYPE_CHECKING:   # a type checker sees names; pydantic, at run time, the registries' exact options
+    ModelKind: TypeAlias = str
+    ModelInit: TypeAlias = str
+    OptimizerName: TypeAlias = str
+    ServerStrategy: TypeAlias = str
+    Partitioner: TypeAlias = str
+    RobustRule: TypeAlias = str
+    AttackKind: TypeAlias = str
+else:
+    ModelKind = one_of(HEADS)
+    ModelInit = one_of(INITIALISERS)
+    OptimizerName = one_of(OPTIMIZERS)
+    ServerStrategy = one_of(STRATEGIES)
+    Partitioner = one_of(partitioners.NAMES)
+    RobustRule = one_of(RULES)
+    AttackKind = one_of(ATTACKS)
 # option sets that are not registries: each declared once
 TrainerStrategy = Literal["local", "sync", "federated", "mllib", "model_parallel"]
 Dtype = Literal["float32", "float64"]
@@ -325,7 +331,7 @@ def _section_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return model
 
 
-def _describe(err: dict[str, Any], source: str) -> str:
+def _describe(err: ErrorDetails, source: str) -> str:
     loc = tuple(err["loc"])
     key = ".".join(str(p) for p in loc) or "(top level)"
     if err["type"] == "extra_forbidden":
@@ -349,7 +355,7 @@ def validate(raw: dict[str, Any], source: str) -> Config:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
 
 
-def load_config(path: str | Path | None = None, sets: list[str] = ()) -> Config:
+def load_config(path: str | Path | None = None, sets: Sequence[str] = ()) -> Config:
     """Defaults, then the experiment file (default: conf/fashion_mnist.yaml), then `--set`s."""
     experiment = Path(path) if path else DEFAULT_EXPERIMENT
     merged = deep_merge(read_yaml(DEFAULT_FILE), read_yaml(experiment))

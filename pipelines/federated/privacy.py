@@ -117,9 +117,8 @@ class Dp:
 
     def may_run(self, round_: int) -> bool:
         """False once running this round would take epsilon past the target."""
-        if not self.enabled or self.target_epsilon is None:
-            return True
-        return self.epsilon_after(round_) <= self.target_epsilon
+        spent = self.epsilon_after(round_)
+        return spent is None or self.target_epsilon is None or spent <= self.target_epsilon
 
     def check_startable(self) -> None:
         if self.enabled and self.target_epsilon is not None and not self.may_run(1):

@@ -172,7 +172,7 @@ def secure_mean(got: secure_round.SecureResult, state: dict, round_: int) -> np.
 
 
 def reported_sum(got: Reports, state: dict, round_: int) -> np.ndarray:
-    return np.sum(np.stack(got.updates), axis=0, dtype=np.float64)
+    return np.stack(got.updates).sum(axis=0, dtype=np.float64)
 
 
 def secure_total(got: secure_round.SecureResult, state: dict, round_: int) -> np.ndarray:
@@ -316,7 +316,7 @@ def summary_fields(config: Config, c: Clients, state: FedState) -> dict:
     by_round = [[h["round"], h["test_accuracy"]] for h in state.history if "test_accuracy" in h]
     target = fed.target_accuracy
     reached = next((r for r, acc in by_round if target is not None and acc >= target), None)
-    last_clients = next((h["client_accuracy"] for h in reversed(state.history)
+    last_clients: dict[str, float] = next((h["client_accuracy"] for h in reversed(state.history)
                          if h.get("client_accuracy")), {})
     out = {
         "rounds": state.round,

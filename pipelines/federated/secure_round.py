@@ -8,7 +8,7 @@ and the clip, so that the weighted sum of all of them cannot overflow the ring.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -111,7 +111,7 @@ def _sum_bound(c: Clients, task: ClientRound, shared: dict, weighted: bool) -> f
     return float(weights.sum()) * max(per_coordinate, 1.0) + len(shared)
 
 
-def _enough(clients: object, t: int, round_: int, step: str) -> None:
+def _enough(clients: Sized, t: int, round_: int, step: str) -> None:
     if len(clients) < t:
         raise SecAggError(f"secure aggregation round {round_}: only {len(clients)} clients "
                           f"{step}, below the threshold t={t} (privacy.secagg_threshold of the "

@@ -102,7 +102,7 @@ class _FedsparkParams(HasFeaturesCol, HasLabelCol, HasPredictionCol, HasProbabil
                 detail = str(exc).split("\n", 1)[-1].strip().split(f"{key}: ", 1)[-1]
                 raise ValueError(f"Param {name}={value!r} is not allowed ({key}): {detail}") from None
             raw = deep_merge(raw, nested(key, value))
-        strategy = self.getOrDefault(self.strategy)
+        strategy = self.getOrDefault("strategy")   # Params made from PARAMS are looked up by name
         if strategy not in STRATEGIES:
             raise ValueError(f"Param strategy must be one of {STRATEGIES}, got {strategy!r}")
         return config_from_dict(raw, "Params")
@@ -128,6 +128,8 @@ def _features_as_array(dataset: DataFrame, column: str) -> Any:
 
 class FedsparkEstimator(Estimator, _FedsparkParams, DefaultParamsReadable, DefaultParamsWritable):
     """Trains a fedspark model with the `local`, `sync` or `federated` strategy."""
+
+    _input_kwargs: dict[str, Any]   # set by @keyword_only, as in pyspark.ml's own estimators
 
     @keyword_only
     def __init__(self, **kwargs: Any) -> None:
@@ -178,12 +180,12 @@ def _train(spark: Any, config: Config, rows: DataFrame) -> tuple[ModelSpec, np.n
     if t.strategy == "federated":
         clients = clients_from_rows(spark, config, rows, SOURCE, 0)
         try:
-            spec, state = runners.federated_start(config, clients)
-            state = rounds.fit(sc, config, clients, None, spec, state, lambda s, r: None,
-                                  client_eval=False)
+            spec, fed_state = runners.federated_start(config, clients)
+            fed_state = rounds.fit(sc, config, clients, None, spec, fed_state, lambda s, r: None,
+                                   client_eval=False)
         finally:
             clients.release()
-        return spec, state.theta
+        return spec, fed_state.theta
     data = blocks_from_rows(spark, rows, SOURCE, 0, config.data.partitions, t.seed,
                             config.data.validation_fraction, ("train",))
     try:
