@@ -246,7 +246,7 @@ def overhead(spark: SparkSession, args: argparse.Namespace) -> dict[str, Any]:
     rule = rounds.server_rule(fed)
     theta = initial_theta(config, spec)
     server_state = rule.init_state(theta)
-    rows = []
+    rows: list[dict[str, float]] = []
     try:
         for r in range(1, args.overhead_rounds + 1):
             sampled = rounds.sample(fed, r, clients.count, t.seed)
@@ -256,12 +256,12 @@ def overhead(spark: SparkSession, args: argparse.Namespace) -> dict[str, Any]:
             wall = time.perf_counter() - started
             local = one_process(task, theta, sampled, data, split)
             rows.append({"round": r, "clients": len(sampled), "round_seconds": wall,
-                         "task_numpy_seconds": sum(d["seconds"] for d in reports),
+                         "task_numpy_seconds": sum(d.seconds for d in reports),
                          "one_process_seconds": local})
             log(f"overhead: round {r} spark {wall:.2f} s, tasks' numpy "
                 f"{rows[-1]['task_numpy_seconds']:.2f} s, one process {local:.2f} s")
-            theta = rule.apply(theta, weighted_mean([d["update"] for d in reports],
-                                                    [d["n"] for d in reports]), server_state)
+            theta = rule.apply(theta, weighted_mean([d.update for d in reports],
+                                                    [d.n for d in reports]), server_state)
     finally:
         clients.release()
         if test is not None:
@@ -272,12 +272,12 @@ def overhead(spark: SparkSession, args: argparse.Namespace) -> dict[str, Any]:
         return round(statistics.median(row[key] for row in steady), 3)
 
     slots = spark.sparkContext.defaultParallelism
-    result = {"rounds": len(rows), "clients_per_round": rows[0]["clients"], "task_slots": slots,
+    result: dict[str, Any] = {"rounds": len(rows), "clients_per_round": rows[0]["clients"], "task_slots": slots,
               "first_round_seconds": round(rows[0]["round_seconds"], 3),
               "round_seconds": med("round_seconds"), "task_numpy_seconds": med("task_numpy_seconds"),
               "one_process_seconds": med("one_process_seconds"), "per_round": rows}
     # the round's cost beyond the numpy work, with that work spread ideally over the task slots
-    result["overhead_seconds"] = round(result["round_seconds"] - result["one_process_seconds"] / slots, 3)
+    result["overhead_seconds"] = round(med("round_seconds") - med("one_process_seconds") / slots, 3)
     return result
 
 

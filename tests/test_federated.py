@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from pipelines.federated.clients import partition_report, prepare_clients
 from pipelines.federated.server import ServerRule, weighted_mean
 from pipelines.training import runners
 from tests.conftest import ROOT, save_arrow, write_table
+from udfs.federated.clients import ClientReport
 
 N, D, K = 240, 5, 3
 
@@ -137,11 +139,13 @@ def test_a_client_task_returns_only_an_update_a_count_and_scalars(spark, lake):
         sc.setJobGroup("", "")
         assert not dropped and len(reports) == len(sampled) == 4
         for r in reports:
-            assert set(r) == {"client", "n", "update", "train_loss", "seconds"}
-            assert isinstance(r["update"], np.ndarray) and r["update"].shape == (spec.n_params,)
-            assert isinstance(r["n"], int)
-            assert isinstance(r["train_loss"], float) and isinstance(r["seconds"], float)
-        assert sorted(r["client"] for r in reports) == sampled
+            assert type(r) is ClientReport and r.within_clip is None   # nothing else leaves the task
+            assert [f.name for f in fields(r)] == ["client", "n", "train_loss", "seconds", "update",
+                                                   "within_clip"]
+            assert isinstance(r.update, np.ndarray) and r.update.shape == (spec.n_params,)
+            assert isinstance(r.n, int)
+            assert isinstance(r.train_loss, float) and isinstance(r.seconds, float)
+        assert sorted(r.client for r in reports) == sampled
         tracker = sc.statusTracker()
         jobs = tracker.getJobIdsForGroup("fed-round-test")
         assert len(jobs) == 1
@@ -164,8 +168,8 @@ def test_a_client_whose_block_went_missing_is_rebuilt_and_the_round_is_the_same(
         clients.handles.mapPartitions(blocks.remove_partition).count()   # the executors lose the files
         after, _ = rounds.run_round(sc, clients, task, theta, sampled)
         assert clients.rebuilds == 1
-        assert [(r["client"], r["n"]) for r in after] == [(r["client"], r["n"]) for r in before]
-        assert all(np.array_equal(a["update"], b["update"]) for a, b in zip(after, before, strict=False))
+        assert [(r.client, r.n) for r in after] == [(r.client, r.n) for r in before]
+        assert all(np.array_equal(a.update, b.update) for a, b in zip(after, before, strict=False))
     finally:
         clients.release()
         test.release()
@@ -386,9 +390,9 @@ task = federated.client_round(config, spec, 1)
 clean, _ = federated.run_round(spark.sparkContext, c, task, theta, sampled)
 retried, dropped = federated.run_round(spark.sparkContext, c, task, theta, sampled, update=flaky)
 assert not dropped and len(retried) == len(clean) == 3
-for a, b in zip(sorted(clean, key=lambda r: r["client"]), sorted(retried, key=lambda r: r["client"])):
-    assert a["client"] == b["client"] and a["n"] == b["n"]
-    np.testing.assert_array_equal(a["update"], b["update"])
+for a, b in zip(sorted(clean, key=lambda r: r.client), sorted(retried, key=lambda r: r.client)):
+    assert a.client == b.client and a.n == b.n
+    np.testing.assert_array_equal(a.update, b.update)
 print("RETRY-OK")
 ''')
     # `flaky` lives in the script's __main__, so cloudpickle ships it by value to the executors

@@ -22,6 +22,7 @@ from pipelines.federated.clients import prepare_clients
 from pipelines.training import runners
 from tests.conftest import write_table
 from udfs.federated import attacks, secagg, secure_clients
+from udfs.federated.clients import Dropped, RoundReport
 from udfs.federated.noise import Release
 
 N, D, K = 400, 6, 3
@@ -151,7 +152,7 @@ def test_dp_clients_send_updates_clipped_to_the_bound(spark, lake):
         task = rounds.client_round(config, spec, 1, dp.release(dp.init_state(), None))
         reports, _ = rounds.run_round(spark.sparkContext, c, task, np.zeros(spec.n_params),
                                          list(range(c.count)))
-        norms = [np.linalg.norm(r["update"]) for r in reports]
+        norms = [np.linalg.norm(r.update) for r in reports]
         assert len(norms) == 10 and max(norms) <= 0.05 + 1e-12
         assert min(norms) > 0.049  # the bound binds: these updates were longer
     finally:
@@ -254,26 +255,26 @@ def _secure(spark, lake, phases=None, clip=100.0, hidden=None):
 
 
 def _weighted_sum(reports, clients):
-    return sum(r["n"] * r["update"] for r in reports if r["client"] in clients)
+    return sum(r.n * r.update for r in reports if r.client in clients)
 
 
 @pytest.mark.parametrize("clip", [100.0, 0.01])  # not binding, and binding for every client
 def test_secure_sum_equals_the_plain_weighted_sum(spark, lake, clip):
     plain, secure = _secure(spark, lake, clip=clip)
-    assert all(np.linalg.norm(r["update"]) <= clip for r in plain)
+    assert all(np.linalg.norm(r.update) <= clip for r in plain)
     assert not secure.dropped and len(secure.reports) == 10
     expected = _weighted_sum(plain, set(range(10)))
     err = np.linalg.norm(secure.weighted_sum - expected) / np.linalg.norm(expected)
     assert err < 1e-6
-    assert secure.weight_sum == sum(r["n"] for r in plain)
-    assert set(secure.reports[0]) == {"client", "n", "train_loss", "seconds"}
+    assert secure.weight_sum == sum(r.n for r in plain)
+    assert type(secure.reports[0]) is RoundReport   # client, n, train_loss, seconds: no update
 
 
 def _dropping_after_masking(victims):
     def step(rows, task, weights, masking):
         for report in secure_clients.masked_update(rows, task, weights, masking):
-            if report["client"] in victims:
-                yield {"client": report["client"], "dropped": "simulated loss after masking"}
+            if report.client in victims:
+                yield Dropped(report.client, "simulated loss after masking")
             else:
                 yield report
     return step
@@ -283,7 +284,7 @@ def _dropping_after_masking(victims):
 def test_secure_sum_is_exact_when_clients_drop_after_masking(spark, lake, victims):
     plain, secure = _secure(spark, lake, secure_round.Phases(masked_update=_dropping_after_masking(victims)))
     survivors = set(range(10)) - victims
-    assert {r["client"] for r in secure.reports} == survivors
+    assert {r.client for r in secure.reports} == survivors
     expected = _weighted_sum(plain, survivors)
     assert np.linalg.norm(secure.weighted_sum - expected) / np.linalg.norm(expected) < 1e-6
 
@@ -296,10 +297,10 @@ def test_secure_round_below_the_threshold_fails_clearly(spark, lake):
 def test_the_driver_sees_only_uniform_masked_vectors_it_cannot_unmask(spark, lake):
     plain, first = _secure(spark, lake, hidden=[128])
     _, second = _secure(spark, lake, hidden=[128])  # same round, seed and data; new client secrets
-    by_client = {r["client"]: r for r in plain}
-    masked = np.concatenate([d["masked"][:-2] for d in first.received["masked"]])
+    by_client = {r.client: r for r in plain}
+    masked = np.concatenate([d.masked[:-2] for d in first.received["masked"]])
     inputs = np.concatenate([
-        secagg.encode(secure_clients.encoded_input(by_client[d["client"]], True), first.scale)[:-2]
+        secagg.encode(secure_clients.encoded_input(by_client[d.client], True), first.scale)[:-2]
         for d in first.received["masked"]])
     assert len(masked) > 10000
     top = (masked >> np.uint64(56)).astype(np.int64)
@@ -308,7 +309,7 @@ def test_the_driver_sees_only_uniform_masked_vectors_it_cannot_unmask(spark, lak
     # fresh OS-entropy secrets: different keys and masks, the same sum
     assert first.received["keys"] != second.received["keys"]
     for a, b in zip(first.received["masked"], second.received["masked"], strict=False):
-        assert not np.array_equal(a["masked"], b["masked"])
+        assert not np.array_equal(a.masked, b.masked)
     np.testing.assert_array_equal(first.weighted_sum, second.weighted_sum)
     # with nobody dropped, the driver asked only for self-mask shares, never a mask key
     assert all(kind == "b" for answer in first.received["answers"].values() for kind, _ in answer.values())
@@ -339,14 +340,14 @@ def test_local_dp_clients_noise_their_own_updates(spark, lake):
         task = rounds.client_round(config, spec, 1, dp.release(dp.init_state(), None))
         theta = runners.initial_theta(config, spec)
         reports, _ = rounds.run_round(spark.sparkContext, c, task, theta, [0, 1, 2, 3])
-        noise = np.concatenate([r["update"] for r in reports])  # the trained part is ~1e-12
+        noise = np.concatenate([r.update for r in reports])  # the trained part is ~1e-12
         assert abs(noise.std() - 2.0 * 0.5) < 0.03
         accountant = rdp.RdpAccountant()  # no subsampling, sensitivity 2C: multiplier z/2
         accountant.compose(dp_accounting.GaussianDpEvent(1.0), 3)
         assert dp.epsilon_after(3) == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
         again, _ = rounds.run_round(spark.sparkContext, c, task, theta, [0, 1, 2, 3])
         for a, b in zip(reports, again, strict=False):  # seeded by (seed, round, client): a retry is identical
-            np.testing.assert_array_equal(a["update"], b["update"])
+            np.testing.assert_array_equal(a.update, b.update)
     finally:
         c.release()
         if test is not None:

@@ -10,7 +10,7 @@ its sample count and its training loss (udfs/federated/clients.py).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -143,20 +143,20 @@ class Reports:
     """What the driver receives from a round's clients without secure aggregation: every update
     (under secure aggregation it receives a secure_round.SecureResult, sums only)."""
 
-    reports: list[dict]
+    reports: list[clients.ClientReport]
 
     @property
     def updates(self) -> list[np.ndarray]:
-        return [d["update"] for d in self.reports]
+        return [d.update for d in self.reports]
 
     @property
     def counts(self) -> list[int]:
-        return [d["n"] for d in self.reports]
+        return [d.n for d in self.reports]
 
     @property
     def within_clip(self) -> float:
         """The sum over clients of (within the clip) - 1/2, as secure aggregation adds it up."""
-        return sum(float(bool(d.get("within_clip"))) - 0.5 for d in self.reports)
+        return sum(float(bool(d.within_clip)) - 0.5 for d in self.reports)
 
 
 def robust_rule(config: Config, per_round: float) -> privacy.Aggregate:
@@ -191,7 +191,7 @@ def aggregator(config: Config, dp: privacy.Dp, per_round: float) -> privacy.Aggr
 
 def train_clients(sc: SparkContext, config: Config, c: Clients, task: clients.ClientRound,
                   state: FedState, sampled: list[int], dp: privacy.Dp, aggregate: privacy.Aggregate
-                  ) -> tuple[list[dict], list[dict], np.ndarray | None, int]:
+                  ) -> tuple[Sequence[clients.RoundReport], list[clients.Dropped], np.ndarray | None, int]:
     """Run the round's client training: (reports, dropped, aggregate update or None when nobody
     reported, bytes the clients sent up). Under secure aggregation the driver only learns sums."""
     if not sampled:
@@ -200,7 +200,7 @@ def train_clients(sc: SparkContext, config: Config, c: Clients, task: clients.Cl
     if not p.secure_aggregation:
         reports, dropped = run_round(sc, c, task, state.theta, sampled)
         update = aggregate(Reports(reports), state.server_state, r) if reports else None
-        return reports, dropped, update, int(sum(d["update"].nbytes for d in reports))
+        return reports, dropped, update, int(sum(d.update.nbytes for d in reports))
     res = secure_round.run_secure_round(sc, c, task, state.theta, sampled, p.secagg_threshold,
                                         p.ring_bits, weighted=dp.mode != "central")
     return res.reports, res.dropped, aggregate(res, state.server_state, r), res.bytes_up
@@ -212,15 +212,15 @@ def server_rule(fed: FederatedSection) -> ServerRule:
 
 def run_round(sc: SparkContext, c: Clients, task: clients.ClientRound, theta: np.ndarray,
               sampled: list[int], update: Callable = clients.client_update
-              ) -> tuple[list[dict], list[dict]]:
+              ) -> tuple[list[clients.ClientReport], list[clients.Dropped]]:
     """Train the sampled clients, one task each; (reports, dropped) as the tasks returned them."""
     bc = sc.broadcast(theta)
     try:
         results = c.run(lambda h: sc.runJob(h, partial(update, task=task, weights=bc), sampled))
     finally:
         bc.destroy()
-    reports = [r for r in results if "dropped" not in r]
-    return reports, [r for r in results if "dropped" in r]
+    return ([r for r in results if isinstance(r, clients.ClientReport)],
+            [r for r in results if isinstance(r, clients.Dropped)])
 
 
 def federated_eval(sc: SparkContext, c: Clients, spec: ModelSpec, dtype: str, split: clients.ClientSplit,
@@ -273,16 +273,16 @@ def fit(sc: SparkContext, config: Config, c: Clients, test: Blocks | None, spec:
         reports, dropped, aggregate, bytes_up = train_clients(sc, config, c, task, state, sampled, dp,
                                                               aggregate_round)
         if sampled and len(reports) < fed.min_clients:
-            reasons = "; ".join(f"{c.names[d['client']]}: {d['dropped']}" for d in dropped[:3])
+            reasons = "; ".join(f"{c.names[d.client]}: {d.reason}" for d in dropped[:3])
             raise RuntimeError(f"round {r}: only {len(reports)} of {len(sampled)} sampled clients "
                                f"reported, fewer than federated.min_clients={fed.min_clients} "
                                f"(dropped: {reasons})")
-        record.update({"reported": len(reports), "dropped": [c.names[d["client"]] for d in dropped]})
+        record.update({"reported": len(reports), "dropped": [c.names[d.client] for d in dropped]})
         if aggregate is not None:
             state.theta = rule.apply(state.theta, aggregate, state.server_state)
             if not dp.enabled:  # per-client statistics are outside the DP accounting
-                record["train_loss"] = float(np.average([d["train_loss"] for d in reports],
-                                                        weights=[d["n"] for d in reports]))
+                record["train_loss"] = float(np.average([d.train_loss for d in reports],
+                                                        weights=[d.n for d in reports]))
         if dp.enabled:
             record["epsilon"] = dp.epsilon_after(r)
             record["clip"] = float(state.server_state["clip"][0])
@@ -301,7 +301,7 @@ def fit(sc: SparkContext, config: Config, c: Clients, test: Blocks | None, spec:
                     sc, c, spec, t.dtype, split, state.theta)
             record["eval_seconds"] = time.perf_counter() - evaluated
         record["seconds"] = time.perf_counter() - started
-        record["client_seconds"] = float(sum(d["seconds"] for d in reports))
+        record["client_seconds"] = float(sum(d.seconds for d in reports))
         state.round = r
         state.history.append(record)
         on_round(state, record)

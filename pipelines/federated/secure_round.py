@@ -18,8 +18,9 @@ from pyspark import SparkContext
 from pipelines.federated import secure_sum
 from pipelines.federated.clients import Clients
 from udfs.federated import secure_clients
-from udfs.federated.clients import ClientRound
+from udfs.federated.clients import ClientRound, Dropped, RoundReport
 from udfs.federated.secagg import SecAggError
+from udfs.federated.secure_clients import MaskedReport
 
 
 @dataclass(frozen=True)
@@ -39,8 +40,8 @@ class SecureResult:
     weighted_sum: np.ndarray        # sum of weight * update
     weight_sum: float
     within_clip: float              # sum over survivors of (within the clip) - 1/2
-    reports: list[dict]             # per survivor: client, n, train_loss, seconds (no update)
-    dropped: list[dict]
+    reports: list[RoundReport]      # per survivor: client, n, train_loss, seconds (no update)
+    dropped: list[Dropped]
     scale: float                    # the fixed-point scale the clients encoded with
     bytes_up: int
     received: dict = field(default_factory=dict)   # everything the driver received, by step
@@ -72,8 +73,8 @@ def run_secure_round(sc: SparkContext, c: Clients, task: ClientRound, theta: np.
                        list(shared))
     finally:
         bc.destroy()
-    masked = [d for d in results if "masked" in d]
-    survivors = frozenset(d["client"] for d in masked)
+    masked = [d for d in results if isinstance(d, MaskedReport)]
+    survivors = frozenset(d.client for d in masked)
     gone = frozenset(shared) - survivors
     _enough(survivors, t, r, "sent their masked updates")
     routed = secure_sum.route({u: sealed[u] for u in shared})
@@ -84,18 +85,18 @@ def run_secure_round(sc: SparkContext, c: Clients, task: ClientRound, theta: np.
                             list(survivors)))
     finally:
         inbox.destroy()
-    total = np.zeros(len(masked[0]["masked"]), dtype=np.uint64)
+    total = np.zeros(len(masked[0].masked), dtype=np.uint64)
     for d in masked:
-        total += d["masked"]
+        total += d.masked
     x = secure_sum.decode(secure_sum.unmask(total, shared, set(survivors), set(gone), answers, t, protocol,
                                     ring_bits), scale, ring_bits)
     bytes_up = (sum(len(k[0]) + len(k[1]) for k in keys.values())
                 + sum(len(ct) for s in sealed.values() for ct in s.values())
-                + sum(d["masked"].nbytes for d in masked)
+                + sum(d.masked.nbytes for d in masked)
                 + sum(64 * len(a) for a in answers.values()))
-    reports = [{k: v for k, v in d.items() if k != "masked"} for d in masked]
+    reports = [RoundReport(d.client, d.n, d.train_loss, d.seconds) for d in masked]
     return SecureResult(x[:-2], float(x[-2]), float(x[-1]), reports,
-                        [d for d in results if "dropped" in d], scale, bytes_up,
+                        [d for d in results if isinstance(d, Dropped)], scale, bytes_up,
                         {"keys": keys, "sealed": sealed, "masked": masked, "answers": answers})
 
 

@@ -25,6 +25,33 @@ from udfs.training.tasks import handle_of, metric_sums
 
 
 @dataclass(frozen=True)
+class RoundReport:
+    """What the driver may keep of a client's round: its row count and scalars."""
+
+    client: int
+    n: int
+    train_loss: float
+    seconds: float           # of local training
+
+
+@dataclass(frozen=True)
+class ClientReport(RoundReport):
+    """A client task's answer without secure aggregation: only its update leaves with the scalars
+    (`within_clip` under adaptive clipping, else None)."""
+
+    update: np.ndarray
+    within_clip: bool | None = None
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """A client that could not take part in the round, and why (its own failure, not the rows)."""
+
+    client: int
+    reason: str
+
+
+@dataclass(frozen=True)
 class ClientSplit:
     """How every client splits its rows: `holdout_fraction` held out, drawn from (seed, client)."""
 
@@ -84,13 +111,10 @@ def train_client(task: ClientRound, client: int, theta0: np.ndarray, X: np.ndarr
     return theta, loss_sum / max(step, 1), step
 
 
-def local_update(path: str, client: int, task: ClientRound, theta0: np.ndarray) -> dict:
+def local_update(path: str, client: int, task: ClientRound, theta0: np.ndarray) -> ClientReport:
     """Train the client at `path` from theta0 and release its update as `task.release` says
     (clipped, noised). A simulated attacker tampers with its update before the release: it goes
-    through the same client library, so clipping bounds what it can do. Raises when training fails.
-
-    Returns {client, n, update, train_loss, seconds (of local training)}, plus `within_clip` under
-    adaptive clipping."""
+    through the same client library, so clipping bounds what it can do. Raises when training fails."""
     block = blocks.load(path)
     train, _ = client_rows(path, client, task.split)
     X = block.X[train].astype(task.dtype, copy=False)
@@ -103,9 +127,8 @@ def local_update(path: str, client: int, task: ClientRound, theta0: np.ndarray) 
         raise FloatingPointError("the local update is not finite")
     seed = task.split.seed
     update = task.attack.tamper(client, update, seed, task.round)
-    update, extra = task.release.apply(update, seed, task.round, client)
-    return {"client": client, "n": int(len(train)), "update": update, "train_loss": float(loss),
-            "seconds": seconds, **extra}
+    update, within_clip = task.release.apply(update, seed, task.round, client)
+    return ClientReport(client, int(len(train)), float(loss), seconds, update, within_clip)
 
 
 def client_of(rows: Iterable[Any]) -> tuple[int, str] | None:
@@ -115,12 +138,12 @@ def client_of(rows: Iterable[Any]) -> tuple[int, str] | None:
     return handle_of(rows)
 
 
-def dropped(client: int, exc: Exception) -> dict:
+def dropped(client: int, exc: Exception) -> Dropped:
     """What a client whose own work failed reports instead, so the round can go on without it."""
-    return {"client": client, "dropped": f"{type(exc).__name__}: {str(exc)[:200]}"}
+    return Dropped(client, f"{type(exc).__name__}: {str(exc)[:200]}")
 
 
-def client_update(rows: Iterable[Any], task: ClientRound, weights: Any) -> Iterator[dict]:
+def client_update(rows: Iterable[Any], task: ClientRound, weights: Any) -> Iterator[ClientReport | Dropped]:
     """Train this partition's client from the broadcast global weights; yields its local_update
     record, or a `dropped` record when the client's own training fails (bad rows, a numeric
     error)."""

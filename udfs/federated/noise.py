@@ -29,14 +29,15 @@ class Release:
     noise_std: float = 0.0          # local DP: Gaussian noise the client adds itself
     report_clipped: bool = False    # adaptive clipping: send whether the norm was within the bound
 
-    def apply(self, update: np.ndarray, seed: int, round_: int, client: int) -> tuple[np.ndarray, dict]:
-        """(the update as released, the scalars that go with it)."""
-        extra: dict = {}
+    def apply(self, update: np.ndarray, seed: int, round_: int, client: int
+              ) -> tuple[np.ndarray, bool | None]:
+        """(the update as released, whether it was within the clip when adaptive clipping asks)."""
+        within: bool | None = None
         if self.clip is not None:
             update, norm = clip(update, self.clip)
             if self.report_clipped:
-                extra["within_clip"] = norm <= self.clip
+                within = bool(norm <= self.clip)
         if self.noise_std > 0:
             noise = rng(seed, Stream.CLIENT_NOISE, round_, client).normal(0.0, self.noise_std, update.shape)
             update = (update + noise).astype(update.dtype)
-        return update, extra
+        return update, within

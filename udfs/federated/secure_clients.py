@@ -21,7 +21,7 @@ import numpy as np
 
 from udfs.data import blocks
 from udfs.federated import secagg
-from udfs.federated.clients import ClientRound, client_of, dropped, local_update
+from udfs.federated.clients import ClientReport, ClientRound, Dropped, RoundReport, client_of, dropped, local_update
 
 
 @dataclass(frozen=True)
@@ -58,14 +58,22 @@ def share_keys(rows: Iterable[Any], protocol: secagg.RoundId,
         return
 
 
-def encoded_input(report: dict, weighted: bool) -> np.ndarray:
+@dataclass(frozen=True)
+class MaskedReport(RoundReport):
+    """A client task's answer under secure aggregation: the masked encoding instead of the update."""
+
+    masked: np.ndarray
+
+
+def encoded_input(report: ClientReport, weighted: bool) -> np.ndarray:
     """[weight * update, weight, within_clip - 1/2] in float64, the vector a client masks."""
-    weight = float(report["n"]) if weighted else 1.0
-    within = float(bool(report.get("within_clip", False))) - 0.5
-    return np.concatenate([report["update"].astype(np.float64) * weight, [weight, within]])
+    weight = float(report.n) if weighted else 1.0
+    within = float(bool(report.within_clip)) - 0.5
+    return np.concatenate([report.update.astype(np.float64) * weight, [weight, within]])
 
 
-def masked_update(rows: Iterable[Any], task: ClientRound, weights: Any, masking: Masking) -> Iterator[dict]:
+def masked_update(rows: Iterable[Any], task: ClientRound, weights: Any,
+                  masking: Masking) -> Iterator[MaskedReport | Dropped]:
     """Train, then send only the masked encoding of the update, with the count and loss."""
     handle = client_of(rows)
     if handle is None:
@@ -79,8 +87,7 @@ def masked_update(rows: Iterable[Any], task: ClientRound, weights: Any, masking:
     except Exception as exc:  # noqa: BLE001 - a client's failure must not fail the round
         yield dropped(client, exc)
         return
-    yield {"client": client, "n": report["n"], "masked": y, "train_loss": report["train_loss"],
-           "seconds": report["seconds"]}
+    yield MaskedReport(client, report.n, report.train_loss, report.seconds, y)
 
 
 def unmask_shares(rows: Iterable[Any], protocol: secagg.RoundId,
