@@ -7,7 +7,7 @@ features and `--classes` classes (features x classes first-layer parameters), tr
 `trainer.strategy: model_parallel` for one epoch at each number of feature blocks S, in one Spark
 session on this machine.
 
-The table (id, indices, values, label, split) is generated on the executors (udfs/data/sparse_rows.py)
+The table (id, indices, values, label, split) is generated on the executors (udfs/data/synthetic.py, vocabulary_rows)
 into `<lake>/sparse_<features>x<rows>` unless it is there already. Each run is the ordinary train
 job (pipelines/train.py) with Adam, float32 and no validation hold-out; reported per S: seconds per
 step (the epoch's wall time over its steps, which includes the one forward-only job an epoch
@@ -41,7 +41,7 @@ from pipelines.core.cli import main_wrapper
 from pipelines.core.session import build_session
 from pipelines.data import lake
 from scripts.benchlib import log, machine, versions
-from udfs.data import sparse_rows
+from udfs.data import synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,9 +54,9 @@ def ensure_table(spark: SparkSession, lake_path: str, args: argparse.Namespace) 
         return name
     started = time.perf_counter()
     (spark.range(0, args.rows, numPartitions=4)
-     .mapInArrow(partial(sparse_rows.generate, features=args.features, classes=args.classes,
+     .mapInArrow(partial(synthetic.vocabulary_rows, features=args.features, classes=args.classes,
                          informative=args.informative, noise=args.noise, seed=args.seed),
-                 sparse_rows.SCHEMA)
+                 synthetic.VOCABULARY_SCHEMA)
      .write.format("delta").mode("overwrite").save(path))
     log(f"generated {name} in {time.perf_counter() - started:.1f} s")
     return name

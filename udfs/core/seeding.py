@@ -23,7 +23,7 @@ class Stream(IntEnum):
     CLIENT_NOISE = 10
     GENERATE = 11        # synthetic rows, per chunk of ids (udfs/data/synthetic.py)
     TRUTH = 12           # the true model of a synthetic table
-    SPARSE_ROWS = 13     # wide sparse benchmark rows (udfs/data/sparse_rows.py)
+    SPARSE_ROWS = 13     # wide sparse benchmark rows (udfs/data/synthetic.py, `vocabulary_rows`)
 
 
 def rng(seed: int, stream: Stream, *keys: int) -> np.random.Generator:

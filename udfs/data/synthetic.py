@@ -143,3 +143,45 @@ def schema(spec: Spec) -> str:
     features = ("struct<size:int,indices:array<int>,values:array<float>>" if spec.sparse
                 else "array<float>")
     return f"id long, features {features}, label {'double' if spec.classes == 0 else 'int'}, split string"
+
+
+# --- the wide sparse benchmark table ---------------------------------------------------------
+
+VOCABULARY_SCHEMA = "id long, indices array<int>, values array<float>, label int, split string"
+
+
+def vocabulary_rows(batches: Iterator[pa.RecordBatch], features: int, classes: int, informative: int,
+             noise: int, seed: int) -> Iterator[pa.RecordBatch]:
+    """mapInArrow over spark.range: wide sparse classification rows with those ids (the
+    model-parallel benchmark's table), drawn from (seed, first id of the batch).
+
+    Row i of class y holds `informative` features drawn from class y's own vocabulary (the feature
+    indices j with j mod K = y) and `noise` features drawn from all d, every value 1.0, so a linear
+    model can learn the classes and every feature block carries signal. Row 0 also holds feature
+    d-1, so the table's width (1 + the largest index) is d. 10% of the rows are test rows. Columns
+    are `indices` and `values` (VOCABULARY_SCHEMA), the layout model_parallel reads besides the
+    struct `features` of generate_partitions."""
+    for batch in batches:
+        ids = batch.column("id").to_numpy()
+        if not len(ids):
+            continue
+        gen = rng(seed, Stream.SPARSE_ROWS, int(ids[0]))
+        n = len(ids)
+        y = gen.integers(0, classes, n)
+        per_class = features // classes
+        signal = gen.integers(0, per_class, (n, informative)) * classes + y[:, None]
+        cols = np.concatenate([signal, gen.integers(0, features, (n, noise))], axis=1)
+        cols.sort(axis=1)
+        rows = [np.unique(c) for c in cols]
+        if ids[0] == 0:
+            rows[0] = np.union1d(rows[0], [features - 1])
+        lengths = np.array([len(r) for r in rows])
+        offsets = pa.array(np.concatenate(([0], np.cumsum(lengths))).astype(np.int32))
+        flat = np.concatenate(rows).astype(np.int32)
+        yield pa.RecordBatch.from_pydict({
+            "id": pa.array(ids.astype(np.int64)),
+            "indices": pa.ListArray.from_arrays(offsets, pa.array(flat)),
+            "values": pa.ListArray.from_arrays(offsets, pa.array(np.ones(len(flat), np.float32))),
+            "label": pa.array(y.astype(np.int32)),
+            "split": pa.array(np.where(gen.random(n) < 0.1, "test", "train")),
+        })
