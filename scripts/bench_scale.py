@@ -42,10 +42,10 @@ from typing import Any
 
 import numpy as np
 
-from pipelines import generate
 from pipelines.core.session import build_session
 from pipelines.data import lake
 from pipelines.data.blocks import Blocks, load_blocks
+from pipelines.data.synthetic_tables import generate_table
 from pipelines.store import artifacts
 from pipelines.training.data_parallel import evaluate, reduce_in_order
 from scripts.benchlib import log, machine, versions
@@ -134,7 +134,7 @@ def ensure_table(spark, lake_path: str, rows: int, features: int, partitions: in
     name = f"scale_{rows}x{features}"
     spec = synthetic.Spec(rows, features, 2, 1.0, 1.0, 0, partitions)
     started = time.perf_counter()
-    out = generate.generate_table(spark, lake_path, name, spec)
+    out = generate_table(spark, lake_path, name, spec)
     log(f"{name}: {'reused' if out['skipped'] else 'generated'} in {time.perf_counter() - started:.1f}s")
     return name
 
