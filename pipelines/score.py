@@ -137,6 +137,8 @@ def score(spark: SparkSession, lake_path: str, model: str, input_ref: lake.Table
     from delta.tables import DeltaTable
 
     commit = DeltaTable.forPath(spark, out_path).history(1).first()
+    if commit is None:
+        raise RuntimeError(f"{out_path} has no commit after writing the scores")
     return {"model_id": model_id, "model": str(run_dir), "input": input_ref.name,
             "input_version": version, "output": output, "output_version": commit["version"],
             "rows": int(commit["operationMetrics"].get("numOutputRows", 0))}

@@ -93,7 +93,7 @@ def test_sync_full_batch_recovers_the_true_model(gen_lake, tmp_path, capsys, spa
         gen_lake, tmp_path, capsys, "data.table=dense", "model.kind=logistic", "model.init=zeros",
         "trainer.strategy=sync", "trainer.batch_size=100000", "trainer.epochs=150",
         "trainer.optimizer.lr=0.2", "data.validation_fraction=0.0")
-    assert code == 0, err
+    assert code == 0 and summary is not None, err
     truth = read_truth(spark, str(gen_lake), "dense")
     theta = weights(summary).astype(np.float64)
     w, b = theta[:8], theta[8]
@@ -112,7 +112,7 @@ def test_sparse_wide_logistic_equals_a_scipy_gradient_descent_loop(spark, gen_la
         "trainer.strategy=sync", "trainer.batch_size=100000", "trainer.epochs=5",
         "trainer.optimizer.name=sgd", "trainer.optimizer.lr=0.5", "trainer.dtype=float64",
         "data.validation_fraction=0.0")
-    assert code == 0, err
+    assert code == 0 and summary is not None, err
     assert summary["model"]["layers"] == [WIDE, 1]
     train_rows = [r for r in rows_of(spark, gen_lake, "wide") if r.split == "train"]
     indptr = np.concatenate(([0], np.cumsum([len(r.features.indices) for r in train_rows])))
@@ -147,7 +147,7 @@ def test_memory_budget_memory_maps_blocks_and_changes_nothing(spark, gen_lake, t
     for gb in (4.0, 0.0):
         code, summary, err = run_train(gen_lake, tmp_path / str(gb), capsys, *common,
                                        f"data.worker_cache_gb={gb}")
-        assert code == 0, err
+        assert code == 0 and summary is not None, err
         results.append(weights(summary))
     assert np.array_equal(results[0], results[1])
     for gb, expected in ((4.0, True), (0.0, False)):
@@ -260,7 +260,10 @@ def test_the_worker_cache_budget_bounds_blocks_and_derived_values(tmp_path):
         assert again.in_memory is held
         np.testing.assert_array_equal(again.X, block.X)
         assert blocks.resident_bytes() <= budget
-        plan = blocks.derived(path, ("plan", layout), lambda b, r=roles: (r.train, np.array([0, rows])))
+        def make_plan(b: blocks.Block, r: blocks.Roles = roles) -> tuple[np.ndarray, np.ndarray]:
+            return r.train, np.array([0, rows])
+
+        plan = blocks.derived(path, ("plan", layout), make_plan)
         assert plan[0] is roles.train
         if roles_kept:   # the plan shares the roles' array: only its bounds are new
             assert blocks.resident_bytes() == again.cached_bytes + roles_bytes + 16

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +52,7 @@ def lake(spark, tmp_path_factory):
 
 
 def run(lake_path: Path, tmp_path: Path, capsys, *sets: str, table: str = "small",
-        extra: list[str] = (), wire_log: list | None = None) -> tuple[dict, np.ndarray]:
+        extra: Sequence[str] = (), wire_log: list | None = None) -> tuple[dict, np.ndarray]:
     argv = ["--set", f"lake.path={lake_path}", "--set", f"runs.path={tmp_path / 'runs'}",
             "--set", f"data.table={table}", "--set", "trainer.dtype=float64",
             "--set", "trainer.batch_size=16", "--set", "data.validation_fraction=0.1", *extra]

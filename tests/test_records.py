@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from pipelines import evaluate, runs, score, train
 from pipelines.core.cli import main_wrapper
@@ -109,6 +109,7 @@ def test_runs_job_lists_and_shows(lake, trained, capsys):
 
 def png_series(path: Path) -> dict:
     image = Image.open(path)
+    assert isinstance(image, PngImagePlugin.PngImageFile), f"{path} is not a PNG"
     pixels = np.asarray(image.convert("L"), dtype=float)
     assert image.size[0] > 500 and pixels.std() > 10, f"{path} looks blank"
     return json.loads(image.text[SERIES_KEY])
@@ -182,7 +183,9 @@ def test_scoring_bad_input_leaves_the_output_untouched(spark, lake, trained, cap
 def _version(spark, path: Path) -> int:
     from delta.tables import DeltaTable
 
-    return DeltaTable.forPath(spark, str(path)).history(1).first()["version"]
+    commit = DeltaTable.forPath(spark, str(path)).history(1).first()
+    assert commit is not None, f"{path} has no commits"
+    return commit["version"]
 
 
 def test_a_second_job_with_a_running_name_stops(lake, tmp_path, capsys):
@@ -301,8 +304,12 @@ def test_progress_reports_tasks_and_an_eta(spark, capsys):
     sc = spark.sparkContext
     capsys.readouterr()
     with progress(sc, "slow step", tag="run t", every=0.3):
-        # a lambda: cloudpickle ships it by value (executors cannot import this test module)
-        assert sc.parallelize(range(8), 8).map(lambda x: (time.sleep(0.4), x)[1]).sum() == 28
+        # a local function: cloudpickle ships it by value (executors cannot import this test module)
+        def slow(x: int) -> int:
+            time.sleep(0.4)
+            return x
+
+        assert sc.parallelize(range(8), 8).map(slow).sum() == 28
     lines = capsys.readouterr().out.splitlines()
     reports = [line for line in lines if line.startswith("slow step: ") and "tasks" in line]
     assert reports and all(line.endswith("[run t]") for line in lines)

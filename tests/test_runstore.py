@@ -74,6 +74,13 @@ def job(module, argv: list[str], capsys) -> tuple[int, list[str], str]:
     return code, captured.out.strip().splitlines(), captured.err
 
 
+def read(fs: rundir.HadoopFS, uri: str) -> bytes:
+    """The bytes of a file that must exist."""
+    data = fs.read(uri)
+    assert data is not None, f"{uri} does not exist"
+    return data
+
+
 def weights_at(run_uri: str, tmp_path) -> np.ndarray:
     """The model's weights, copied out of HDFS by Hadoop (not by the code under test)."""
     local = tmp_path / f"weights-{len(list(tmp_path.iterdir()))}.npz"
@@ -102,8 +109,8 @@ def test_a_run_on_hdfs_is_written_whole(spark, hdfs, finished):
                      "checkpoints/epoch-0002.json", "checkpoints/epoch-0002.npz",
                      "config.yaml", "curves.png", "metrics.jsonl", "model/spec.json",
                      "model/weights.npz", "run.json", "summary.json"]
-    assert json.loads(fs.read(f"{run_uri}/summary.json")) == finished
-    assert [json.loads(line)["epoch"] for line in fs.read(f"{run_uri}/metrics.jsonl").splitlines()] == [1, 2, 3]
+    assert json.loads(read(fs, f"{run_uri}/summary.json")) == finished
+    assert [json.loads(line)["epoch"] for line in read(fs, f"{run_uri}/metrics.jsonl").splitlines()] == [1, 2, 3]
     assert walk(spark, f"{hdfs}/runs/.locks") == []   # the run-name lock was released
     assert not [p for p in os.listdir(tempfile.gettempdir())
                 if p.startswith(f"fedspark-{finished['run_id']}")]   # staging removed
@@ -157,7 +164,7 @@ def test_an_interrupted_run_resumes_from_its_uri(hdfs, lake, finished, tmp_path,
     resumed = json.loads(out[-1])
     assert resumed["run_dir"] == run_uri
     np.testing.assert_array_equal(weights_at(run_uri, tmp_path), expected)
-    assert [json.loads(line)["epoch"] for line in fs.read(f"{run_uri}/metrics.jsonl").splitlines()] == [1, 2, 3]
+    assert [json.loads(line)["epoch"] for line in read(fs, f"{run_uri}/metrics.jsonl").splitlines()] == [1, 2, 3]
 
     # --resume of the finished run by its URI prints its summary again
     code, out, err = job(train, ["--resume", run_uri], capsys)
@@ -170,7 +177,7 @@ def test_the_run_name_lock_refuses_a_second_job(hdfs, lake, capsys):
     with locks.lock_run_name(runs_uri, "busy") as lock:
         code, _, err = job(train, train_argv(lake, runs_uri, "--run-name", "busy"), capsys)
         assert code == 2 and "run name 'busy' is in use" in err and f"pid {os.getpid()}" in err
-        assert lock.uri in err
+        assert isinstance(lock, locks.HadoopRunLock) and lock.uri in err
     fs = rundir.HadoopFS(runs_uri)
     assert fs.names(runs_uri) == [".locks"] and fs.names(f"{runs_uri}/.locks") == []
 
@@ -183,7 +190,7 @@ def test_the_run_name_lock_refuses_a_second_job(hdfs, lake, capsys):
                              f"host {host} pid {dead} start 1 since then".encode())
         if taken:
             with locks.lock_run_name(runs_uri, "busy"):
-                assert f"pid {os.getpid()}" in fs.read(f"{runs_uri}/.locks/busy.lock").decode()
+                assert f"pid {os.getpid()}" in read(fs, f"{runs_uri}/.locks/busy.lock").decode()
         else:
             with pytest.raises(UserError, match="run name 'busy' is in use"):
                 locks.lock_run_name(runs_uri, "busy")

@@ -104,6 +104,9 @@ def build_session(app_name: str, extra: dict[str, Any] | None = None,
 
 def _check_delta(spark: SparkSession) -> None:
     jvm = spark.sparkContext._jvm
+    if jvm is None:
+        raise RuntimeError("the SparkContext has no JVM gateway (it was stopped); cannot check for "
+                           "Delta Lake")
     try:
         jvm.java.lang.Class.forName(DELTA_CATALOG, True,
                                     jvm.java.lang.Thread.currentThread().getContextClassLoader())

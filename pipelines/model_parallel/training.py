@@ -124,12 +124,16 @@ def _check_labels(df: DataFrame, where: str) -> None:
 def _width(rows: DataFrame, kind: str, where: str) -> int:
     """Features per row: the (single) length of the dense arrays, or 1 + the largest sparse index."""
     if kind == shards.DENSE:
-        lo, hi = rows.agg(F.min(F.size("x")), F.max(F.size("x"))).first()
+        row = rows.agg(F.min(F.size("x")), F.max(F.size("x"))).first()
+        assert row is not None  # a global aggregate has exactly one row
+        lo, hi = row
         if lo != hi:
             raise UserError(f"{where}: features arrays have lengths from {lo} to {hi}; every row "
                             "needs the same number")
         return int(hi or 0)
-    lo, hi = rows.agg(F.min(F.array_min("idx")), F.max(F.array_max("idx"))).first()
+    row = rows.agg(F.min(F.array_min("idx")), F.max(F.array_max("idx"))).first()
+    assert row is not None  # a global aggregate has exactly one row
+    lo, hi = row
     if lo is not None and lo < 0:
         raise UserError(f"{where}: indices must be >= 0, found {lo}")
     return int(hi) + 1 if hi is not None else 0
@@ -159,7 +163,9 @@ def _single_table(spark: SparkSession, config: Config) -> dict[str, Any]:
     features = rows.select("id", "shard", "split", *_feature_columns(rows, kind))
     n_features = _width(features, kind, where)
     if "features" in df.columns and kind == shards.SPARSE:   # the struct says its width
-        n_features = max(n_features, rows.agg(F.max("features.size")).first()[0] or 0)
+        row = rows.agg(F.max("features.size")).first()
+        assert row is not None  # a global aggregate has exactly one row
+        n_features = max(n_features, row[0] or 0)
     S = config.model_parallel.shards
     if S > n_features:
         raise UserError(f"model_parallel.shards={S} is more than the {n_features} features of {where}; "
@@ -340,6 +346,9 @@ class Carrier:
         """Delete the previous checkpoint's files (Spark keeps them unless told to clean them)."""
         if self.checkpoint_file:
             jvm = self.sc._jvm
+            if jvm is None:
+                raise RuntimeError("the SparkContext has no JVM gateway (it was stopped); cannot "
+                                   f"delete the checkpoint {self.checkpoint_file}")
             path = jvm.org.apache.hadoop.fs.Path(self.checkpoint_file)
             path.getFileSystem(self.sc._jsc.hadoopConfiguration()).delete(path, True)
             self.checkpoint_file = None
@@ -458,8 +467,11 @@ def save_chunks(carrier: Carrier, spec: ModelSpec, head: np.ndarray, names: tupl
         yield tail
 
     members = {"theta": (head.dtype.name, spec.n_params, pieces(0, head))}
-    for i, name in enumerate(names, start=1):
-        members[f"state_{name}"] = (head.dtype.name, spec.n_params, pieces(i, head_state[name]))
+    if names:
+        if head_state is None:
+            raise ValueError(f"save_chunks: optimizer buffers {names} need the head's (head_state)")
+        for i, name in enumerate(names, start=1):
+            members[f"state_{name}"] = (head.dtype.name, spec.n_params, pieces(i, head_state[name]))
     return members
 
 

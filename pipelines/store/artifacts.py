@@ -45,7 +45,8 @@ def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     import io
 
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    # allow_pickle as np.savez's default, passed by name so no array name can take its place
+    np.savez(buf, allow_pickle=True, **arrays)
     return buf.getvalue()
 
 
@@ -224,8 +225,11 @@ def latest_checkpoint_file(run_dir: RunDir) -> tuple[Path, dict] | None:
     if not metas:
         return None
     stem = metas[-1].removesuffix(".json")
-    meta = json.loads(run_dir.read(f"checkpoints/{stem}.json"))
-    return run_dir.fetch(f"checkpoints/{stem}.npz"), meta
+    meta_bytes = run_dir.read(f"checkpoints/{stem}.json")
+    npz = run_dir.fetch(f"checkpoints/{stem}.npz")
+    if meta_bytes is None or npz is None:   # the .json is written last: both were there
+        raise FileNotFoundError(f"checkpoint {stem} of {run_dir} disappeared while being read")
+    return npz, json.loads(meta_bytes)
 
 
 def latest_checkpoint(run_dir: RunDir) -> tuple[dict[str, np.ndarray], dict] | None:

@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # no display on executors, CI or cron
 
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
 
 from udfs.core import files  # noqa: E402
 
@@ -84,10 +86,15 @@ def drawn_series(fig: Figure) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for ax in fig.axes:
         for line in ax.lines:
-            out[line.get_gid()] = [[float(x), float(y)]
-                                   for x, y in zip(line.get_xdata(), line.get_ydata(), strict=True)]
+            gid = line.get_gid()
+            if gid is None:
+                raise ValueError(f"a line of {ax.get_title()!r} has no gid (its record key)")
+            xs, ys = np.asarray(line.get_xdata()), np.asarray(line.get_ydata())
+            out[gid] = [[float(x), float(y)] for x, y in zip(xs, ys, strict=True)]
         if ax.patches:
-            out["histogram"] = {"counts": [float(p.get_height()) for p in ax.patches],
+            # ax.hist draws its bars as Rectangles; Axes.patches is typed as plain Patches
+            bars = cast(list[Rectangle], list(ax.patches))
+            out["histogram"] = {"counts": [float(p.get_height()) for p in bars],
                                 "title": ax.get_title()}
     return out
 

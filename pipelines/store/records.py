@@ -87,6 +87,7 @@ def next_attempt(spark: SparkSession, lake_path: str, run_id: str) -> int:
         return 1
     row = (spark.read.format("delta").load(path).filter(F.col("run_id") == run_id)
            .agg(F.max("attempt")).first())
+    assert row is not None  # a global aggregate has exactly one row
     return (row[0] or 0) + 1
 
 

@@ -51,6 +51,9 @@ def _hadoop() -> tuple[Any, Any, Any]:
     if "PYSPARK_GATEWAY_PORT" in os.environ:   # spark-submit's JVM, before the SparkContext
         SparkContext._ensure_initialized()
         jvm = SparkContext._jvm
+        if jvm is None:
+            raise UserError("spark-submit's JVM did not start a py4j gateway (PYSPARK_GATEWAY_PORT is "
+                            "set): cannot read a Hadoop URI for runs")
         conf = jvm.org.apache.spark.deploy.SparkHadoopUtil.get().newConfiguration(
             jvm.org.apache.spark.SparkConf())
         return SparkContext._gateway, jvm, conf
@@ -216,6 +219,8 @@ def claim_run(runs_path: str, name: str, marker: str, data: bytes) -> RunDir | N
     file `marker` holding `data` (the caller writes the marker of a local run)."""
     if is_remote(runs_path):
         run_dir = open_run(join(runs_path, name))
+        if run_dir.fs is None:   # open_run gives a remote location a HadoopFS
+            raise RuntimeError(f"run directory {run_dir.uri} has no Hadoop filesystem")
         if run_dir.fs.create_new(join(run_dir.uri, marker), data):
             return run_dir
         run_dir.close()

@@ -25,24 +25,31 @@ import mmap
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields, is_dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Generic, Protocol, TypeVar, cast
 
 import numpy as np
 from scipy import sparse
 
 
 class Entry(Protocol):
-    """What the cache needs to know of a block or a cell."""
+    """What the cache needs to know of a block or a cell (frozen dataclasses: read-only here)."""
 
-    in_memory: bool
-    budget: int                       # bytes the worker may keep (see above)
     derived_per_entry: ClassVar[int]  # derived values kept per entry, the newest first
+
+    @property
+    def in_memory(self) -> bool:
+        """Whether the entry was copied into the worker's memory (else it is memory-mapped)."""
+
+    @property
+    def budget(self) -> int:
+        """Bytes the worker may keep (see above)."""
 
     @property
     def cached_bytes(self) -> int:
         """Bytes the entry itself keeps in the worker's memory: nothing when memory-mapped."""
 
 
+E = TypeVar("E", bound=Entry)
 Opener = Callable[[str, bool], Entry]   # (path, may be copied into memory) -> entry
 
 
@@ -105,13 +112,13 @@ def has_room(size: int, budget: int) -> bool:
 
 
 @dataclass(frozen=True)
-class Kind:
+class Kind(Generic[E]):
     """One kind of entry (blocks, cells): how to open one and the error for one that is not here."""
 
-    open: Opener
+    open: Callable[[str, bool], E]   # an Opener of this kind's entries
     missing: Callable[[str], Exception]
 
-    def load(self, path: str) -> Entry:
+    def load(self, path: str) -> E:
         """The entry at `path`, opened once per worker. The files decide: an entry whose directory
         is gone (released, or built on another executor) is missing even if this worker still
         remembers it."""
@@ -123,9 +130,11 @@ class Kind:
             dataset = os.path.dirname(path)
             _forget(lambda p: os.path.dirname(p) == dataset)
             held = _ENTRIES[path] = (self.open(path, True), self.open)
-        return held[0]
+        # every entry under `path` was opened by this kind's opener (a path names a block or a
+        # cell, never both), so it is an E; _ENTRIES is shared by all kinds, hence the cast
+        return cast(E, held[0])
 
-    def derived(self, path: str, key: Any, compute: Callable[[Any], Any]) -> Any:
+    def derived(self, path: str, key: Any, compute: Callable[[E], Any]) -> Any:
         """`compute(entry)` for the entry at `path`, kept while the entry is (the newest few per
         entry) if the worker's budget has room for it, demoting in-memory entries to make that room."""
         entry = self.load(path)

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 from scipy import sparse
 
 HEADS = {"mlp": "softmax", "softmax": "softmax", "logistic": "sigmoid", "linear": "identity"}
@@ -91,7 +92,11 @@ def skip(gen: np.random.Generator, values: int) -> None:
     64-bit output per value (Generator.uniform in float64), so a part of a model drawn on its own
     (a model-parallel feature block, the head) gets the values the whole model would."""
     if values:
-        gen.bit_generator.advance(values)
+        bit_generator = gen.bit_generator
+        if not isinstance(bit_generator, (np.random.PCG64, np.random.PCG64DXSM, np.random.Philox)):
+            raise TypeError(f"{type(bit_generator).__name__} cannot skip draws (advance): "
+                            "use a PCG64 generator (np.random.default_rng)")
+        bit_generator.advance(values)
 
 
 def glorot_uniform(gen: np.random.Generator, fan_in: int, fan_out: int, lo: int = 0,
@@ -120,7 +125,7 @@ def initialiser(init: str) -> Callable[..., np.ndarray]:
 
 
 def init_params(spec: ModelSpec, rng: np.random.Generator, init: str = "glorot_uniform",
-                dtype: np.dtype = np.float32) -> np.ndarray:
+                dtype: npt.DTypeLike = np.float32) -> np.ndarray:
     """Weights drawn by the `init` initialiser layer by layer from `rng`, and zero biases."""
     draw = initialiser(init)
     theta = np.zeros(spec.n_params, dtype=dtype)
@@ -184,6 +189,7 @@ def backward(spec: ModelSpec, out: np.ndarray, y: np.ndarray, dtype: np.dtype,
     the summed first-layer partials), else None (inputs[0] is the data)."""
     n = out.shape[0]
     loss, delta = head_loss(spec, out, y)
+    assert delta is not None   # head_loss returns the gradient when need_grad (the default)
     delta = delta.astype(dtype, copy=False) / n
     for i in range(len(weights) - 1, -1, -1):
         gw, gb = grads[i]

@@ -74,9 +74,9 @@ class Block:
 
 
 def feature_bytes(X: np.ndarray | sparse.csr_matrix) -> int:
-    if sparse.issparse(X):
-        return X.data.nbytes + X.indices.nbytes + X.indptr.nbytes
-    return X.nbytes
+    if isinstance(X, np.ndarray):   # dense or memory-mapped (np.memmap); else a CSR matrix
+        return X.nbytes
+    return X.data.nbytes + X.indices.nbytes + X.indptr.nbytes
 
 
 def _dense(arr: pa.Array, ids: np.ndarray, width: int | None) -> np.ndarray:
@@ -100,9 +100,10 @@ def _list_parts(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _sparse(arr: pa.StructArray, ids: np.ndarray, width: int | None
-            ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+            ) -> tuple[int | None, np.ndarray, np.ndarray, np.ndarray]:
     """(declared size, nonzeros per row, column indices, values) of a struct<size, indices, values>
-    column, checked row by row without a Python loop: every error names the row id."""
+    column, checked row by row without a Python loop: every error names the row id. The size is
+    `width` as given (None when not known yet) for a column without rows."""
     if arr.null_count:
         raise BlockError(f"row id {ids[np.asarray(arr.is_null())][0]}: features is null")
     size, indices, values = (arr.field(n) for n in ("size", "indices", "values"))
@@ -122,6 +123,7 @@ def _sparse(arr: pa.StructArray, ids: np.ndarray, width: int | None
                          f"{value_counts[i]} values")
     bad = (cols < 0) | (cols >= width)
     if bad.any():
+        assert width is not None   # a bad index means rows, and the first row's size set width
         j = int(np.flatnonzero(bad)[0])
         row = int(np.searchsorted(np.cumsum(counts), j, side="right"))
         raise BlockError(f"row id {ids[row]}: features index {int(cols[j])} is outside the declared "
@@ -228,7 +230,10 @@ def build_partition(batches: Iterator[pa.RecordBatch], key: str, cache_bytes: in
     from pyspark import SparkFiles, TaskContext
 
     worker.prepare()
-    part = TaskContext.get().partitionId()
+    context = TaskContext.get()
+    if context is None:
+        raise RuntimeError("build_partition runs only inside a Spark task (mapInArrow)")
+    part = context.partitionId()
     path = block_dir(SparkFiles.getRootDirectory(), key, part)
     with files.replacing_dir(path) as tmp:   # an empty partition leaves it empty: no block
         writer = _Writer(tmp)
@@ -298,8 +303,8 @@ def _open(path: str, may_copy: bool = True) -> Block:
                               shape=(n, d), copy=False)
     else:
         X = _read(path, "X.bin", np.float32, (n, d), in_memory)
-    small = (_load_npy(path, f"{name}.npy", in_memory) for name in SMALL)
-    return Block(X, *small, in_memory=in_memory, budget=budget)
+    y, ids, shard, test = (_load_npy(path, f"{name}.npy", in_memory) for name in SMALL)
+    return Block(X, y, ids, shard, test, in_memory=in_memory, budget=budget)
 
 
 def _missing(path: str) -> BlockMissing:

@@ -112,13 +112,26 @@ class CellData:
         """What this cell keeps in the worker's memory: nothing when memory-mapped."""
         return cache.nbytes([getattr(self, name) for name in _ARRAYS]) if self.in_memory else 0
 
+    def dense_rows(self) -> np.ndarray:
+        """X[r, s] of a dense cell."""
+        if self.dense is None:
+            raise ValueError(f"a {self.kind} cell has no dense rows")
+        return self.dense
+
+    def csr(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(indptr, indices, values) of a sparse cell."""
+        if self.indptr is None or self.indices is None or self.values is None:
+            raise ValueError(f"a {self.kind} cell has no CSR arrays")
+        return self.indptr, self.indices, self.values
+
     def as_block(self) -> blocks.Block:
         """The row facts udfs.blocks.roles reads (shard, test), in a Block without features."""
         return blocks.Block(np.empty((self.n, 0), np.float32), np.zeros(self.n, np.int32), self.id,
                             self.shard, self.test)
 
 
-def _list_values(column: pa.ChunkedArray, ids: np.ndarray, name: str, dtype: type) -> tuple[np.ndarray, np.ndarray]:
+def _list_values(column: pa.ChunkedArray, ids: np.ndarray, name: str,
+                 dtype: type[np.generic]) -> tuple[np.ndarray, np.ndarray]:
     """(offsets from 0, values) of a list column, with a null list named by its row id."""
     arr = column.combine_chunks()
     if arr.null_count:
@@ -180,11 +193,14 @@ def build_cells(batches: Iterator[pa.RecordBatch], key: str, kind: str,
     from pyspark import SparkFiles, TaskContext
 
     worker.prepare()
-    part = TaskContext.get().partitionId()
-    batches = [b for b in batches if b.num_rows]
-    if not batches:
+    context = TaskContext.get()
+    if context is None:
+        raise RuntimeError("build_cells runs only inside a Spark task (mapInArrow)")
+    part = context.partitionId()
+    nonempty = [b for b in batches if b.num_rows]
+    if not nonempty:
         return
-    cell = assemble_cell(pa.Table.from_batches(batches), kind, widths[part % len(widths)])
+    cell = assemble_cell(pa.Table.from_batches(nonempty), kind, widths[part % len(widths)])
     path = blocks.block_dir(SparkFiles.getRootDirectory(), key, part)
     save_cell(cell, path, cache_bytes)
     yield pa.RecordBatch.from_pydict({
@@ -203,8 +219,10 @@ def _open(path: str, may_copy: bool) -> CellData:
                                             meta["cache_bytes"])
     arrays = {name: np.load(file, mmap_mode=None if in_memory else "r", allow_pickle=False)
               for name, file in stored.items()}
-    return CellData(meta["kind"], int(meta["width"]), *(arrays.get(n) for n in _ARRAYS),
-                    in_memory=in_memory, budget=meta["cache_bytes"])
+    # the CSR parts or the dense rows, by the cell's kind; id, shard and test always
+    return CellData(meta["kind"], int(meta["width"]), arrays.get("dense"), arrays.get("indptr"),
+                    arrays.get("indices"), arrays.get("values"), arrays["id"], arrays["shard"],
+                    arrays["test"], in_memory=in_memory, budget=meta["cache_bytes"])
 
 
 def _missing(path: str) -> FileNotFoundError:
@@ -236,17 +254,20 @@ def remove_cell(rows: Iterable[Any]) -> Iterator[int]:
 
 def _csr_rows(cell: CellData, rows: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(position in `rows`, local column, value) of every stored entry of the selected rows."""
-    starts, stops = cell.indptr[rows], cell.indptr[rows + 1]
+    indptr, indices, values = cell.csr()
+    starts, stops = indptr[rows], indptr[rows + 1]
     lengths = stops - starts
     at = np.repeat(starts - np.concatenate(([0], np.cumsum(lengths)[:-1])), lengths) \
         + np.arange(lengths.sum())
-    return (np.repeat(np.arange(len(rows)), lengths), cell.indices[at].astype(np.int64),
-            cell.values[at].astype(dtype))
+    return (np.repeat(np.arange(len(rows)), lengths), indices[at].astype(np.int64),
+            values[at].astype(dtype))
 
 
 def _dense(path: str, dtype: str) -> np.ndarray:
     cell = load_cell(path)
-    return cell.dense if dtype == "float32" else derived(path, dtype, lambda c: c.dense.astype(dtype))
+    if dtype == "float32":
+        return cell.dense_rows()
+    return derived(path, dtype, lambda c: c.dense_rows().astype(dtype))
 
 
 def forward(path: str, rows: np.ndarray, W: np.ndarray) -> np.ndarray:
@@ -353,6 +374,7 @@ def head_step(spec: ModelSpec, head: np.ndarray, Z: np.ndarray,
         weights = [w for w, _ in models.unpack(rest, head[h:])]
         grads = list(models.unpack(rest, grad[h:]))
     loss, dZ = models.backward(spec, out, y, head.dtype, weights, grads, inputs, through_first=True)
+    assert dZ is not None   # through_first: backward returns the gradient of the partials
     grad[:h] = dZ.sum(axis=0)
     return loss, grad, dZ
 
@@ -505,8 +527,9 @@ def step_received(pair: tuple[CellState, list], grid: Grid, update: Update | Non
     return step(state, grid, update, fwd, sizes, received)
 
 
-def output(state: CellState) -> tuple[int, np.ndarray]:
-    """What a cell returns to the driver after a step: its partition and partial pre-activations."""
+def output(state: CellState) -> tuple[int, np.ndarray | None]:
+    """What a cell returns to the driver after a step: its partition and partial pre-activations
+    (None after a step without a forward pass)."""
     return state.part, state.out
 
 
