@@ -45,8 +45,9 @@ def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     import io
 
     buf = io.BytesIO()
-    # allow_pickle as np.savez's default, passed by name so no array name can take its place
-    np.savez(buf, allow_pickle=True, **arrays)
+    # numeric arrays only: an object array would need pickle to load, and stored artifacts load
+    # with allow_pickle=False, so refuse it here rather than write what cannot be read back
+    np.savez(buf, allow_pickle=False, **arrays)
     return buf.getvalue()
 
 
