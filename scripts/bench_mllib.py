@@ -26,6 +26,7 @@ import argparse
 import datetime
 import json
 import time
+from functools import partial
 from typing import Any
 
 from pyspark.sql import SparkSession
@@ -51,10 +52,10 @@ def mllib_runs(spark: SparkSession, kind: str, iters: list[int], lake_path: str)
     runs = []
     for n in iters:
         config = config_for(kind, lake_path, ("trainer.strategy=mllib", f"mllib.max_iter={n}"))
-        result = mllib.fit(spark, config, lambda d, k, c=config: runners.model_spec(c, d, k))
-        runs.append({"max_iter": n, "iterations": result["iterations"],
-                     "train_seconds": round(result["train_seconds"], 2),
-                     "test_accuracy": round(result["test"]["accuracy"], 4)})
+        result = mllib.fit(spark, config, partial(runners.model_spec, config))
+        runs.append({"max_iter": n, "iterations": result.iterations,
+                     "train_seconds": round(result.train_seconds, 2),
+                     "test_accuracy": round(result.test["accuracy"], 4)})
         log(f"mllib {kind}: {runs[-1]}")
     return runs
 

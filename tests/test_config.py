@@ -74,6 +74,6 @@ def test_missing_and_malformed_files(tmp_path):
 ])
 def test_train_job_exits_2_on_bad_config(args, needle):
     proc = subprocess.run([sys.executable, str(ROOT / "pipelines" / "train.py"), *args],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+                          capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2, proc.stderr
     assert needle in proc.stderr

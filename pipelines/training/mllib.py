@@ -15,7 +15,9 @@ written as our weights.npz + spec.json, so evaluate.py and scoring use them like
 from __future__ import annotations
 
 import time
-from typing import Any, cast
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 from pyspark.ml import Estimator, Model
@@ -28,7 +30,7 @@ from pyspark.ml.classification import (
 from pyspark.ml.evaluation import MulticlassClassificationEvaluator, RegressionEvaluator
 from pyspark.ml.functions import array_to_vector
 from pyspark.ml.regression import LinearRegression, LinearRegressionModel
-from pyspark.ml.util import HasTrainingSummary
+from pyspark.ml.util import HasTrainingSummary, MLWritable
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -119,9 +121,29 @@ def our_weights(model: Model, spec: ModelSpec) -> np.ndarray | None:
     return np.concatenate([W.ravel(), b]).astype(np.float64)
 
 
-def fit(spark: SparkSession, config: Config, spec_for: Any) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Fitted:
+    """What an MLlib fit gives the run: the model, our spec of it, the table version it read, its
+    row counts, the optimizer's own wall time and iterations, and its test metrics."""
+
+    model: Model
+    spec: ModelSpec
+    table: str
+    version: int
+    train_rows: int
+    test_rows: int
+    train_seconds: float
+    test: dict[str, float]
+    iterations: int | None
+
+    def save(self, path: str) -> None:
+        """The fitted model with MLlib's own writer (every MLlib model here is MLWritable)."""
+        cast(MLWritable, self.model).write().overwrite().save(path)
+
+
+def fit(spark: SparkSession, config: Config, spec_for: Callable[[int, int], ModelSpec]) -> Fitted:
     """Fit on the train split less the hold-out and test; `spec_for(n_features, n_classes)` builds
-    the model spec (train.py's model_spec, with its checks). Returns what the run needs."""
+    the model spec (the runners' model_spec, with its checks)."""
     data, name, version, float_label = rows(spark, config)
     train = data.filter((F.col("split") == "train") & ~F.col("held_out")).select("features", "label")
     test = data.filter(F.col("split") == "test").select("features", "label")
@@ -134,9 +156,8 @@ def fit(spark: SparkSession, config: Config, spec_for: Any) -> dict[str, Any]:
         seconds = time.perf_counter() - started
     finally:
         train.unpersist()
-    return {"model": model, "spec": spec, "table": name, "version": version, "train_rows": n_train,
-            "test_rows": test.count(), "train_seconds": seconds, "test": test_metrics(model, test, spec),
-            "iterations": _iterations(model)}
+    return Fitted(model, spec, name, version, n_train, test.count(), seconds, test_metrics(model, test, spec),
+                  _iterations(model))
 
 
 def _iterations(model: Model) -> int | None:

@@ -8,7 +8,8 @@ import argparse
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +129,39 @@ def interrupted_run(config: Config, run_name: str) -> RunDir | None:
     return run_dir
 
 
+@dataclass(frozen=True)
+class DataUsed:
+    """The table version a run read and how many rows it used for what (the summary's `data`).
+    `validation_rows`: None for the strategies that hold out no validation share of their own."""
+
+    table: str
+    version: int
+    train_rows: int
+    test_rows: int
+    partitions: int
+    validation_rows: int | None = None
+
+
+@dataclass(frozen=True)
+class Trained:
+    """What a runner returns to `run`: the data it read, the model, its test metrics, its length
+    in epochs (None for federated, which counts rounds), and the summary fields only its strategy
+    has (federated's clients and rounds, model_parallel's shards, MLlib's iterations), which go
+    into the summary line as they are."""
+
+    data: DataUsed
+    spec: ModelSpec
+    test: dict[str, float]
+    epochs: int | None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def summary_fields(self) -> dict[str, Any]:
+        """The runner's part of the summary line (CONTRACT.md), in its order."""
+        return {"model": {"kind": self.spec.kind, "layers": list(self.spec.layers)},
+                "data": asdict(self.data), "epochs": self.epochs,
+                **self.details, **summary_metrics(self.spec, self.test)}
+
+
 def summary_metrics(spec: ModelSpec, test: dict[str, float]) -> dict[str, Any]:
     if spec.is_classifier:
         return {"test_loss": test.get("loss"), "test_accuracy": test.get("accuracy")}
@@ -163,7 +197,7 @@ def federated_start(config: Config, clients: Clients) -> tuple[ModelSpec, rounds
     return spec, rounds.initial_state(config, initial_theta(config, spec), clients.count)
 
 
-def train_data_parallel(job: Job) -> dict:
+def train_data_parallel(job: Job) -> Trained:
     """`local` and `sync`: the summary's strategy-specific part."""
     spark, config, t = job.spark, job.config, job.config.trainer
     mark = time.perf_counter()
@@ -210,14 +244,8 @@ def train_data_parallel(job: Job) -> dict:
     data.release()
     finish_model(tracker.run_dir, config, spec, state.theta, data.table, data.version)
     job.history = state.history
-    return {
-        "data": {"table": data.table, "version": data.version, "train_rows": data.train_rows,
-                 "validation_rows": data.validation_rows, "test_rows": data.test_rows,
-                 "partitions": data.partitions},
-        "epochs": t.epochs,
-        **summary_metrics(spec, test),
-        "model": {"kind": spec.kind, "layers": list(spec.layers)},
-    }
+    return Trained(DataUsed(data.table, data.version, data.train_rows, data.test_rows, data.partitions,
+                            data.validation_rows), spec, test, t.epochs)
 
 
 def round_line(record: dict[str, Any], rounds: int) -> str:
@@ -237,7 +265,7 @@ def round_line(record: dict[str, Any], rounds: int) -> str:
     return "  ".join(parts)
 
 
-def train_federated(job: Job) -> dict:
+def train_federated(job: Job) -> Trained:
     """`federated`: the summary's strategy-specific part."""
     spark, config = job.spark, job.config
     t, fed = config.trainer, config.federated
@@ -273,15 +301,9 @@ def train_federated(job: Job) -> dict:
         test.release()
     finish_model(tracker.run_dir, config, spec, state.theta, clients.table, clients.version)
     job.history = state.history
-    return {
-        "data": {"table": clients.table, "version": clients.version,
-                 "train_rows": int(clients.sizes.sum()),
-                 "test_rows": test.test_rows if test is not None else 0,
-                 "partitions": clients.count},
-        **rounds.summary_fields(config, clients, state),
-        **summary_metrics(spec, test_metrics),
-        "model": {"kind": spec.kind, "layers": list(spec.layers)},
-    }
+    return Trained(DataUsed(clients.table, clients.version, int(clients.sizes.sum()),
+                            test.test_rows if test is not None else 0, clients.count),
+                   spec, test_metrics, None, rounds.summary_fields(config, clients, state))
 
 
 def finish_model(run_dir: RunDir, config: Config, spec: ModelSpec, theta: np.ndarray | None, table: str,
@@ -297,7 +319,7 @@ def finish_model(run_dir: RunDir, config: Config, spec: ModelSpec, theta: np.nda
         artifacts.save_model(run_dir, spec, theta, meta)
 
 
-def train_model_parallel(job: Job) -> dict:
+def train_model_parallel(job: Job) -> Trained:
     """`model_parallel`: the first layer sharded by feature blocks (pipelines/model_parallel/training.py)."""
     spark, config = job.spark, job.config
     t, mp = config.trainer, model_parallel_training
@@ -338,42 +360,29 @@ def train_model_parallel(job: Job) -> dict:
     carrier.release()
     cells.release()
     job.history = head.history
-    return {
-        "data": {"table": cells.table, "version": cells.version, "train_rows": cells.layout.n_train,
-                 "validation_rows": cells.layout.n_validation, "test_rows": cells.test_rows,
-                 "partitions": cells.row_blocks},
-        "epochs": t.epochs,
-        **summary_metrics(spec, test),
-        **summary,
-        "model": {"kind": spec.kind, "layers": list(spec.layers)},
-    }
+    return Trained(DataUsed(cells.table, cells.version, cells.layout.n_train, cells.test_rows, cells.row_blocks,
+                            cells.layout.n_validation), spec, test, t.epochs, summary)
 
 
-def train_mllib(job: Job) -> dict:
+def train_mllib(job: Job) -> Trained:
     """`mllib`: MLlib's estimator on the same table (pipelines/training/mllib.py)."""
     spark, config = job.spark, job.config
     mark = time.perf_counter()
-    result = mllib.fit(spark, config, lambda d, k: model_spec(config, d, k))
-    job.timings["train"] = result["train_seconds"]
-    job.timings["prepare_and_evaluate"] = time.perf_counter() - mark - result["train_seconds"]
-    spec, model = result["spec"], result["model"]
-    tracker = job.open_run(result["table"], result["version"], "epoch", 0)
-    model.write().overwrite().save(tracker.run_dir.child("model/mllib"))
-    finish_model(tracker.run_dir, config, spec, mllib.our_weights(model, spec), result["table"],
-                 result["version"])
-    return {
-        "data": {"table": result["table"], "version": result["version"],
-                 "train_rows": result["train_rows"], "test_rows": result["test_rows"],
-                 "partitions": config.data.partitions},
-        "epochs": None,
-        "mllib": {"estimator": type(model).__name__.removesuffix("Model") or type(model).__name__,
-                  "max_iter": config.mllib.max_iter, "iterations": result["iterations"]},
-        **summary_metrics(spec, result["test"]),
-        "model": {"kind": spec.kind, "layers": list(spec.layers)},
-    }
+    fitted = mllib.fit(spark, config, partial(model_spec, config))
+    job.timings["train"] = fitted.train_seconds
+    job.timings["prepare_and_evaluate"] = time.perf_counter() - mark - fitted.train_seconds
+    spec, model = fitted.spec, fitted.model
+    tracker = job.open_run(fitted.table, fitted.version, "epoch", 0)
+    fitted.save(tracker.run_dir.child("model/mllib"))
+    finish_model(tracker.run_dir, config, spec, mllib.our_weights(model, spec), fitted.table, fitted.version)
+    estimator = type(model).__name__.removesuffix("Model") or type(model).__name__
+    return Trained(DataUsed(fitted.table, fitted.version, fitted.train_rows, fitted.test_rows,
+                            config.data.partitions), spec, fitted.test, None,
+                   {"mllib": {"estimator": estimator, "max_iter": config.mllib.max_iter,
+                              "iterations": fitted.iterations}})
 
 
-RUNNERS: dict[str, Callable[[Job], dict]] = {
+RUNNERS: dict[str, Callable[[Job], Trained]] = {
     "local": train_data_parallel, "sync": train_data_parallel, "federated": train_federated,
     "mllib": train_mllib, "model_parallel": train_model_parallel,
 }
@@ -389,7 +398,7 @@ def run(config: Config, args: argparse.Namespace, resume_dir: RunDir | None, sta
     job = Job(spark, config, args, resume_dir, {"session": time.perf_counter() - mark},
               wire_log=wire_log)
     try:
-        part = RUNNERS[t.strategy](job)
+        trained = RUNNERS[t.strategy](job)
         tracker = job.tracker
         if tracker is None:
             raise RuntimeError(f"the {t.strategy!r} runner returned without opening a run")
@@ -399,12 +408,10 @@ def run(config: Config, args: argparse.Namespace, resume_dir: RunDir | None, sta
             "run_name": artifacts.run_name_of(run_dir),
             "run_dir": run_dir.uri,
             "strategy": t.strategy,
-            "model": part.pop("model"),
             "seed": t.seed,
-            "data": part.pop("data"),
             "batch_size": {"federated": config.federated.local_batch_size, "mllib": None}.get(
                 t.strategy, t.batch_size),
-            **part,
+            **trained.summary_fields(),
             "train_seconds": round(job.timings["train"], 3),
             "timings": {k: round(v, 3) for k, v in job.timings.items()},
             "model_path": run_dir.child("model"),

@@ -15,9 +15,12 @@ from __future__ import annotations
 import sys
 import zipimport
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
+
+if TYPE_CHECKING:
+    from pyspark import Broadcast
 
 _PREPARED = False
 
@@ -56,7 +59,7 @@ def origin(_: object = None) -> dict[str, str]:
     return {"python": sys.executable, "udfs": udfs.__file__, "numpy": numpy.__file__}
 
 
-def arrow_chunks(batches: Iterator[pa.RecordBatch], chunks: list[Any]) -> Iterator[pa.RecordBatch]:
+def arrow_chunks(batches: Iterator[pa.RecordBatch], chunks: list[Broadcast[bytes]]) -> Iterator[pa.RecordBatch]:
     """mapInArrow over `spark.range(len(chunks))`: the record batches of the broadcast Arrow IPC
     streams whose index arrives in `id` (pipelines.lake.arrow_frame)."""
     for batch in batches:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -24,6 +24,9 @@ from scipy import sparse
 
 from udfs.core import worker
 from udfs.core.seeding import Stream, rng
+
+if TYPE_CHECKING:
+    from pyspark import Broadcast
 
 SIGNAL = 4.0        # standard deviation of the true model's output z
 BIAS_SCALE = 0.5
@@ -127,7 +130,7 @@ def chunk(spec: Spec, model: Truth, c: int) -> pa.RecordBatch:
                                       names=["id", "features", "label", "split"])
 
 
-def generate_partitions(batches: Iterator[pa.RecordBatch], spec: Spec, model: Any
+def generate_partitions(batches: Iterator[pa.RecordBatch], spec: Spec, model: Broadcast[Truth]
                         ) -> Iterator[pa.RecordBatch]:
     """mapInArrow function over spark.range(partitions): each input row names a partition, whose
     chunks this task draws. `model` is the broadcast Truth."""

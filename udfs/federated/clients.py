@@ -10,7 +10,7 @@ import math
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -22,6 +22,9 @@ from udfs.data import blocks
 from udfs.federated.attacks import Attack
 from udfs.federated.noise import Release
 from udfs.training.tasks import handle_of, metric_sums
+
+if TYPE_CHECKING:
+    from pyspark import Broadcast
 
 
 @dataclass(frozen=True)
@@ -143,7 +146,8 @@ def dropped(client: int, exc: Exception) -> Dropped:
     return Dropped(client, f"{type(exc).__name__}: {str(exc)[:200]}")
 
 
-def client_update(rows: Iterable[Any], task: ClientRound, weights: Any) -> Iterator[ClientReport | Dropped]:
+def client_update(rows: Iterable[Any], task: ClientRound,
+                  weights: Broadcast[np.ndarray]) -> Iterator[ClientReport | Dropped]:
     """Train this partition's client from the broadcast global weights; yields its local_update
     record, or a `dropped` record when the client's own training fails (bad rows, a numeric
     error)."""
@@ -162,7 +166,7 @@ def client_update(rows: Iterable[Any], task: ClientRound, weights: Any) -> Itera
 
 
 def client_evaluate(rows: Iterable[Any], spec: ModelSpec, dtype: str, split: ClientSplit,
-                    weights: Any) -> Iterator[tuple[int, np.ndarray]]:
+                    weights: Broadcast[np.ndarray]) -> Iterator[tuple[int, np.ndarray]]:
     """The global model on this client's hold-out: (client, [n, loss_sum, correct, ...])."""
     handle = client_of(rows)
     if handle is None:

@@ -15,13 +15,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from udfs.data import blocks
 from udfs.federated import secagg
 from udfs.federated.clients import ClientReport, ClientRound, Dropped, RoundReport, client_of, dropped, local_update
+
+if TYPE_CHECKING:
+    from pyspark import Broadcast
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,7 @@ def encoded_input(report: ClientReport, weighted: bool) -> np.ndarray:
     return np.concatenate([report.update.astype(np.float64) * weight, [weight, within]])
 
 
-def masked_update(rows: Iterable[Any], task: ClientRound, weights: Any,
+def masked_update(rows: Iterable[Any], task: ClientRound, weights: Broadcast[np.ndarray],
                   masking: Masking) -> Iterator[MaskedReport | Dropped]:
     """Train, then send only the masked encoding of the update, with the count and loss."""
     handle = client_of(rows)
@@ -92,7 +95,7 @@ def masked_update(rows: Iterable[Any], task: ClientRound, weights: Any,
 
 def unmask_shares(rows: Iterable[Any], protocol: secagg.RoundId,
                   public_keys: Mapping[int, tuple[bytes, bytes]],
-                  inbox: Any, survivors: frozenset[int], dropped_: frozenset[int]
+                  inbox: Broadcast[dict[int, Any]], survivors: frozenset[int], dropped_: frozenset[int]
                   ) -> Iterator[tuple[int, dict[int, tuple[str, int]]]]:
     """This survivor's shares: of b for the other survivors, of s for the dropped clients."""
     handle = client_of(rows)

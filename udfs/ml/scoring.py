@@ -5,13 +5,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from udfs.core import models, worker
 from udfs.core.models import ModelSpec
+
+if TYPE_CHECKING:
+    from pyspark import Broadcast
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,7 @@ def feature_matrix(features: pd.Series, scoring: Scoring) -> np.ndarray:
     raise ValueError(f"features column {scoring.column!r}: {what}, the model expects {width}")
 
 
-def score_batch(features: pd.Series, scoring: Scoring, weights: Any) -> pd.DataFrame:
+def score_batch(features: pd.Series, scoring: Scoring, weights: Broadcast[np.ndarray]) -> pd.DataFrame:
     """prediction (class label as a double, or the predicted value) and, for classifiers, the class
     probabilities."""
     worker.prepare()
@@ -51,7 +54,7 @@ def score_batch(features: pd.Series, scoring: Scoring, weights: Any) -> pd.DataF
     return frame
 
 
-def scorer(scoring: Scoring, weights: Any) -> Callable[[pd.Series], pd.DataFrame]:
+def scorer(scoring: Scoring, weights: Broadcast[np.ndarray]) -> Callable[[pd.Series], pd.DataFrame]:
     """score_batch bound to a model, with the type hints pandas_udf reads."""
     def score(features: pd.Series) -> pd.DataFrame:
         return score_batch(features, scoring, weights)

@@ -25,7 +25,7 @@ import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -37,6 +37,13 @@ from udfs.core.optimizers import Optimizer
 from udfs.core.seeding import Stream, rng
 from udfs.data import blocks
 from udfs.training import tasks
+
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    from pyspark import Accumulator, Broadcast
+
+    Sizes: TypeAlias = Accumulator[dict[str, int]]   # MaxSizes: the largest sizes any task saw
 
 HANDLE_SCHEMA = "part int, path string, rows long, test_rows long"
 DENSE, SPARSE = "dense", "sparse"
@@ -410,7 +417,7 @@ class Update:
     epoch: int
     batch: int
     t: int
-    dZ: Any                     # Broadcast of dict[int, np.ndarray]
+    dZ: Broadcast[dict[int, np.ndarray]]   # {row block: dZ rows}
 
 
 class MaxSizes(AccumulatorParam):
@@ -433,7 +440,7 @@ def _rows_of(path: str, grid: Grid, fwd: Forward) -> np.ndarray:
 
 
 def _outputs(path: str, W: np.ndarray, grid: Grid, fwd: Forward | None,
-             sizes: Any) -> np.ndarray | None:
+             sizes: Sizes) -> np.ndarray | None:
     if fwd is None:
         return None
     out = forward(path, _rows_of(path, grid, fwd), W)
@@ -441,8 +448,9 @@ def _outputs(path: str, W: np.ndarray, grid: Grid, fwd: Forward | None,
     return out
 
 
-def start(rows: Iterable[Any], grid: Grid, fwd: Forward | None, sizes: Any,
-          restored: dict[int, Any] | None = None) -> Iterator[CellState]:
+def start(rows: Iterable[Any], grid: Grid, fwd: Forward | None, sizes: Sizes,
+          restored: dict[int, Broadcast[tuple[np.ndarray, dict[str, np.ndarray]]]] | None = None
+          ) -> Iterator[CellState]:
     """mapPartitions over the cell handles: the cell's replica of W_s, drawn here from the run seed
     (or read from its own shard's broadcast when resuming, {s: Broadcast of (W_s, buffers)}, so a
     task reads no other shard), and its first forward."""
@@ -471,7 +479,7 @@ def contribution(state: CellState, grid: Grid, update: Update) -> tuple[np.ndarr
     return backward(state.path, batch_rows(state.path, grid, update.epoch, update.batch), dZ)
 
 
-def send(state: CellState, grid: Grid, update: Update, sizes: Any) -> Iterator[tuple[int, tuple]]:
+def send(state: CellState, grid: Grid, update: Update, sizes: Sizes) -> Iterator[tuple[int, tuple]]:
     """flatMap for R > 1: this cell's contribution, keyed for every replica of its W_s."""
     worker.prepare()
     part_grad = contribution(state, grid, update)
@@ -504,7 +512,7 @@ def _apply(state: CellState, parts: list[tuple[np.ndarray | None, np.ndarray]], 
     return W, opt
 
 
-def step(state: CellState, grid: Grid, update: Update | None, fwd: Forward | None, sizes: Any,
+def step(state: CellState, grid: Grid, update: Update | None, fwd: Forward | None, sizes: Sizes,
          received: list | None = None) -> CellState:
     """map over the state RDD: apply the update (with the contributions received from the other
     row blocks, or, when R = 1, this cell's own), then run the forward pass."""
@@ -521,7 +529,7 @@ def step(state: CellState, grid: Grid, update: Update | None, fwd: Forward | Non
 
 
 def step_received(pair: tuple[CellState, list], grid: Grid, update: Update | None,
-                  fwd: Forward | None, sizes: Any) -> CellState:
+                  fwd: Forward | None, sizes: Sizes) -> CellState:
     """map over state.zip(gathered contributions), for R > 1."""
     state, received = pair
     return step(state, grid, update, fwd, sizes, received)

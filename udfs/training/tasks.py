@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -18,6 +18,9 @@ from udfs.core.models import ModelSpec
 from udfs.core.optimizers import Optimizer
 from udfs.core.seeding import Stream, rng
 from udfs.data import blocks
+
+if TYPE_CHECKING:
+    from pyspark import Broadcast
 
 
 def _placed(path: str, layout: blocks.Layout) -> tuple[blocks.Block, blocks.Roles]:
@@ -75,7 +78,8 @@ def local_batch_bounds(step: int, n_part: int, n_total: int, batch_size: int) ->
     return start, stop
 
 
-def local_round(rows: Iterable[Any], task: LocalRound, weights: Any) -> Iterator[tuple]:
+def local_round(rows: Iterable[Any], task: LocalRound,
+                weights: Broadcast[tuple[np.ndarray, dict[str, np.ndarray]]]) -> Iterator[tuple]:
     """Run this partition's local mini-batch steps of one averaging round from the broadcast
     (theta, optimizer state). Each epoch the partition walks its training rows in an order drawn
     from (seed, epoch, partition).
@@ -144,7 +148,7 @@ def batch_plan(roles: blocks.Roles, layout: blocks.Layout, batch_size: int,
     return roles.train[order], bounds
 
 
-def sync_gradient(rows: Iterable[Any], job: Job, epoch: int, batch: int, weights: Any,
+def sync_gradient(rows: Iterable[Any], job: Job, epoch: int, batch: int, weights: Broadcast[np.ndarray],
                   chunk: int = 65_536) -> Iterator[tuple]:
     """Gradient and loss summed over this partition's rows of global batch `batch` of `epoch`, in
     chunks of rows (a full batch over a memory-mapped block never copies the whole block).
@@ -175,7 +179,7 @@ def sync_gradient(rows: Iterable[Any], job: Job, epoch: int, batch: int, weights
 # --- evaluation ----------------------------------------------------------------------------------
 
 def evaluate(rows: Iterable[Any], spec: ModelSpec, layout: blocks.Layout, dtype: str,
-             which: tuple[str, ...], weights: Any, chunk: int = 8192) -> Iterator[dict]:
+             which: tuple[str, ...], weights: Broadcast[np.ndarray], chunk: int = 8192) -> Iterator[dict]:
     """Sums from which the driver computes loss and accuracy (or RMSE and R^2) per role.
 
     Yields {role: array[n, loss_sum, correct, sse, y_sum, y2_sum]}."""
