@@ -13,9 +13,9 @@
 # machines built from one image; elsewhere build the environment with conda-pack, or use a
 # container image (Kubernetes). We pack with tar rather than venv-pack (unmaintained since 2018):
 # the archive is the venv as it is, which is all Spark's --archives needs.
-# Each executor of each application unpacks the archive, so it holds what executors import and no
-# more: the packages' own test suites and the installers (pip, setuptools) are left out (150 of the
-# 700 MB unpacked). Rebuilt only when pyproject.toml, this script or the sources change.
+# Each executor of each application unpacks the archive, so the packages' own test suites and the
+# installers (pip, setuptools), which no executor runs, are left out (150 of the 700 MB unpacked).
+# Rebuilt only when pyproject.toml, this script or the sources change.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 cd "$ROOT"
@@ -45,7 +45,7 @@ PY
 
 build_env() {
   local stamp="$ENV_DIR/.fedspark-deps" want
-  want="$(cat "$ROOT/pyproject.toml" "${BASH_SOURCE[0]}" | sha256sum | cut -d' ' -f1)"
+  want="$(cat "$ROOT/pyproject.toml" "$ROOT/scripts/package.sh" | sha256sum | cut -d' ' -f1)"
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -f "$ENV_TAR" ]; then
     return
   fi
