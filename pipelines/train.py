@@ -18,11 +18,10 @@ import json
 from pathlib import Path
 
 from pipelines.core.cli import main_wrapper, print_summary, process_start_time
-from pipelines.core.config import ConfigError
 from pipelines.core.session import build_session
 from pipelines.model_parallel import vertical
 from pipelines.store import locks, rundir
-from pipelines.training.runners import RUNNERS, interrupted_run, resolve_run, run
+from pipelines.training.runners import interrupted_run, resolve_run, run
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -49,9 +48,6 @@ def main(argv: list[str], wire_log: list | None = None) -> None:
     started = process_start_time()
     args = parse_args(argv)
     config, resume_dir, run_name = resolve_run(args)
-    if config.trainer.strategy not in RUNNERS:
-        raise ConfigError(f"trainer.strategy={config.trainer.strategy!r} is not available in this "
-                          f"version; available: {', '.join(RUNNERS)}")
     if config.trainer.strategy == "model_parallel":
         vertical.parse(config.model_parallel)  # bad parties stop the job before Spark starts
     if rundir.is_remote(config.runs.path):  # the run store goes through Spark's JVM

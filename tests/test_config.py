@@ -49,6 +49,25 @@ def test_bad_values_name_the_key(item, needles):
         assert needle in str(err.value)
 
 
+def test_allowed_values_are_the_registries():
+    """Adding a rule, sampler or DP mode to its registry is all it takes; and every trainer strategy
+    the config accepts has a runner (the runners read the config, so config.py cannot import them)."""
+    from typing import get_args
+
+    from pipelines.core import config
+    from pipelines.federated.sampling import SAMPLERS
+    from pipelines.training.runners import RUNNERS
+    from udfs.core.models import FLOAT_DTYPES
+    from udfs.federated.noise import DP_MODES
+
+    fields = {"trainer": config.TrainerSection.model_fields, "federated": config.FederatedSection.model_fields,
+              "privacy": config.PrivacySection.model_fields}
+    assert get_args(fields["trainer"]["dtype"].annotation) == tuple(FLOAT_DTYPES)
+    assert get_args(fields["federated"]["sampling"].annotation) == tuple(SAMPLERS)
+    assert get_args(fields["privacy"]["dp"].annotation) == tuple(DP_MODES)
+    assert get_args(config.TrainerStrategy) == tuple(RUNNERS)
+
+
 def test_cross_section_rules():
     with pytest.raises(ConfigError, match="secure_aggregation"):
         load_config(None, ["privacy.secure_aggregation=true", "robust.rule=median"])

@@ -24,11 +24,13 @@ from pydantic_core import ErrorDetails
 from pipelines.core.errors import UserError
 from pipelines.federated import partitioners
 from pipelines.federated.robust import NEEDS_INDIVIDUAL_UPDATES, RULES
+from pipelines.federated.sampling import SAMPLERS
 from pipelines.federated.server import STRATEGIES
 from pipelines.store.rundir import local_path
-from udfs.core.models import HEADS, INITIALISERS
+from udfs.core.models import FLOAT_DTYPES, HEADS, INITIALISERS
 from udfs.core.optimizers import OPTIMIZERS
 from udfs.federated.attacks import ATTACKS
+from udfs.federated.noise import DP_MODES
 
 
 def _conf_dir() -> Path:
@@ -58,6 +60,9 @@ if TYPE_CHECKING:   # a type checker sees names; pydantic, at run time, the regi
     Partitioner: TypeAlias = str
     RobustRule: TypeAlias = str
     AttackKind: TypeAlias = str
+    Dtype: TypeAlias = str
+    Sampling: TypeAlias = str
+    DpMode: TypeAlias = str
 else:
     ModelKind = one_of(HEADS)
     ModelInit = one_of(INITIALISERS)
@@ -66,11 +71,11 @@ else:
     Partitioner = one_of(partitioners.NAMES)
     RobustRule = one_of(RULES)
     AttackKind = one_of(ATTACKS)
+    Dtype = one_of(FLOAT_DTYPES)
+    Sampling = one_of(SAMPLERS)
+    DpMode = one_of(DP_MODES)
 # option sets that are not registries: each declared once
 TrainerStrategy = Literal["local", "sync", "federated", "mllib", "model_parallel"]
-Dtype = Literal["float32", "float64"]
-Sampling = Literal["fixed", "poisson"]
-DpMode = Literal["none", "central", "local"]
 
 
 class ConfigError(UserError):

@@ -42,7 +42,7 @@ from dp_accounting import rdp
 
 from pipelines.core.config import Config, ConfigError
 from udfs.core.seeding import Stream, rng
-from udfs.federated.noise import Release
+from udfs.federated.noise import DP_MODES, DpMode, Release
 
 CLIP_LEARNING_RATE = 0.2       # eta of Andrew et al. 2021
 # dp-accounting logs a warning for each low fractional RDP order it cannot evaluate and skips it
@@ -66,7 +66,7 @@ def epsilon(q: float, z: float, rounds: int, delta: float) -> float:
 class Dp:
     """The run's DP settings, and the round-by-round mechanism they define."""
 
-    mode: str                  # none | central | local
+    mode: str                  # a key of DP_MODES
     z: float
     clip: float
     adaptive: bool
@@ -83,8 +83,17 @@ class Dp:
                    p.target_epsilon, fed.fraction, fed.fraction * n_clients)
 
     @property
+    def kind(self) -> DpMode:
+        return DP_MODES[self.mode]
+
+    @property
     def enabled(self) -> bool:
-        return self.mode != "none"
+        return self.kind.enabled
+
+    @property
+    def central(self) -> bool:
+        """The driver adds the noise to the sum, so it wraps the aggregation (CentralDP)."""
+        return self.kind.server_noise
 
     @property
     def count_noise(self) -> float:
@@ -105,13 +114,13 @@ class Dp:
         if not self.enabled:
             return Release(clip=clip_for_overflow)
         c = float(state["clip"][0])
-        noise = self.z * c if self.mode == "local" else 0.0
+        noise = self.z * c if self.kind.client_noise else 0.0
         return Release(clip=c, noise_std=noise, report_clipped=self.adaptive)
 
     def epsilon_after(self, rounds: int) -> float | None:
         if not self.enabled:
             return None
-        if self.mode == "local":
+        if self.kind.client_noise:
             return epsilon(1.0, self.z / 2, rounds, self.delta)
         return epsilon(self.q, self.z, rounds, self.delta)
 

@@ -22,6 +22,7 @@ from pipelines.core.config import Config, ConfigError, FederatedSection
 from pipelines.data.blocks import Blocks
 from pipelines.federated import privacy, robust, secure_round, secure_sum
 from pipelines.federated.clients import Clients
+from pipelines.federated.sampling import SAMPLERS
 from pipelines.federated.server import ServerRule
 from pipelines.training.data_parallel import evaluate, optimizer_from
 from udfs.core.models import ModelSpec
@@ -32,13 +33,9 @@ from udfs.federated.noise import Release
 
 
 def sample(fed: FederatedSection, round_: int, n_clients: int, seed: int) -> list[int]:
-    """The clients of a round: a fixed fraction (at least min_clients), or each client independently
-    with probability `fraction` (Poisson sampling, what privacy accountants assume)."""
-    gen = rng(seed, Stream.SAMPLE, round_)
-    if fed.sampling == "poisson":
-        return [int(i) for i in np.flatnonzero(gen.random(n_clients) < fed.fraction)]
-    m = int(expected_per_round(fed, n_clients))
-    return sorted(int(i) for i in gen.choice(n_clients, size=m, replace=False))
+    """The clients of a round, drawn by the federated.sampling rule (pipelines/federated/sampling.py)."""
+    return SAMPLERS[fed.sampling].draw(rng(seed, Stream.SAMPLE, round_), n_clients, fed.fraction,
+                                       fed.min_clients)
 
 
 @dataclass
@@ -111,9 +108,7 @@ def smallest_round(config: Config) -> int:
 
 
 def expected_per_round(fed: FederatedSection, n_clients: int) -> float:
-    if fed.sampling == "poisson":
-        return fed.fraction * n_clients
-    return min(n_clients, max(fed.min_clients, int(round(fed.fraction * n_clients))))
+    return SAMPLERS[fed.sampling].expected(n_clients, fed.fraction, fed.min_clients)
 
 
 def check_setup(config: Config, n_clients: int) -> None:
@@ -184,7 +179,7 @@ def aggregator(config: Config, dp: privacy.Dp, per_round: float) -> privacy.Aggr
     """The round's aggregation from what the driver receives: the robust rule, or the mean secure
     aggregation reveals; under central DP, the CentralDP wrapper around the plain sum instead."""
     secure = config.privacy.secure_aggregation
-    if dp.mode == "central":
+    if dp.central:
         return privacy.CentralDP(dp, config.trainer.seed, secure_total if secure else reported_sum)
     return secure_mean if secure else robust_rule(config, per_round)
 
@@ -202,7 +197,7 @@ def train_clients(sc: SparkContext, config: Config, c: Clients, task: clients.Cl
         update = aggregate(Reports(reports), state.server_state, r) if reports else None
         return reports, dropped, update, int(sum(d.update.nbytes for d in reports))
     res = secure_round.run_secure_round(sc, c, task, state.theta, sampled, p.secagg_threshold,
-                                        p.ring_bits, weighted=dp.mode != "central")
+                                        p.ring_bits, weighted=not dp.central)
     return res.reports, res.dropped, aggregate(res, state.server_state, r), res.bytes_up
 
 
@@ -264,7 +259,7 @@ def fit(sc: SparkContext, config: Config, c: Clients, test: Blocks | None, spec:
             break
         sampled = sample(fed, r, c.count, t.seed)
         record: dict = {"round": r, "clients": len(sampled)}
-        if fed.sampling == "poisson" and len(sampled) < smallest_round(config):
+        if SAMPLERS[fed.sampling].varies and len(sampled) < smallest_round(config):
             # data-independent: skipping reveals only the sample size; DP still counts the round
             record["skipped"] = f"{len(sampled)} client(s) sampled, fewer than a round needs"
             sampled = []
@@ -333,8 +328,8 @@ def summary_fields(config: Config, c: Clients, state: FedState) -> dict:
                       "local_epochs": fed.local_epochs, "local_batch_size": fed.local_batch_size},
     }
     p, r = config.privacy, config.robust
-    if p.dp != "none" or p.secure_aggregation:
-        dp = privacy.Dp.from_config(config, c.count)
+    dp = privacy.Dp.from_config(config, c.count)
+    if dp.enabled or p.secure_aggregation:
         out["privacy"] = dp.summary(state.round, state.server_state, p.secure_aggregation)
     if r.rule != "mean" or r.attack.kind != "none":
         out["robustness"] = {"rule": r.rule, "attack": r.attack.kind,

@@ -24,6 +24,8 @@ from scipy import sparse
 
 HEADS = {"mlp": "softmax", "softmax": "softmax", "logistic": "sigmoid", "linear": "identity"}
 CLASSIFIERS = {"mlp", "softmax", "logistic"}
+# trainer.dtype: the float types weights, gradients and blocks are computed in
+FLOAT_DTYPES: dict[str, type[np.floating]] = {"float32": np.float32, "float64": np.float64}
 
 
 @dataclass(frozen=True)

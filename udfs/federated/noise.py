@@ -22,6 +22,24 @@ def clip(update: np.ndarray, bound: float) -> tuple[np.ndarray, float]:
 
 
 @dataclass(frozen=True)
+class DpMode:
+    """Who adds a DP mode's Gaussian noise: each client to its own clipped update (`local`: the
+    driver is not trusted with updates), or the server to the sum of the clipped updates (`central`:
+    the driver is trusted, whoever sees the model is not); `none` adds none."""
+
+    client_noise: bool
+    server_noise: bool
+
+    @property
+    def enabled(self) -> bool:
+        return self.client_noise or self.server_noise
+
+
+# privacy.dp
+DP_MODES = {"none": DpMode(False, False), "central": DpMode(False, True), "local": DpMode(True, False)}
+
+
+@dataclass(frozen=True)
 class Release:
     """How every client of a round releases its update (the same for all clients of the round)."""
 
