@@ -144,7 +144,8 @@ def converge(spark: SparkSession, config: Config, clients: Clients, test: Any,
     started = time.perf_counter()
     try:
         state = rounds.fit(sc, config, clients, test, spec, state, on_round,
-                              until=reached if target is not None else None, client_eval=False)
+                              until=reached if target is not None else None, client_eval=False,
+                              run_id=f"bench-{label}")
     except RuntimeError as exc:  # e.g. every client's update overflowed under an attack
         raise RoundFailed(str(exc), [[h["round"], h["test_accuracy"]] for h in seen
                                      if "test_accuracy" in h]) from exc

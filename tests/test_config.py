@@ -24,6 +24,27 @@ def test_set_overrides_scalars_and_lists():
     assert c.spark.conf == {"spark.executor.memory": "2g"}
 
 
+def test_set_spark_conf_keeps_the_spark_key_whole_and_merges(tmp_path):
+    f = tmp_path / "exp.yaml"
+    f.write_text("spark:\n  conf:\n    spark.sql.shuffle.partitions: 4\n")
+    c = load_config(f, ["spark.conf.spark.executor.memory=4g"])
+    assert c.spark.conf == {"spark.sql.shuffle.partitions": 4, "spark.executor.memory": "4g"}
+    c = load_config(f, ["spark.conf={spark.executor.memory: 2g}"])
+    assert c.spark.conf == {"spark.sql.shuffle.partitions": 4, "spark.executor.memory": "2g"}
+
+
+def test_an_error_in_a_set_value_names_the_set_not_the_file(tmp_path):
+    f = tmp_path / "exp.yaml"
+    f.write_text("trainer:\n  epochs: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(f, ["trainer.batch_size=8", "trainer.epochs=0"])
+    assert "--set trainer.epochs=0: trainer.epochs:" in str(err.value)
+    assert str(f) not in str(err.value)
+    f.write_text("trainer:\n  epochs: 0\n")   # the file's own error still names the file
+    with pytest.raises(ConfigError, match="exp.yaml: trainer.epochs"):
+        load_config(f, ["trainer.batch_size=8"])
+
+
 def test_experiment_file_overrides_defaults(tmp_path):
     f = tmp_path / "exp.yaml"
     f.write_text("trainer:\n  strategy: sync\n  optimizer: {lr: 0.01}\n")
@@ -41,6 +62,8 @@ def test_experiment_file_overrides_defaults(tmp_path):
     ("model.hidden=[0]", ["hidden layer sizes must be >= 1"]),
     ("nosuch.key=1", ["unknown key 'nosuch'", "trainer"]),
     ("trainer.epochs", ["expected KEY=VALUE"]),
+    ("robust.attack.scale=.inf", ["robust.attack.scale", "finite number"]),
+    ("trainer.optimizer.lr=.nan", ["trainer.optimizer.lr", "finite number"]),
 ])
 def test_bad_values_name_the_key(item, needles):
     with pytest.raises(ConfigError) as err:

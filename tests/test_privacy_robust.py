@@ -95,6 +95,35 @@ def test_robust_rules_resist_sign_flipped_updates_that_wreck_the_mean():
         assert np.linalg.norm(robust.aggregate(rule, U, counts, trim, 2) - 1.0) < 1.0, rule
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_krum_never_chooses_an_update_that_is_not_finite(bad):
+    rows = _updates(n=9)
+    rows[0] = bad    # the first row: an argmin over NaN scores would pick it
+    for rule in ("krum", "multi_krum"):
+        assert np.isfinite(robust.aggregate(rule, list(rows), [1] * 9, 0.0, 1)).all(), rule
+
+
+def test_a_client_whose_update_is_not_finite_is_dropped_before_any_rule(spark, lake):
+    """Clients 0 and 1 send updates scaled by inf (what a hostile or broken client can send, past
+    its own library's finiteness check): the driver drops both, and the rule sees only the rest."""
+    config = _config(lake)
+    c, test = prepare_clients(spark, config)
+    try:
+        spec = runners.model_spec(config, c.n_features, c.n_classes)
+        hostile = attacks.Attack("scale", float("inf"), frozenset({0, 1}))
+        task = rounds.client_round(config, spec, 1, None, hostile)
+        reports, dropped = rounds.run_round(spark.sparkContext, c, task,
+                                            runners.initial_theta(config, spec), list(range(c.count)))
+        assert sorted(d.client for d in dropped) == [0, 1]
+        assert all("not finite" in d.reason for d in dropped)
+        assert sorted(r.client for r in reports) == list(range(2, c.count))
+        assert all(np.isfinite(r.update).all() for r in reports)
+    finally:
+        c.release()
+        if test is not None:
+            test.release()
+
+
 def test_attacks_pick_a_seeded_share_of_clients_and_tamper_as_named():
     bad = attacks.malicious_clients(0, 50, 0.2)
     assert len(bad) == 10 and bad == attacks.malicious_clients(0, 50, 0.2)
@@ -346,8 +375,43 @@ def test_local_dp_clients_noise_their_own_updates(spark, lake):
         accountant.compose(dp_accounting.GaussianDpEvent(1.0), 3)
         assert dp.epsilon_after(3) == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
         again, _ = rounds.run_round(spark.sparkContext, c, task, theta, [0, 1, 2, 3])
-        for a, b in zip(reports, again, strict=False):  # seeded by (seed, round, client): a retry is identical
+        for a, b in zip(reports, again, strict=True):  # keyed by (client secret, run, round): a retry is identical
             np.testing.assert_array_equal(a.update, b.update)
+    finally:
+        c.release()
+        if test is not None:
+            test.release()
+
+
+def test_the_driver_cannot_rebuild_a_clients_local_noise(spark, lake):
+    """Everything the driver and the run directory hold (the config and its seed, the round, the
+    client ids, the run id) rebuilds none of a client's local-DP noise: subtracting any stream the
+    seed defines leaves an update uncorrelated with the true one. Two runs draw different noise."""
+    config = _config(lake, privacy={"dp": "local", "noise_multiplier": 1.0, "clip": 0.05},
+                     model={"kind": "mlp", "hidden": [2000], "init": "glorot_uniform"})
+    c, test = prepare_clients(spark, config)
+    try:
+        spec = runners.model_spec(config, c.n_features, c.n_classes)
+        dp = privacy.Dp.from_config(config, c.count)
+        theta = runners.initial_theta(config, spec)
+        everyone = list(range(c.count))
+
+        def updates(release: Release, run_id: str) -> np.ndarray:
+            task = rounds.client_round(config, spec, 1, release, run_id=run_id)
+            reports, _ = rounds.run_round(spark.sparkContext, c, task, theta, everyone)
+            return np.stack([r.update for r in sorted(reports, key=lambda r: r.client)])
+
+        release = dp.release(dp.init_state(), None)
+        noisy, other_run = updates(release, "run-a"), updates(release, "run-b")
+        clean = updates(Release(clip=release.clip), "run-a")   # the clipped updates, no noise
+        assert noisy.shape == clean.shape == (c.count, spec.n_params)
+        assert np.abs(noisy - other_run).min() > 0     # two runs: every coordinate's noise differs
+        seed = config.trainer.seed
+        for stream in range(1, 20):   # every seeded stream the driver could try
+            guess = np.stack([np.random.default_rng([seed, stream, 1, k]).normal(
+                0.0, release.noise_std, spec.n_params) for k in everyone])
+            recovered = (noisy - guess).ravel()
+            assert abs(np.corrcoef(recovered, clean.ravel())[0, 1]) < 0.05, stream
     finally:
         c.release()
         if test is not None:

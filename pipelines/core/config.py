@@ -83,7 +83,10 @@ class ConfigError(UserError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    """Every section: unknown keys are errors, values keep their YAML type, and no float may be
+    NaN or infinite (an `.inf` attack scale or learning rate would reach training)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 Fraction = Field(ge=0.0, le=1.0)
@@ -289,7 +292,7 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     """Return `base` with `override` laid over it; nested mappings merge, everything else replaces."""
     out = copy.deepcopy(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "conf":
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = deep_merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
@@ -309,11 +312,24 @@ def parse_set(item: str) -> dict[str, Any]:
     return nested(key, value)
 
 
+# mappings whose own keys hold dots (Spark's settings): `spark.conf.spark.executor.memory=4g` sets
+# the key `spark.executor.memory` of spark.conf
+FLAT_MAPPINGS = ("spark.conf",)
+
+
+def key_parts(key: str) -> list[str]:
+    """The path of dotted `key` through the config: split on dots, except inside a FLAT_MAPPING."""
+    for flat in FLAT_MAPPINGS:
+        if key.startswith(flat + ".") and len(key) > len(flat) + 1:
+            return [*flat.split("."), key[len(flat) + 1:]]
+    return key.split(".")
+
+
 def nested(key: str, value: Any) -> dict[str, Any]:
     """{'a': {'b': {'c': value}}} for the dotted key 'a.b.c'."""
     tree: dict[str, Any] = {}
     node = tree
-    parts = key.split(".")
+    parts = key_parts(key)
     for part in parts[:-1]:
         node = node.setdefault(part, {})
     node[parts[-1]] = value
@@ -352,12 +368,24 @@ def _describe(err: ErrorDetails, source: str) -> str:
     return f"{source}: {key}: {message} (got {err.get('input')!r})"
 
 
-def validate(raw: dict[str, Any], source: str) -> Config:
+def validate(raw: dict[str, Any], source: str, sets: Sequence[str] = ()) -> Config:
+    """The config `raw` describes; an error names the `--set` that gave the bad key (the last one
+    whose key is on the error's path), else `source`."""
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:
-        lines = [_describe(err, source) for err in exc.errors()]
+        lines = [_describe(err, _source_of(tuple(str(p) for p in err["loc"]), source, sets))
+                 for err in exc.errors()]
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+
+
+def _source_of(loc: tuple[str, ...], source: str, sets: Sequence[str]) -> str:
+    for item in reversed(sets):
+        parts = tuple(key_parts(item.partition("=")[0]))
+        n = min(len(parts), len(loc))
+        if loc and parts[:n] == loc[:n]:
+            return f"--set {item}"
+    return source
 
 
 def load_config(path: str | Path | None = None, sets: Sequence[str] = ()) -> Config:
@@ -366,7 +394,7 @@ def load_config(path: str | Path | None = None, sets: Sequence[str] = ()) -> Con
     merged = deep_merge(read_yaml(DEFAULT_FILE), read_yaml(experiment))
     for item in sets:
         merged = deep_merge(merged, parse_set(item))
-    return validate(merged, str(experiment))
+    return validate(merged, str(experiment), sets)
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:

@@ -51,12 +51,15 @@ def krum_f(n: int, f: int) -> int:
 
 
 def krum_scores(updates: np.ndarray, f: int) -> np.ndarray:
-    """Each update's sum of squared distances to its n - f - 2 nearest other updates."""
+    """Each update's sum of squared distances to its n - f - 2 nearest other updates. A distance
+    that is not finite counts as infinite, so a NaN or inf update scores inf and is never chosen."""
     n = len(updates)
     if n <= 2 * f + 2:
         raise ValueError(f"Krum needs more than 2f+2 = {2 * f + 2} updates, got {n} (f={f})")
-    sq = np.einsum("ij,ij->i", updates, updates)
-    dist = np.maximum(sq[:, None] + sq[None, :] - 2.0 * updates @ updates.T, 0.0)
+    with np.errstate(invalid="ignore", over="ignore"):
+        sq = np.einsum("ij,ij->i", updates, updates)
+        dist = np.maximum(sq[:, None] + sq[None, :] - 2.0 * updates @ updates.T, 0.0)
+    dist[~np.isfinite(dist)] = np.inf
     np.fill_diagonal(dist, np.inf)
     return np.sort(dist, axis=1)[:, :n - f - 2].sum(axis=1)
 
@@ -78,15 +81,20 @@ def trimmed_mean(updates: list[np.ndarray], counts: list[int], s: Settings) -> n
     return np.sort(rows, axis=0)[k:len(rows) - k].mean(axis=0)
 
 
+def krum_ranking(rows: np.ndarray, f: int) -> np.ndarray:
+    """Row indices, best Krum score first; rows that are not finite rank after every finite one."""
+    return np.lexsort((krum_scores(rows, f), ~np.isfinite(rows).all(axis=1)))
+
+
 def krum(updates: list[np.ndarray], counts: list[int], s: Settings) -> np.ndarray:
     rows = _rows(updates)
-    return rows[int(np.argmin(krum_scores(rows, krum_f(len(rows), s.f))))].copy()
+    return rows[int(krum_ranking(rows, krum_f(len(rows), s.f))[0])].copy()
 
 
 def multi_krum(updates: list[np.ndarray], counts: list[int], s: Settings) -> np.ndarray:
     rows = _rows(updates)
     f = krum_f(len(rows), s.f)
-    chosen = np.argsort(krum_scores(rows, f), kind="stable")[:len(rows) - f]
+    chosen = krum_ranking(rows, f)[:len(rows) - f]
     return weighted_mean([rows[i] for i in chosen], [counts[i] for i in chosen])
 
 

@@ -9,6 +9,7 @@ its sample count and its training loss (udfs/federated/clients.py).
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -82,12 +83,13 @@ CLIENT_TRAINING: dict[str, Callable[[FederatedSection], dict[str, Any]]] = {
 
 
 def client_round(config: Config, spec: ModelSpec, round_: int, release: Release | None = None,
-                 attack: Attack = NO_ATTACK) -> clients.ClientRound:
+                 attack: Attack = NO_ATTACK, run_id: str = "") -> clients.ClientRound:
+    """What every client of round `round_` is told; `run_id` keys local DP's noise to the run."""
     fed, t = config.federated, config.trainer
     return clients.ClientRound(
         spec=spec, dtype=t.dtype, split=clients.ClientSplit(t.seed, fed.holdout_fraction),
         round=round_, **CLIENT_TRAINING.get(fed.strategy, local_epochs)(fed),
-        optimizer=optimizer_from(config), release=release or Release(), attack=attack)
+        optimizer=optimizer_from(config), release=release or Release(), attack=attack, run_id=run_id)
 
 
 def attack_from(config: Config, n_clients: int) -> Attack:
@@ -208,14 +210,26 @@ def server_rule(fed: FederatedSection) -> ServerRule:
 def run_round(sc: SparkContext, c: Clients, task: clients.ClientRound, theta: np.ndarray,
               sampled: list[int], update: Callable = clients.client_update
               ) -> tuple[list[clients.ClientReport], list[clients.Dropped]]:
-    """Train the sampled clients, one task each; (reports, dropped) as the tasks returned them."""
+    """Train the sampled clients, one task each; (reports, dropped). A report whose update or loss is
+    not finite (a broken or hostile client) is dropped here, before any aggregation rule sees it."""
     bc = sc.broadcast(theta)
     try:
         results = c.run(lambda h: sc.runJob(h, partial(update, task=task, weights=bc), sampled))
     finally:
         bc.destroy()
-    return ([r for r in results if isinstance(r, clients.ClientReport)],
-            [r for r in results if isinstance(r, clients.Dropped)])
+    reports, dropped = [], []
+    for r in results:
+        if isinstance(r, clients.Dropped):
+            dropped.append(r)
+        elif isinstance(r, clients.ClientReport) and not finite(r):
+            dropped.append(clients.Dropped(r.client, "its update is not finite (NaN or inf)"))
+        elif isinstance(r, clients.ClientReport):
+            reports.append(r)
+    return reports, dropped
+
+
+def finite(report: clients.ClientReport) -> bool:
+    return bool(np.isfinite(report.update).all()) and math.isfinite(report.train_loss)
 
 
 def federated_eval(sc: SparkContext, c: Clients, spec: ModelSpec, dtype: str, split: clients.ClientSplit,
@@ -236,13 +250,15 @@ def federated_eval(sc: SparkContext, c: Clients, spec: ModelSpec, dtype: str, sp
 
 
 def fit(sc: SparkContext, config: Config, c: Clients, test: Blocks | None, spec: ModelSpec, state: FedState,
-        on_round: RoundHook, until: StopRule | None = None, client_eval: bool = True) -> FedState:
+        on_round: RoundHook, until: StopRule | None = None, client_eval: bool = True, *,
+        run_id: str) -> FedState:
     """Run the remaining rounds; every eval_every rounds (and the last) evaluate globally and per
     client, and hand each round's record to `on_round`.
 
     `until(record)` ends training early once it holds (the convergence benchmark stops at the
     target); `client_eval=False` skips the per-client evaluation, one task per client, which costs
-    more than a round when only the global test accuracy is wanted."""
+    more than a round when only the global test accuracy is wanted. `run_id` (the run's id) binds
+    each client's local-DP noise to this run (udfs/federated/noise.py)."""
     fed, t = config.federated, config.trainer
     rule = server_rule(fed)
     dp = privacy.Dp.from_config(config, c.count)
@@ -264,7 +280,7 @@ def fit(sc: SparkContext, config: Config, c: Clients, test: Blocks | None, spec:
             record["skipped"] = f"{len(sampled)} client(s) sampled, fewer than a round needs"
             sampled = []
         clip = config.privacy.clip if config.privacy.secure_aggregation else None
-        task = client_round(config, spec, r, dp.release(state.server_state, clip), attack)
+        task = client_round(config, spec, r, dp.release(state.server_state, clip), attack, run_id)
         reports, dropped, aggregate, bytes_up = train_clients(sc, config, c, task, state, sampled, dp,
                                                               aggregate_round)
         if sampled and len(reports) < fed.min_clients:

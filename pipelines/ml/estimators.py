@@ -15,6 +15,7 @@ by the same rules, with errors that name the Param.
 """
 from __future__ import annotations
 
+import secrets
 from typing import Any
 
 import numpy as np
@@ -182,7 +183,7 @@ def _train(spark: Any, config: Config, rows: DataFrame) -> tuple[ModelSpec, np.n
         try:
             spec, fed_state = runners.federated_start(config, clients)
             fed_state = rounds.fit(sc, config, clients, None, spec, fed_state, lambda s, r: None,
-                                   client_eval=False)
+                                   client_eval=False, run_id=f"estimator-{secrets.token_hex(8)}")
         finally:
             clients.release()
         return spec, fed_state.theta

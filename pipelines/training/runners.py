@@ -292,7 +292,8 @@ def train_federated(job: Job) -> Trained:
                                {"round": s.round, "history": s.history, "dropped": s.dropped})
 
     mark = time.perf_counter()
-    state = rounds.fit(spark.sparkContext, config, clients, test, spec, state, on_round)
+    state = rounds.fit(spark.sparkContext, config, clients, test, spec, state, on_round,
+                       run_id=tracker.run_id)
     job.timings["train"] = time.perf_counter() - mark
     last = state.history[-1] if state.history else {}
     test_metrics = {k.removeprefix("test_"): v for k, v in last.items() if k.startswith("test_")}

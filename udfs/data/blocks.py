@@ -31,8 +31,7 @@ from scipy import sparse
 
 from udfs.core import cache, files, worker
 from udfs.core.cache import resident_bytes
-from udfs.core.seeding import Stream, rng
-from udfs.federated.secagg import SECRET_BYTES
+from udfs.core.seeding import SECRET_BYTES, Stream, rng
 
 N_SHARDS = 1024
 

@@ -20,7 +20,7 @@ from udfs.core.optimizers import Optimizer
 from udfs.core.seeding import Stream, rng
 from udfs.data import blocks
 from udfs.federated.attacks import Attack
-from udfs.federated.noise import Release
+from udfs.federated.noise import Release, client_noise
 from udfs.training.tasks import handle_of, metric_sums
 
 if TYPE_CHECKING:
@@ -85,6 +85,7 @@ class ClientRound:
     mu: float                # FedProx proximal weight; 0 = FedAvg
     release: Release = Release()
     attack: Attack = Attack("none", 0.0, frozenset())
+    run_id: str = ""         # binds a client's local-DP noise to the run (udfs/federated/noise.py)
 
 
 def train_client(task: ClientRound, client: int, theta0: np.ndarray, X: np.ndarray,
@@ -130,7 +131,9 @@ def local_update(path: str, client: int, task: ClientRound, theta0: np.ndarray) 
         raise FloatingPointError("the local update is not finite")
     seed = task.split.seed
     update = task.attack.tamper(client, update, seed, task.round)
-    update, within_clip = task.release.apply(update, seed, task.round, client)
+    noise = client_noise(blocks.secret(path), task.run_id, task.round, client) \
+        if task.release.noise_std else None
+    update, within_clip = task.release.apply(update, noise)
     return ClientReport(client, int(len(train)), float(loss), seconds, update, within_clip)
 
 

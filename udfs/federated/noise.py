@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from udfs.core.seeding import Stream, rng
+from udfs.core.seeding import secret_rng
 
 
 def clip(update: np.ndarray, bound: float) -> tuple[np.ndarray, float]:
@@ -47,15 +47,25 @@ class Release:
     noise_std: float = 0.0          # local DP: Gaussian noise the client adds itself
     report_clipped: bool = False    # adaptive clipping: send whether the norm was within the bound
 
-    def apply(self, update: np.ndarray, seed: int, round_: int, client: int
+    def apply(self, update: np.ndarray, noise: np.random.Generator | None
               ) -> tuple[np.ndarray, bool | None]:
-        """(the update as released, whether it was within the clip when adaptive clipping asks)."""
+        """(the update as released, whether it was within the clip when adaptive clipping asks).
+        `noise`: the client's own generator for local DP (see `client_noise`), None without."""
         within: bool | None = None
         if self.clip is not None:
             update, norm = clip(update, self.clip)
             if self.report_clipped:
                 within = bool(norm <= self.clip)
         if self.noise_std > 0:
-            noise = rng(seed, Stream.CLIENT_NOISE, round_, client).normal(0.0, self.noise_std, update.shape)
-            update = (update + noise).astype(update.dtype)
+            if noise is None:
+                raise ValueError("local DP needs the client's noise generator")
+            update = (update + noise.normal(0.0, self.noise_std, update.shape)).astype(update.dtype)
         return update, within
+
+
+def client_noise(secret: bytes, run_id: str, round_: int, client: int) -> np.random.Generator:
+    """Local DP's noise for one client's update in one round: keyed by the client's own secret,
+    which never leaves its executor, and bound to the run, so the driver (which chose the seed)
+    cannot rebuild and subtract it, two runs of one config draw different noise even from a block
+    kept between them, and a retried task draws the same noise again."""
+    return secret_rng(secret, "local-dp", f"run={run_id}", f"round={round_}", f"client={client}")

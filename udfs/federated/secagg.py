@@ -39,8 +39,9 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from udfs.core.seeding import SECRET_BYTES
+
 PRIME = 2**521 - 1
-SECRET_BYTES = 32
 _SHARE_BYTES = (PRIME.bit_length() + 7) // 8
 _NONCE_BYTES = 12
 _ROUTE = struct.Struct(">QQ")
