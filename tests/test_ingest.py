@@ -268,6 +268,35 @@ def test_csv_good_rows_land_and_every_bad_row_is_rejected(spark, lake_dir, tmp_p
     assert "7 row(s) rejected" in out
 
 
+def test_values_spark_parses_but_training_cannot_use_are_rejects(spark, lake_dir, tmp_path, capsys):
+    """A new user's 500-row CSV with --classes 2: a label past the int range, infinite features,
+    a float32 overflow and a 5 MB run of digits each become a reject naming its fault; the other
+    rows land."""
+    lines = ["label,f0,f1"] + [f"{i % 2},{i / 10},{-i / 10}" for i in range(500)]
+    hostile = {2: ("3000000000,0.5,0.5", "label 3000000000 outside the declared classes 0..1"),
+               3: ("1,inf,0.5", "feature 0 is not a finite float32: 'inf'"),
+               4: ("0,0.5,-inf", "feature 1 is not a finite float32: '-inf'"),
+               5: ("1,1e39,0.5", "feature 0 is not a finite float32: '1e39'"),
+               6: ("0,0.5," + "9" * 5_000_000, "feature 1 is not a finite float32: '" + "9" * 40 + "...'")}
+    for n, (line, _) in hostile.items():
+        lines[n - 1] = line
+    csv = write_text(tmp_path / "hostile.csv", lines)
+    code, out, err = run(capsys, f"csv:{csv}", "h", lake_dir, "--classes", "2")
+    assert code == 0, err[-2000:]
+    assert summary_of(out)["rows"] == 500 - len(hostile) and summary_of(out)["rejected"] == len(hostile)
+    reasons = {r.row_number: r.reason for r in load(spark, lake_dir, "h_rejects").collect()}
+    assert reasons == {n: why for n, (_, why) in hostile.items()}
+    features = np.array([r.features for r in load(spark, lake_dir, "h").collect()])
+    assert np.isfinite(features).all()
+
+
+def test_a_header_that_names_a_column_twice_is_exit_2(spark, lake_dir, tmp_path, capsys):
+    csv = write_text(tmp_path / "dup.csv", ["a,a,label", "1,2,0"])
+    code, _, err = run(capsys, f"csv:{csv}", "t", lake_dir, "--classes", "2")
+    assert code == 2 and "column 'a' twice (columns 1 and 2)" in err and str(csv) in err
+    _assert_nothing_written(lake_dir)
+
+
 def test_csv_split_column_is_used(spark, lake_dir, tmp_path, capsys):
     lines = ["label,f0,f1,split"]
     expected = {}

@@ -108,7 +108,7 @@ def test_a_run_on_hdfs_is_written_whole(spark, hdfs, finished):
     assert files == ["checkpoints/epoch-0001.json", "checkpoints/epoch-0001.npz",
                      "checkpoints/epoch-0002.json", "checkpoints/epoch-0002.npz",
                      "config.yaml", "curves.png", "metrics.jsonl", "model/spec.json",
-                     "model/weights.npz", "run.json", "summary.json"]
+                     "model/weights.npz", "run.json", "summary.json", "table.json"]
     assert json.loads(read(fs, f"{run_uri}/summary.json")) == finished
     assert [json.loads(line)["epoch"] for line in read(fs, f"{run_uri}/metrics.jsonl").splitlines()] == [1, 2, 3]
     assert walk(spark, f"{hdfs}/runs/.locks") == []   # the run-name lock was released

@@ -11,7 +11,7 @@ import pytest
 
 from pipelines import evaluate, train
 from pipelines.core.cli import main_wrapper
-from tests.conftest import blobs
+from tests.conftest import blobs, write_table
 
 ALWAYS = {"run_id", "run_dir", "strategy", "model", "seed", "data", "batch_size", "epochs",
           "test_loss", "train_seconds", "total_seconds", "model_path"}
@@ -153,3 +153,58 @@ def test_resume_continues_to_the_same_model(lake, tmp_path, capsys):
     again, out = run_train(lake, runs, capsys, *sets, extra=nightly)
     assert again["run_id"] != full["run_id"] and again["run_name"] == "nightly"
     assert [line.split()[1] for line in out if line.startswith("epoch ")] == ["1/3", "2/3", "3/3"]
+
+
+def test_a_resume_reads_the_version_it_started_on_or_stops(spark, tmp_path, capsys):
+    """The nightly pattern: train with --resume-if-exists, the job dies, the next ingest writes a
+    new version, the job runs again: it finishes on the version it started on, to the weights of
+    the uninterrupted run. A pinned version whose files were vacuumed, or a table deleted and
+    created again, stops the resume with exit 2."""
+    lake, runs = tmp_path / "lake", tmp_path / "runs"
+    X, y, split = blobs(2_000, 6, 3, seed=3)
+    write_table(spark, lake, "nightly", X, y, split)
+    sets = ["data.table=nightly", "model.kind=softmax", "trainer.optimizer.lr=0.05", "trainer.epochs=3",
+            "trainer.checkpoint_every=1"]
+    nightly = ["--run-name", "nightly", "--resume-if-exists"]
+    full, _ = run_train(lake, runs, capsys, *sets, extra=nightly)
+    run_dir = Path(full["run_dir"])
+    assert full["data"]["version"] == 0
+
+    def weights() -> np.ndarray:
+        with np.load(run_dir / "model" / "weights.npz", allow_pickle=False) as z:
+            return z["theta"].copy()
+
+    def die_during_epoch_2() -> None:
+        for name in ("summary.json", "checkpoints/epoch-0002.json", "checkpoints/epoch-0002.npz"):
+            (run_dir / name).unlink()
+        shutil.rmtree(run_dir / "model")
+
+    expected = weights()
+    die_during_epoch_2()
+    X1, y1, split1 = blobs(2_000, 6, 3, seed=4)
+    write_table(spark, lake, "nightly", X1, y1, split1)   # the next ingest: version 1
+    resumed, out = run_train(lake, runs, capsys, *sets, extra=nightly)
+    assert resumed["run_id"] == full["run_id"] and resumed["data"]["version"] == 0
+    assert any(line.startswith(f"resuming {run_dir} after epoch 1") for line in out)
+    np.testing.assert_array_equal(weights(), expected)
+
+    def resume_fails() -> str:
+        die_during_epoch_2()
+        capsys.readouterr()
+        argv = ["--set", f"lake.path={lake}", "--set", f"runs.path={runs}", *nightly]
+        for s in sets:
+            argv += ["--set", s]
+        assert main_wrapper(train.main, argv) == 2
+        return capsys.readouterr().err
+
+    spark.conf.set("spark.databricks.delta.retentionDurationCheck.enabled", "false")
+    try:
+        spark.sql(f"VACUUM delta.`{lake / 'nightly'}` RETAIN 0 HOURS").collect()
+    finally:
+        spark.conf.unset("spark.databricks.delta.retentionDurationCheck.enabled")
+    err = resume_fails()
+    assert "table 'nightly' (version 0, which this run is pinned to) lost" in err and "VACUUM" in err
+
+    shutil.rmtree(lake / "nightly")
+    write_table(spark, lake, "nightly", X, y, split)   # the same rows, but another table
+    assert "was deleted and created again" in resume_fails()

@@ -261,6 +261,10 @@ class Config(_Section):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
+    def with_version(self, version: int | None) -> Config:
+        """This config reading data.table at `version` (a run pins the version it resolved)."""
+        return self.model_copy(update={"data": self.data.model_copy(update={"version": version})})
+
 
 @functools.cache
 def default(key: str) -> Any:

@@ -83,6 +83,55 @@ def read(spark: SparkSession, lake_path: str, ref: TableRef) -> tuple[DataFrame,
     return df, version
 
 
+@dataclass(frozen=True)
+class Pinned:
+    """The table version a run reads, and the Delta table's id: a resume reads exactly this
+    version, and only of this table (one deleted and ingested again has a new id)."""
+
+    name: str
+    version: int
+    table_id: str
+
+
+def table_id(spark: SparkSession, path: str) -> str:
+    from delta.tables import DeltaTable
+
+    row = DeltaTable.forPath(spark, path).detail().select("id").first()
+    assert row is not None  # detail() is one row per table
+    return str(row[0])
+
+
+def pin(spark: SparkSession, lake_path: str, ref: TableRef) -> Pinned:
+    """The version `ref` names (the latest when it names none) and the table's id."""
+    _, version = read(spark, lake_path, ref)
+    return Pinned(ref.name, version, table_id(spark, table_path(lake_path, ref.name)))
+
+
+def check_pinned(spark: SparkSession, lake_path: str, pinned: Pinned) -> None:
+    """Raise, naming what changed, unless the pinned version of the same table is still there
+    whole: a resume on other data would mix two versions in one model."""
+    path = table_path(lake_path, pinned.name)
+    where = f"table {pinned.name!r} (version {pinned.version}, which this run is pinned to)"
+    if not exists(spark, path):
+        raise UserError(f"{where} no longer exists at {path}; the run cannot be resumed on its "
+                        "data: start a new run")
+    now = table_id(spark, path)
+    if now != pinned.table_id:
+        raise UserError(f"{where} was deleted and created again since the run started (Delta "
+                        f"table id {pinned.table_id}, now {now}); the run cannot be resumed on its "
+                        "data: start a new run")
+    df, _ = read(spark, lake_path, TableRef(pinned.name, pinned.version))
+    jvm = spark.sparkContext._jvm
+    assert jvm is not None  # read() above went through the JVM
+    conf = spark.sparkContext._jsc.hadoopConfiguration()
+    files = [jvm.org.apache.hadoop.fs.Path(f) for f in df.inputFiles()]
+    missing = [str(f) for f in files if not f.getFileSystem(conf).exists(f)]
+    if missing:
+        raise UserError(f"{where} lost {len(missing)} of its {len(files)} data files (removed by "
+                        f"VACUUM?), e.g. {missing[0]}; the run cannot be resumed on its data: "
+                        "start a new run")
+
+
 @contextmanager
 def arrow_frame(spark: SparkSession, table: pa.Table,
                 chunk_bytes: int = ARROW_CHUNK_BYTES) -> Iterator[DataFrame]:

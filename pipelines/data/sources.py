@@ -116,6 +116,10 @@ def csv_frame(spark: SparkSession, path: str) -> tuple[DataFrame, list[str]]:
     if header_row is None:
         raise UserError(f"{path}: empty file (a header line is required)")
     header = [h.strip() for h in header_row.value.split(",")]
+    for i, name in enumerate(header):
+        if name in header[:i]:
+            raise UserError(f"{path}: the header names column {name!r} twice (columns "
+                            f"{header.index(name) + 1} and {i + 1}); rename one of them")
     cells = lines.filter("row_number > 1").filter(F.trim("value") != "").select(
         "row_number", F.col("value").alias("raw"), F.split("value", ",").alias("cells"))
     return cells, header
@@ -197,19 +201,31 @@ def _as_float(text: Column) -> Column:
     return text.try_cast("float")
 
 
+def _infinite(number: Column) -> Column:
+    """`inf`, `-inf`, and a float32 overflow (`1e39`, a run of digits), which parse to infinity."""
+    return F.abs(number) == F.lit(float("inf"))
+
+
+def _shown(text: Column) -> Column:
+    """A cell as a reason quotes it: at most 40 characters (the raw row is in the rejects anyway)."""
+    text = F.coalesce(text, F.lit(""))
+    return F.when(F.length(text) > 40, F.concat(F.substring(text, 1, 40), F.lit("..."))).otherwise(text)
+
+
 def _label_rule(text: Column, classes: int | None) -> tuple[Column, Column]:
-    """The label parsed from its text, and the reason it is bad (null when good)."""
+    """The label parsed from its text, and the reason it is bad (null when good). The range is
+    checked on the parsed double, before the cast to int, so a label past the int range is a
+    reject rather than a cast overflow that fails the whole ingest."""
+    number = text.try_cast("double")
     if classes:
-        number = text.try_cast("double")
-        label = number.cast("int")
-        return label, F.when(number.isNull() | F.isnan(number) | (number != F.floor(number)),
-                             F.format_string("label is not an integer: '%s'",
-                                             F.coalesce(text, F.lit(""))))\
-            .when((label < 0) | (label >= classes), F.format_string(
-                "label %d outside the declared classes 0..%d", label, F.lit(classes - 1)))
-    label = text.try_cast("double")
-    return label, F.when(label.isNull() | F.isnan(label), F.format_string(
-        "label is not a number: '%s'", F.coalesce(text, F.lit(""))))
+        in_range = (number >= 0) & (number < classes)
+        return F.when(in_range, number.cast("int")), F.when(
+            number.isNull() | F.isnan(number) | _infinite(number) | ((number % 1) != 0),
+            F.format_string("label is not an integer: '%s'", _shown(text)))\
+            .when(~in_range, F.format_string("label %s outside the declared classes 0..%d",
+                                             _shown(F.trim(text)), F.lit(classes - 1)))
+    return number, F.when(number.isNull() | F.isnan(number) | _infinite(number), F.format_string(
+        "label is not a finite number: '%s'", _shown(text)))
 
 
 def _split_rule(text: Column | None, id_base: int) -> tuple[Column, Column]:
@@ -240,14 +256,17 @@ def validate(rows: DataFrame, cols: Columns, n_columns: int | None, classes: int
     """Split parsed rows into good rows (training schema) and rejects (row_number, raw, reason).
     A row's id is `id_base + row_number - 1` (`id_base` > 0 for the later files of a directory).
 
-    The first failing rule names the reason: wrong width, a non-numeric or NaN feature (with its
-    position), a missing or out-of-range label, or an unknown split value."""
+    The first failing rule names the reason: wrong width, a missing, non-integer or out-of-range
+    label, a non-numeric, NaN or infinite feature (with its position; a value past float32's range
+    parses to infinity), or an unknown split value."""
     feats = [_as_float(c) for c in cols.features]
     bad_feature = F.lit(None).cast("string")
     for i in range(len(feats) - 1, -1, -1):
         bad_feature = F.when(feats[i].isNull(), F.format_string(
-            "feature %d is not a number: '%s'", F.lit(i), F.coalesce(cols.features[i], F.lit(""))))\
+            "feature %d is not a number: '%s'", F.lit(i), _shown(cols.features[i])))\
             .when(F.isnan(feats[i]), F.format_string("feature %d is NaN", F.lit(i)))\
+            .when(_infinite(feats[i]), F.format_string(
+                "feature %d is not a finite float32: '%s'", F.lit(i), _shown(cols.features[i])))\
             .otherwise(bad_feature)
     label, label_bad = _label_rule(cols.label, classes)
     split, split_bad = _split_rule(cols.split, id_base)
@@ -296,7 +315,7 @@ def validate_libsvm(rows: DataFrame, width: int, classes: int | None,
     With --classes 2 a label of -1 (LibSVM's usual negative class) becomes 0."""
     def pair_fault(p: Column, i: Column) -> Column:
         index, value = _pair_index(p), _pair_value(p)
-        where = F.format_string("pair %d '%s'", i + 1, p)
+        where = F.format_string("pair %d '%s'", i + 1, _shown(p))
         previous = _pair_index(F.get(F.col("pairs"), i - 1))
         return (F.when(index.isNull() | value.isNull(),
                        F.format_string("%s is not index:value with an integer index and a number",
@@ -306,7 +325,8 @@ def validate_libsvm(rows: DataFrame, width: int, classes: int | None,
                     f"--num-features is {width})", where, index))
                 .when((i > 0) & (index <= previous), F.format_string(
                     "%s: indices must be ascending, %d follows %d", where, index, previous))
-                .when(F.isnan(value), F.format_string("%s: value is NaN", where)))
+                .when(F.isnan(value), F.format_string("%s: value is NaN", where))
+                .when(_infinite(value), F.format_string("%s: value is not a finite float32", where)))
 
     text = F.col("label_text")
     if classes == 2:

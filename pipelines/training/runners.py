@@ -79,6 +79,7 @@ class Job:
     config: Config
     args: argparse.Namespace
     resume_dir: RunDir | None
+    pinned: lake.Pinned
     timings: dict[str, float] = field(default_factory=dict)
     tracker: Tracker | None = None
     history: list[dict] = field(default_factory=list)
@@ -93,8 +94,26 @@ class Job:
             run_dir = artifacts.new_run_dir(self.config.runs.path, self.args.run_name,
                                             f"{label}-{self.config.trainer.strategy}-s{self.config.trainer.seed}")
             artifacts.write(run_dir, "config.yaml", dump_yaml(self.config).encode())
+            artifacts.write(run_dir, TABLE_FILE, json.dumps(asdict(self.pinned)).encode())
         self.tracker = Tracker(self.spark, self.config, run_dir, unit, total, table, version)
         return self.tracker
+
+
+# run file: the table version a run reads and the table's Delta id (lake.Pinned)
+TABLE_FILE = "table.json"
+
+
+def pin_data(spark: SparkSession, config: Config, resume_dir: RunDir | None) -> tuple[Config, lake.Pinned]:
+    """The config with data.version resolved, and what it is pinned to: for a new run the version
+    the config names (the latest when it names none), for a resumed one what the run recorded,
+    checked to be the same table with that version's files all still there."""
+    recorded = resume_dir.read(TABLE_FILE) if resume_dir is not None else None
+    if recorded is None:
+        pinned = lake.pin(spark, config.lake.path, lake.TableRef(config.data.table, config.data.version))
+    else:
+        pinned = lake.Pinned(**json.loads(recorded))
+        lake.check_pinned(spark, config.lake.path, pinned)
+    return config.with_version(pinned.version), pinned
 
 
 def resolve_run(args: argparse.Namespace) -> tuple[Config, RunDir | None, str | None]:
@@ -122,7 +141,10 @@ def interrupted_run(config: Config, run_name: str) -> RunDir | None:
     if config_file is None:
         run_dir.close()
         return None
-    if load_config(config_file) != config:
+    stored = load_config(config_file)
+    if config.data.version is None:   # the run pinned the version it found at its start
+        stored = stored.with_version(None)
+    if stored != config:
         run_dir.close()
         raise ConfigError(f"run {run_dir} was interrupted with a different configuration; resume it "
                           f"with its own config (--resume {run_dir}), or choose another --run-name")
@@ -396,7 +418,8 @@ def run(config: Config, args: argparse.Namespace, resume_dir: RunDir | None, sta
     t = config.trainer
     mark = time.perf_counter()
     spark = build_session("fedspark-train", config.spark.conf, config.spark.delta_packages)
-    job = Job(spark, config, args, resume_dir, {"session": time.perf_counter() - mark},
+    config, pinned = pin_data(spark, config, resume_dir)
+    job = Job(spark, config, args, resume_dir, pinned, {"session": time.perf_counter() - mark},
               wire_log=wire_log)
     try:
         trained = RUNNERS[t.strategy](job)
