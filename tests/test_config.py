@@ -33,6 +33,26 @@ def test_set_spark_conf_keeps_the_spark_key_whole_and_merges(tmp_path):
     assert c.spark.conf == {"spark.sql.shuffle.partitions": 4, "spark.executor.memory": "2g"}
 
 
+def test_credentials_are_redacted_from_what_is_stored():
+    from pipelines.core.config import dump_yaml
+
+    config = load_config(None, ["spark.conf.spark.hadoop.fs.s3a.secret.key=S3CR3T",
+                                "spark.conf.spark.hadoop.fs.s3a.access.key=AKIA0001",
+                                "spark.conf.spark.executor.memory=2g",
+                                "lake.path=s3a://AKIA0001:S3CR3T@bucket/lake",
+                                "runs.path=s3a://AKIA0001:S3CR3T@bucket/runs"])
+    stored = dump_yaml(config)
+    assert "S3CR3T" not in stored and "AKIA0001" not in stored
+    back = load_config(None, [])
+    assert not back.holds_redactions() and not config.holds_redactions()
+    redacted = config.redacted()
+    assert redacted.spark.conf == {"spark.hadoop.fs.s3a.secret.key": "*********(redacted)",
+                                   "spark.hadoop.fs.s3a.access.key": "*********(redacted)",
+                                   "spark.executor.memory": "2g"}
+    assert redacted.lake.path == "s3a://*********(redacted)@bucket/lake" and redacted.holds_redactions()
+    assert config.lake.path == "s3a://AKIA0001:S3CR3T@bucket/lake"   # the job itself keeps them
+
+
 def test_an_error_in_a_set_value_names_the_set_not_the_file(tmp_path):
     f = tmp_path / "exp.yaml"
     f.write_text("trainer:\n  epochs: 3\n")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pyspark.sql import SparkSession
 
 from pipelines import evaluate, train
 from pipelines.core.cli import main_wrapper
@@ -33,12 +34,19 @@ def run_train(lake, runs, capsys, *sets, extra=()):
     return json.loads(out[-1]), out
 
 
+def spark_session() -> SparkSession:
+    session = SparkSession.getActiveSession()
+    assert session is not None
+    return session
+
+
 BLOBS = ["data.table=blobs", "model.kind=softmax", "trainer.optimizer.lr=0.05", "trainer.epochs=3"]
 
 
 def test_summary_line_and_run_directory(lake, tmp_path, capsys):
     summary, out = run_train(lake, tmp_path / "runs", capsys, *BLOBS, "model.kind=mlp",
-                             "model.hidden=[16,8]", "trainer.batch_size=32")
+                             "model.hidden=[16,8]", "trainer.batch_size=32",
+                             "spark.conf.spark.hadoop.fs.s3a.secret.key=hunter2")
     assert ALWAYS <= set(summary) and "test_accuracy" in summary
     assert summary["model"] == {"kind": "mlp", "layers": [10, 16, 8, 4]}
     data = summary["data"]
@@ -51,7 +59,11 @@ def test_summary_line_and_run_directory(lake, tmp_path, capsys):
     assert "val_accuracy" in out[-2]
     run_dir = Path(summary["run_dir"])
     assert json.loads((run_dir / "summary.json").read_text()) == summary
-    assert (run_dir / "config.yaml").is_file()
+    stored = (run_dir / "config.yaml").read_text()   # credentials are never stored in clear
+    assert "spark.hadoop.fs.s3a.secret.key: '*********(redacted)'" in stored and "hunter2" not in stored
+    recorded = spark_session().read.format("delta").load(str(lake / "runs")).filter(
+        f"run_id = '{summary['run_id']}'").select("config").collect()
+    assert recorded and all("hunter2" not in r.config for r in recorded)
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 3
     assert summary["model_path"] == str(run_dir / "model")
     spec = json.loads((run_dir / "model" / "spec.json").read_text())

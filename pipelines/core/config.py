@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import copy
 import functools
+import re
 import sys
+import urllib.parse
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
@@ -76,6 +78,21 @@ else:
     DpMode = one_of(DP_MODES)
 # option sets that are not registries: each declared once
 TrainerStrategy = Literal["local", "sync", "federated", "mllib", "model_parallel"]
+
+
+# Spark's own default for spark.redaction.regex (what its UI and event logs redact) and marker
+REDACTION_KEY = "spark.redaction.regex"
+SPARK_REDACTION_REGEX = r"(?i)secret|password|token|access[.]?key"
+REDACTED = "*********(redacted)"
+
+
+def redact_uri(uri: str) -> str:
+    """`s3a://KEY:SECRET@bucket/path` -> `s3a://*********(redacted)@bucket/path`; other paths as
+    they are."""
+    parts = urllib.parse.urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{REDACTED}@{parts.netloc.rpartition('@')[2]}"))
 
 
 class ConfigError(UserError):
@@ -261,6 +278,21 @@ class Config(_Section):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
+    def redacted(self) -> Config:
+        """This config as fedspark stores it (config.yaml, the `runs` table, MLflow): the values of
+        spark.conf keys that Spark's spark.redaction.regex matches, and credentials in lake.path
+        and runs.path URIs, replaced by REDACTED."""
+        pattern = re.compile(str(self.spark.conf.get(REDACTION_KEY, SPARK_REDACTION_REGEX)))
+        conf = {k: REDACTED if k != REDACTION_KEY and (pattern.search(k) or pattern.search(str(v))) else v
+                for k, v in self.spark.conf.items()}
+        return self.model_copy(update={
+            "spark": self.spark.model_copy(update={"conf": conf}),
+            "lake": self.lake.model_copy(update={"path": redact_uri(self.lake.path)}),
+            "runs": self.runs.model_copy(update={"path": redact_uri(self.runs.path)})})
+
+    def holds_redactions(self) -> bool:
+        return REDACTED in yaml.safe_dump(self.to_dict())
+
     def with_version(self, version: int | None) -> Config:
         """This config reading data.table at `version` (a run pins the version it resolved)."""
         return self.model_copy(update={"data": self.data.model_copy(update={"version": version})})
@@ -407,7 +439,8 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
 
 
 def dump_yaml(config: Config) -> str:
-    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+    """The config as fedspark stores it: credentials redacted (Config.redacted)."""
+    return yaml.safe_dump(config.redacted().to_dict(), sort_keys=False)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -124,7 +124,7 @@ def log_to_mlflow(config: Config, run_dir: RunDir, summary: dict[str, Any],
         root = Path(".") if is_remote(config.runs.path) else Path(config.runs.path)
         mlflow.set_tracking_uri(root.resolve().joinpath("mlruns").as_uri())
     mlflow.set_experiment("fedspark")
-    params = _flat(config.to_dict())
+    params = _flat(config.redacted().to_dict())
     with mlflow.start_run(run_name=run_dir.name, tags={"fedspark.run_id": run_dir.name}) as run:
         mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
         for row in records.metric_rows(run_dir.name, unit, history):

@@ -127,7 +127,13 @@ def resolve_run(args: argparse.Namespace) -> tuple[Config, RunDir | None, str | 
         if args.config or args.sets:
             run_dir.close()
             raise UserError("--resume continues a run with its own config.yaml; drop --config/--set")
-        return load_config(config_file), run_dir, artifacts.run_name_of(run_dir) or run_dir.name
+        config = load_config(config_file)
+        if config.holds_redactions():
+            run_dir.close()
+            raise UserError(f"--resume {run_dir}: its config held credentials, which are not stored; "
+                            "resume it with its --run-name, --resume-if-exists and the same "
+                            "--config/--set instead")
+        return config, run_dir, artifacts.run_name_of(run_dir) or run_dir.name
     config = load_config(args.config, args.sets)
     return config, None, artifacts.check_run_name(args.run_name) if args.run_name else None
 
@@ -144,7 +150,7 @@ def interrupted_run(config: Config, run_name: str) -> RunDir | None:
     stored = load_config(config_file)
     if config.data.version is None:   # the run pinned the version it found at its start
         stored = stored.with_version(None)
-    if stored != config:
+    if stored != config.redacted():
         run_dir.close()
         raise ConfigError(f"run {run_dir} was interrupted with a different configuration; resume it "
                           f"with its own config (--resume {run_dir}), or choose another --run-name")
