@@ -116,7 +116,12 @@ def test_cross_section_rules():
         load_config(None, ["privacy.secure_aggregation=true", "robust.rule=median"])
     with pytest.raises(ConfigError, match="poisson"):
         load_config(None, ["privacy.dp=central"])
-    assert load_config(None, ["privacy.dp=central", "federated.sampling=poisson"]).privacy.dp == "central"
+    with pytest.raises(ConfigError, match="privacy.dp=central needs privacy.clip"):
+        load_config(None, ["privacy.dp=central", "federated.sampling=poisson"])
+    with pytest.raises(ConfigError, match="norm_bound needs privacy.clip"):
+        load_config(None, ["robust.rule=norm_bound"])
+    assert load_config(None, ["privacy.dp=central", "federated.sampling=poisson",
+                              "privacy.clip=1.0"]).privacy.dp == "central"
 
 
 def test_missing_and_malformed_files(tmp_path):

@@ -160,7 +160,8 @@ def test_central_noise_on_the_sum_has_std_z_times_clip(lake):
 
 
 def test_adaptive_clipping_noise_split_and_clip_moves(lake):
-    config = _config(lake, privacy={"dp": "central", "noise_multiplier": 1.0, "adaptive_clip": True},
+    config = _config(lake, privacy={"dp": "central", "noise_multiplier": 1.0, "adaptive_clip": True,
+                                      "clip": 1.0},
                      federated={"sampling": "poisson", "fraction": 1.0})
     dp = privacy.Dp.from_config(config, 10)
     sigma_b = max(10 / 20, 1.0)
@@ -214,7 +215,8 @@ def test_target_epsilon_stops_before_the_budget_is_crossed(lake, tmp_path, capsy
 
     target = (eps(3) + eps(4)) / 2
     code, out = _run(lake, tmp_path, capsys, "privacy.dp=central", "federated.sampling=poisson",
-                     f"federated.fraction={q}", f"privacy.noise_multiplier={z}", "federated.rounds=10",
+                     "privacy.clip=1.0", f"federated.fraction={q}", f"privacy.noise_multiplier={z}",
+                     "federated.rounds=10",
                      f"privacy.target_epsilon={target}", "privacy.adaptive_clip=true",
                      "federated.eval_every=5")
     assert code == 0, out.err[-2000:]
@@ -229,7 +231,7 @@ def test_target_epsilon_stops_before_the_budget_is_crossed(lake, tmp_path, capsy
 
 @pytest.mark.parametrize("sets,needle", [
     (["privacy.dp=central", "federated.sampling=poisson", "privacy.noise_multiplier=0.3",
-      "privacy.target_epsilon=0.01"], "privacy.target_epsilon=0.01 cannot be met"),
+      "privacy.clip=1.0", "privacy.target_epsilon=0.01"], "privacy.target_epsilon=0.01 cannot be met"),
     (["robust.rule=krum", "federated.fraction=0.5", "robust.attack.kind=sign_flip",
       "robust.attack.fraction=0.3"], "more than 2f+2"),
     (["privacy.secure_aggregation=true", "robust.rule=trimmed_mean"], "robust.rule='trimmed_mean'"),
@@ -345,17 +347,24 @@ def test_the_driver_sees_only_uniform_masked_vectors_it_cannot_unmask(spark, lak
 
 
 def test_fedavg_with_and_without_secure_aggregation_end_at_the_same_weights(lake, tmp_path, capsys):
-    weights = {}
-    for name, sets in (("plain", []), ("secure", ["privacy.secure_aggregation=true", "privacy.clip=100"])):
+    """With a clip far above the updates, and with the defaults (no privacy.clip: only
+    privacy.secagg_bound bounds the fixed point), though the updates' norms exceed 1."""
+    weights, summaries = {}, {}
+    for name, sets in (("plain", []), ("secure", ["privacy.secure_aggregation=true", "privacy.clip=100"]),
+                       ("default", ["privacy.secure_aggregation=true"])):
         code, out = _run(lake, tmp_path / name, capsys, "federated.rounds=3", "federated.fraction=0.5",
-                         "model.init=zeros", *sets)
+                         "model.init=zeros", "trainer.optimizer.lr=2.0", *sets)
         assert code == 0, out.err[-2000:]
-        summary = json.loads(out.out.strip().splitlines()[-1])
+        summaries[name] = summary = json.loads(out.out.strip().splitlines()[-1])
         with np.load(Path(summary["model_path"]) / "weights.npz", allow_pickle=False) as z:
             weights[name] = z["theta"]
-    assert summary["privacy"]["secure_aggregation"] is True
-    err = np.linalg.norm(weights["secure"] - weights["plain"]) / np.linalg.norm(weights["plain"])
-    assert err < 1e-6
+    # |theta_3| <= the sum of 3 rounds' mean update norms: some client's update norm was above 1
+    assert np.linalg.norm(weights["plain"]) > 3
+    for name in ("secure", "default"):
+        assert summaries[name]["privacy"]["secure_aggregation"] is True
+        err = np.linalg.norm(weights[name] - weights["plain"]) / np.linalg.norm(weights["plain"])
+        assert err < 1e-6, name
+    assert summaries["default"]["privacy"]["clip"] == 1.0e4   # privacy.secagg_bound
 
 
 def test_local_dp_clients_noise_their_own_updates(spark, lake):
@@ -421,7 +430,7 @@ def test_the_driver_cannot_rebuild_a_clients_local_noise(spark, lake):
 def test_central_dp_with_secure_aggregation_trains_and_reports_both(lake, tmp_path, capsys):
     code, out = _run(lake, tmp_path, capsys, "privacy.secure_aggregation=true", "privacy.dp=central",
                      "federated.sampling=poisson", "federated.fraction=0.8", "federated.rounds=2",
-                     "privacy.noise_multiplier=0.5", "privacy.adaptive_clip=true")
+                     "privacy.noise_multiplier=0.5", "privacy.adaptive_clip=true", "privacy.clip=1.0")
     assert code == 0, out.err[-2000:]
     summary = json.loads(out.out.strip().splitlines()[-1])
     p = summary["privacy"]

@@ -202,11 +202,19 @@ class PrivacySection(_Section):
     ring_bits: int = Field(ge=32, le=64)
     dp: DpMode
     noise_multiplier: float = Field(ge=0.0)
-    clip: float = Field(gt=0.0)
+    clip: float | None = Field(gt=0.0)
+    secagg_bound: float = Field(gt=0.0)
     adaptive_clip: bool
     target_quantile: float = Field(gt=0.0, lt=1.0)
     delta: float = Field(gt=0.0, lt=1.0)
     target_epsilon: float | None = Field(gt=0.0)
+
+
+    @property
+    def secure_clip(self) -> float:
+        """The L2 bound a client clips to under secure aggregation, which bounds the fixed point:
+        privacy.clip when set, else privacy.secagg_bound (far above ordinary updates)."""
+        return self.clip if self.clip is not None else self.secagg_bound
 
 
 class AttackSection(_Section):
@@ -273,6 +281,12 @@ class Config(_Section):
         if self.privacy.adaptive_clip and self.privacy.dp != "central":
             raise ValueError("privacy.adaptive_clip needs privacy.dp=central (the clients' "
                              "within-clip bits are only private inside the noisy central count)")
+        if DP_MODES[self.privacy.dp].enabled and self.privacy.clip is None:
+            raise ValueError(f"privacy.dp={self.privacy.dp} needs privacy.clip, the L2 bound every "
+                             "client clips its update to (the noise is proportional to it)")
+        if self.robust.rule == "norm_bound" and self.privacy.clip is None:
+            raise ValueError("robust.rule=norm_bound needs privacy.clip, the L2 bound it scales "
+                             "updates down to")
         return self
 
     def to_dict(self) -> dict[str, Any]:

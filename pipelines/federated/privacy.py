@@ -68,7 +68,7 @@ class Dp:
 
     mode: str                  # a key of DP_MODES
     z: float
-    clip: float
+    clip: float | None       # required (by the config) when a DP mode is enabled
     adaptive: bool
     quantile: float
     delta: float
@@ -107,12 +107,16 @@ class Dp:
         return (self.z ** -2 - (2 * self.count_noise) ** -2) ** -0.5
 
     def init_state(self) -> dict[str, np.ndarray]:
-        return {"clip": np.array([self.clip])} if self.enabled else {}
+        if not self.enabled:
+            return {}
+        if self.clip is None:
+            raise ConfigError(f"privacy.dp={self.mode} needs privacy.clip")
+        return {"clip": np.array([self.clip])}
 
     def release(self, state: dict[str, np.ndarray], clip_for_overflow: float | None) -> Release:
         """How clients release their updates this round."""
-        if not self.enabled:
-            return Release(clip=clip_for_overflow)
+        if not self.enabled:   # secure aggregation's bound: clients say whether they were within it
+            return Release(clip=clip_for_overflow, report_clipped=clip_for_overflow is not None)
         c = float(state["clip"][0])
         noise = self.z * c if self.kind.client_noise else 0.0
         return Release(clip=c, noise_std=noise, report_clipped=self.adaptive)
@@ -155,10 +159,11 @@ class Dp:
         fraction = (centred_within + noise) / self.expected_clients + 0.5
         state["clip"] = state["clip"] * math.exp(-CLIP_LEARNING_RATE * (fraction - self.quantile))
 
-    def summary(self, rounds: int, state: dict[str, np.ndarray], secure_aggregation: bool) -> dict:
+    def summary(self, rounds: int, state: dict[str, np.ndarray], secure_clip: float | None) -> dict:
         """The summary's `privacy` part; `clip` is the last round's bound (secure aggregation alone
-        clips to the configured one)."""
-        clip = float(state["clip"][0]) if self.enabled else (self.clip if secure_aggregation else None)
+        clips to `secure_clip`, privacy.clip or privacy.secagg_bound)."""
+        secure_aggregation = secure_clip is not None
+        clip = float(state["clip"][0]) if self.enabled else secure_clip
         return {"secure_aggregation": secure_aggregation, "dp": self.mode,
                 "epsilon": self.epsilon_after(rounds), "delta": self.delta if self.enabled else None,
                 "noise_multiplier": self.z if self.enabled else None, "clip": clip}

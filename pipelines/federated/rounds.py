@@ -160,8 +160,9 @@ def robust_rule(config: Config, per_round: float) -> privacy.Aggregate:
     """The robust rule (by default the sample-weighted mean) over the reported updates."""
     r = config.robust
     f = robust.byzantine_count(r.byzantine, r.attack.fraction, per_round)
+    bound = config.privacy.clip if config.privacy.clip is not None else math.inf
     return lambda got, state, round_: robust.aggregate(r.rule, got.updates, got.counts,
-                                                       r.trim_fraction, f, config.privacy.clip)
+                                                       r.trim_fraction, f, bound)
 
 
 def secure_mean(got: secure_round.SecureResult, state: dict, round_: int) -> np.ndarray:
@@ -186,21 +187,37 @@ def aggregator(config: Config, dp: privacy.Dp, per_round: float) -> privacy.Aggr
     return secure_mean if secure else robust_rule(config, per_round)
 
 
+@dataclass(frozen=True)
+class RoundResult:
+    """What a round's client training gave the driver: the reports (under secure aggregation
+    without the updates), the dropped clients, the aggregate update (None when nobody reported),
+    the bytes the clients sent up, and, under secure aggregation without DP, how many reported
+    updates were clipped to its bound (the driver learns only that count)."""
+
+    reports: Sequence[clients.RoundReport]
+    dropped: list[clients.Dropped]
+    aggregate: np.ndarray | None
+    bytes_up: int
+    clipped: int | None = None
+
+
 def train_clients(sc: SparkContext, config: Config, c: Clients, task: clients.ClientRound,
                   state: FedState, sampled: list[int], dp: privacy.Dp, aggregate: privacy.Aggregate
-                  ) -> tuple[Sequence[clients.RoundReport], list[clients.Dropped], np.ndarray | None, int]:
-    """Run the round's client training: (reports, dropped, aggregate update or None when nobody
-    reported, bytes the clients sent up). Under secure aggregation the driver only learns sums."""
+                  ) -> RoundResult:
+    """Run the round's client training. Under secure aggregation the driver only learns sums."""
     if not sampled:
-        return [], [], None, 0
+        return RoundResult([], [], None, 0)
     p, r = config.privacy, task.round
     if not p.secure_aggregation:
         reports, dropped = run_round(sc, c, task, state.theta, sampled)
         update = aggregate(Reports(reports), state.server_state, r) if reports else None
-        return reports, dropped, update, int(sum(d.update.nbytes for d in reports))
+        return RoundResult(reports, dropped, update, int(sum(d.update.nbytes for d in reports)))
     res = secure_round.run_secure_round(sc, c, task, state.theta, sampled, p.secagg_threshold,
                                         p.ring_bits, weighted=not dp.central)
-    return res.reports, res.dropped, aggregate(res, state.server_state, r), res.bytes_up
+    # sum of (within - 1/2) over n survivors = within - n/2, so n/2 - it counts the clipped
+    clipped = None if dp.enabled else int(round(len(res.reports) / 2 - res.within_clip))
+    return RoundResult(res.reports, res.dropped, aggregate(res, state.server_state, r), res.bytes_up,
+                       clipped)
 
 
 def server_rule(fed: FederatedSection) -> ServerRule:
@@ -279,10 +296,12 @@ def fit(sc: SparkContext, config: Config, c: Clients, test: Blocks | None, spec:
             # data-independent: skipping reveals only the sample size; DP still counts the round
             record["skipped"] = f"{len(sampled)} client(s) sampled, fewer than a round needs"
             sampled = []
-        clip = config.privacy.clip if config.privacy.secure_aggregation else None
+        clip = config.privacy.secure_clip if config.privacy.secure_aggregation else None
         task = client_round(config, spec, r, dp.release(state.server_state, clip), attack, run_id)
-        reports, dropped, aggregate, bytes_up = train_clients(sc, config, c, task, state, sampled, dp,
-                                                              aggregate_round)
+        got = train_clients(sc, config, c, task, state, sampled, dp, aggregate_round)
+        reports, dropped, aggregate = got.reports, got.dropped, got.aggregate
+        if got.clipped is not None:
+            record["clipped"] = got.clipped
         if sampled and len(reports) < fed.min_clients:
             reasons = "; ".join(f"{c.names[d.client]}: {d.reason}" for d in dropped[:3])
             raise RuntimeError(f"round {r}: only {len(reports)} of {len(sampled)} sampled clients "
@@ -299,7 +318,7 @@ def fit(sc: SparkContext, config: Config, c: Clients, test: Blocks | None, spec:
             record["clip"] = float(state.server_state["clip"][0])
         state.dropped += len(dropped)
         record["bytes_down"] = int(state.theta.nbytes * len(sampled))
-        record["bytes_up"] = bytes_up
+        record["bytes_up"] = got.bytes_up
         last = r == fed.rounds or not dp.may_run(r + 1)
         if r % fed.eval_every == 0 or last:
             evaluated = time.perf_counter()
@@ -346,7 +365,8 @@ def summary_fields(config: Config, c: Clients, state: FedState) -> dict:
     p, r = config.privacy, config.robust
     dp = privacy.Dp.from_config(config, c.count)
     if dp.enabled or p.secure_aggregation:
-        out["privacy"] = dp.summary(state.round, state.server_state, p.secure_aggregation)
+        out["privacy"] = dp.summary(state.round, state.server_state,
+                                    p.secure_clip if p.secure_aggregation else None)
     if r.rule != "mean" or r.attack.kind != "none":
         out["robustness"] = {"rule": r.rule, "attack": r.attack.kind,
                              "malicious_fraction": r.attack.fraction}
