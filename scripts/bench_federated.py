@@ -47,7 +47,7 @@ from threadpoolctl import threadpool_limits
 
 from pipelines.core.config import Config, load_config
 from pipelines.core.session import build_session
-from pipelines.federated import partitioners, rounds
+from pipelines.federated import partitioners, privacy, rounds
 from pipelines.federated.clients import Clients, partition_report, prepare_clients
 from pipelines.federated.server import weighted_mean
 from pipelines.training.runners import initial_theta, model_spec
@@ -145,7 +145,8 @@ def converge(spark: SparkSession, config: Config, clients: Clients, test: Any,
     try:
         state = rounds.fit(sc, config, clients, test, spec, state, on_round,
                               until=reached if target is not None else None, client_eval=False,
-                              run_id=f"bench-{label}")
+                              run_id=f"bench-{label}",
+                              noise_secret=privacy.fresh_secret(config))
     except RuntimeError as exc:  # e.g. every client's update overflowed under an attack
         raise RoundFailed(str(exc), [[h["round"], h["test_accuracy"]] for h in seen
                                      if "test_accuracy" in h]) from exc

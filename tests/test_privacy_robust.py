@@ -4,6 +4,7 @@ secure aggregation rounds on real Spark partitions, including what the driver ge
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 from pathlib import Path
 from typing import Any
@@ -154,7 +155,7 @@ def test_central_noise_on_the_sum_has_std_z_times_clip(lake):
                      federated={"sampling": "poisson", "fraction": 0.3})
     dp = privacy.Dp.from_config(config, 10)
     state = dp.init_state()
-    draws = np.concatenate([dp.noisy_mean(np.zeros(2000), state, 0, r) * (0.3 * 10)
+    draws = np.concatenate([dp.noisy_mean(np.zeros(2000), state, privacy.NoiseKey(None, 0), r) * (0.3 * 10)
                             for r in range(1, 51)])
     assert abs(draws.std() - 1.5 * 0.7) < 0.01 and abs(draws.mean()) < 0.01
 
@@ -167,8 +168,8 @@ def test_adaptive_clipping_noise_split_and_clip_moves(lake):
     sigma_b = max(10 / 20, 1.0)
     assert dp.update_noise_multiplier == pytest.approx((1.0 ** -2 - (2 * sigma_b) ** -2) ** -0.5)
     shrunk, grown = dp.init_state(), dp.init_state()
-    dp.adapt_clip(10 * 0.5, shrunk, 0, 1)    # every client within the clip: fraction ~1 > 0.5
-    dp.adapt_clip(10 * -0.5, grown, 0, 1)    # none within: fraction ~0 < 0.5
+    dp.adapt_clip(10 * 0.5, shrunk, privacy.NoiseKey(None, 0), 1)    # every client within the clip: fraction ~1 > 0.5
+    dp.adapt_clip(10 * -0.5, grown, privacy.NoiseKey(None, 0), 1)    # none within: fraction ~0 < 0.5
     # C * exp(-0.2 * (fraction - 0.5)), the fraction estimated with noise of std sigma_b / 10
     assert 0.87 < shrunk["clip"][0] < 0.94 and 1.06 < grown["clip"][0] < 1.15
 
@@ -440,6 +441,40 @@ def test_central_dp_with_secure_aggregation_trains_and_reports_both(lake, tmp_pa
     assert p["epsilon"] == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
     assert summary["client_accuracy"] == {}  # per-client statistics are withheld under DP
     assert summary["rounds"] == 2 and summary["test_accuracy"] is not None
+
+
+def test_central_dp_noise_comes_from_a_run_secret_a_resume_reads_back(lake, tmp_path, capsys):
+    """Two runs of one config draw different noise and samples; the secret is mode 0600 beside the
+    checkpoints and nowhere else the run publishes; a resumed run ends at the same model;
+    privacy.reproducible_noise draws from the seed instead."""
+    dp = ["privacy.dp=central", "federated.sampling=poisson", "federated.fraction=0.8", "privacy.clip=1.0",
+          "privacy.noise_multiplier=0.5", "federated.rounds=3", "trainer.checkpoint_every=1"]
+
+    def trained(name: str, *sets: str) -> tuple[Path, np.ndarray]:
+        code, out = _run(lake, tmp_path / name, capsys, *dp, *sets)
+        assert code == 0, out.err[-2000:]
+        run_dir = Path(json.loads(out.out.strip().splitlines()[-1])["run_dir"])
+        with np.load(run_dir / "model" / "weights.npz", allow_pickle=False) as z:
+            return run_dir, z["theta"].copy()
+
+    (a, wa), (_, wb) = trained("a"), trained("b")
+    assert not np.allclose(wa, wb)
+    key = a / "checkpoints" / "noise.key"
+    secret = key.read_bytes()
+    assert len(secret) == 32 and key.stat().st_mode & 0o777 == 0o600
+    published = [f for f in a.rglob("*") if f.is_file() and f != key]
+    assert published and not [f for f in published if secret in f.read_bytes() or secret.hex().encode()
+                               in f.read_bytes()]
+    for name in ("summary.json", "checkpoints/round-0002.json", "checkpoints/round-0002.npz"):
+        (a / name).unlink()   # as if the job died in round 3
+    shutil.rmtree(a / "model")
+    capsys.readouterr()
+    assert main_wrapper(train.main, ["--resume", str(a)]) == 0, capsys.readouterr().err[-2000:]
+    with np.load(a / "model" / "weights.npz", allow_pickle=False) as z:
+        np.testing.assert_array_equal(z["theta"], wa)
+    (r1, w1), (_, w2) = (trained(name, "privacy.reproducible_noise=true") for name in ("r1", "r2"))
+    np.testing.assert_array_equal(w1, w2)
+    assert not (r1 / "checkpoints" / "noise.key").exists()
 
 
 def test_poisson_rounds_with_too_few_clients_are_skipped_not_failed(lake, tmp_path, capsys):

@@ -208,6 +208,7 @@ class PrivacySection(_Section):
     target_quantile: float = Field(gt=0.0, lt=1.0)
     delta: float = Field(gt=0.0, lt=1.0)
     target_epsilon: float | None = Field(gt=0.0)
+    reproducible_noise: bool
 
 
     @property

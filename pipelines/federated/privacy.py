@@ -23,14 +23,20 @@ and returns the noisy average, moving the clip as it goes.
 
 Accounting: Google's dp-accounting (Renyi DP); central DP is R rounds of the Poisson-subsampled
 Gaussian mechanism with sampling rate q = federated.fraction and noise multiplier z. A round that
-samples too few clients to run is still counted. The noise is drawn from (run seed, round): the model
-stays reproducible, so the run seed must be kept as secret as the data for the guarantee to hold
-against someone who sees the model.
+samples too few clients to run is still counted.
+
+Where the randomness comes from (NoiseKey): the run seed is published (config.yaml, spec.json, the
+summary, the records), so noise drawn from it could be rebuilt and subtracted by anyone who reads
+the run. Central DP's noise and its Poisson client sample are drawn from a per-run secret from OS
+entropy instead (pipelines/store/artifacts.noise_secret: mode 0600 beside the checkpoints, read back
+on resume). privacy.reproducible_noise: true draws them from the seed, for experiments only: the
+guarantee then holds only against someone who knows neither the seed nor the run's files.
 """
 from __future__ import annotations
 
 import functools
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -41,7 +47,7 @@ from absl import logging as absl_logging
 from dp_accounting import rdp
 
 from pipelines.core.config import Config, ConfigError
-from udfs.core.seeding import Stream, rng
+from udfs.core.seeding import SECRET_BYTES, Stream, rng, secret_rng
 from udfs.federated.noise import DP_MODES, DpMode, Release
 
 CLIP_LEARNING_RATE = 0.2       # eta of Andrew et al. 2021
@@ -60,6 +66,30 @@ def epsilon(q: float, z: float, rounds: int, delta: float) -> float:
     event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z))
     accountant.compose(dp_accounting.SelfComposedDpEvent(event, rounds))
     return float(accountant.get_epsilon(delta))
+
+
+@dataclass(frozen=True)
+class NoiseKey:
+    """The source of central DP's noise and DP sampling: the run's secret, or (None, with
+    privacy.reproducible_noise) the run seed."""
+
+    secret: bytes | None
+    seed: int
+
+    def rng(self, purpose: str, round_: int, stream: Stream, *keys: int) -> np.random.Generator:
+        if self.secret is None:
+            return rng(self.seed, stream, round_, *keys)
+        return secret_rng(self.secret, purpose, f"round={round_}", *keys)
+
+
+def needs_secret(config: Config) -> bool:
+    """Whether the run's noise and sampling come from a per-run secret (central DP, by default)."""
+    return DP_MODES[config.privacy.dp].server_noise and not config.privacy.reproducible_noise
+
+
+def fresh_secret(config: Config) -> bytes | None:
+    """The secret of a training that is never resumed (an estimator's fit, a benchmark)."""
+    return os.urandom(SECRET_BYTES) if needs_secret(config) else None
 
 
 @dataclass(frozen=True)
@@ -141,21 +171,21 @@ class Dp:
                 f"epsilon={self.epsilon_after(1):.3g} at delta={self.delta}; raise the noise "
                 "multiplier or lower the fraction")
 
-    def noisy_mean(self, total: np.ndarray, state: dict[str, np.ndarray], seed: int,
+    def noisy_mean(self, total: np.ndarray, state: dict[str, np.ndarray], key: NoiseKey,
                    round_: int) -> np.ndarray:
         """Central DP: (sum of clipped updates + N(0, (z_delta C)^2)) / (q N)."""
         c = float(state["clip"][0])
-        noise = rng(seed, Stream.DP_NOISE, round_).normal(0.0, self.update_noise_multiplier * c,
-                                                           total.shape)
+        noise = key.rng("central-dp/update", round_, Stream.DP_NOISE).normal(
+            0.0, self.update_noise_multiplier * c, total.shape)
         return (total + noise) / self.expected_clients
 
-    def adapt_clip(self, centred_within: float, state: dict[str, np.ndarray], seed: int,
+    def adapt_clip(self, centred_within: float, state: dict[str, np.ndarray], key: NoiseKey,
                    round_: int) -> None:
         """Adaptive clipping: move C towards the target quantile of the clients' update norms, from
         the sum over clients of (within the clip) - 1/2."""
         if not (self.enabled and self.adaptive):
             return
-        noise = rng(seed, Stream.DP_NOISE, round_, 1).normal(0.0, self.count_noise)
+        noise = key.rng("central-dp/count", round_, Stream.DP_NOISE, 1).normal(0.0, self.count_noise)
         fraction = (centred_within + noise) / self.expected_clients + 0.5
         state["clip"] = state["clip"] * math.exp(-CLIP_LEARNING_RATE * (fraction - self.quantile))
 
@@ -181,10 +211,10 @@ class CentralDP:
     clip. It wraps the sum, not the weighted mean, because its denominator is fixed (q N)."""
 
     dp: Dp
-    seed: int
+    key: NoiseKey
     summed: Aggregate
 
     def __call__(self, received: Any, state: dict[str, np.ndarray], round_: int) -> np.ndarray:
-        aggregate = self.dp.noisy_mean(self.summed(received, state, round_), state, self.seed, round_)
-        self.dp.adapt_clip(received.within_clip, state, self.seed, round_)
+        aggregate = self.dp.noisy_mean(self.summed(received, state, round_), state, self.key, round_)
+        self.dp.adapt_clip(received.within_clip, state, self.key, round_)
         return aggregate

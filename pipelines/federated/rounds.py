@@ -27,16 +27,18 @@ from pipelines.federated.sampling import SAMPLERS
 from pipelines.federated.server import ServerRule
 from pipelines.training.data_parallel import evaluate, optimizer_from
 from udfs.core.models import ModelSpec
-from udfs.core.seeding import Stream, rng
+from udfs.core.seeding import Stream
 from udfs.federated import clients
 from udfs.federated.attacks import Attack, malicious_clients
 from udfs.federated.noise import Release
 
 
-def sample(fed: FederatedSection, round_: int, n_clients: int, seed: int) -> list[int]:
-    """The clients of a round, drawn by the federated.sampling rule (pipelines/federated/sampling.py)."""
-    return SAMPLERS[fed.sampling].draw(rng(seed, Stream.SAMPLE, round_), n_clients, fed.fraction,
-                                       fed.min_clients)
+def sample(fed: FederatedSection, round_: int, n_clients: int, seed: int,
+           secret: bytes | None = None) -> list[int]:
+    """The clients of a round, drawn by the federated.sampling rule (pipelines/federated/sampling.py)
+    from the seed, or under central DP from the run's secret (privacy.NoiseKey)."""
+    gen = privacy.NoiseKey(secret, seed).rng("sample", round_, Stream.SAMPLE)
+    return SAMPLERS[fed.sampling].draw(gen, n_clients, fed.fraction, fed.min_clients)
 
 
 @dataclass
@@ -178,12 +180,13 @@ def secure_total(got: secure_round.SecureResult, state: dict, round_: int) -> np
     return got.weighted_sum
 
 
-def aggregator(config: Config, dp: privacy.Dp, per_round: float) -> privacy.Aggregate:
+def aggregator(config: Config, dp: privacy.Dp, per_round: float, key: privacy.NoiseKey
+               ) -> privacy.Aggregate:
     """The round's aggregation from what the driver receives: the robust rule, or the mean secure
     aggregation reveals; under central DP, the CentralDP wrapper around the plain sum instead."""
     secure = config.privacy.secure_aggregation
     if dp.central:
-        return privacy.CentralDP(dp, config.trainer.seed, secure_total if secure else reported_sum)
+        return privacy.CentralDP(dp, key, secure_total if secure else reported_sum)
     return secure_mean if secure else robust_rule(config, per_round)
 
 
@@ -268,20 +271,22 @@ def federated_eval(sc: SparkContext, c: Clients, spec: ModelSpec, dtype: str, sp
 
 def fit(sc: SparkContext, config: Config, c: Clients, test: Blocks | None, spec: ModelSpec, state: FedState,
         on_round: RoundHook, until: StopRule | None = None, client_eval: bool = True, *,
-        run_id: str) -> FedState:
+        run_id: str, noise_secret: bytes | None = None) -> FedState:
     """Run the remaining rounds; every eval_every rounds (and the last) evaluate globally and per
     client, and hand each round's record to `on_round`.
 
     `until(record)` ends training early once it holds (the convergence benchmark stops at the
     target); `client_eval=False` skips the per-client evaluation, one task per client, which costs
     more than a round when only the global test accuracy is wanted. `run_id` (the run's id) binds
-    each client's local-DP noise to this run (udfs/federated/noise.py)."""
+    each client's local-DP noise to this run (udfs/federated/noise.py); `noise_secret`, the
+    run's secret for central DP's noise and sampling (None: from the seed; privacy.needs_secret)."""
     fed, t = config.federated, config.trainer
     rule = server_rule(fed)
     dp = privacy.Dp.from_config(config, c.count)
     attack = attack_from(config, c.count)
     per_round = expected_per_round(fed, c.count)
-    aggregate_round = aggregator(config, dp, per_round)
+    key = privacy.NoiseKey(noise_secret, t.seed)
+    aggregate_round = aggregator(config, dp, per_round, key)
     split = clients.ClientSplit(t.seed, fed.holdout_fraction)
     while state.round < fed.rounds:
         started = time.perf_counter()
@@ -290,7 +295,7 @@ def fit(sc: SparkContext, config: Config, c: Clients, test: Blocks | None, spec:
             state.stopped = (f"privacy budget: round {r} would take epsilon to "
                              f"{dp.epsilon_after(r):.3f} > privacy.target_epsilon={dp.target_epsilon}")
             break
-        sampled = sample(fed, r, c.count, t.seed)
+        sampled = sample(fed, r, c.count, t.seed, noise_secret)
         record: dict = {"round": r, "clients": len(sampled)}
         if SAMPLERS[fed.sampling].varies and len(sampled) < smallest_round(config):
             # data-independent: skipping reveals only the sample size; DP still counts the round

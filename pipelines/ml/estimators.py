@@ -42,7 +42,7 @@ from pyspark.sql import types as T
 from pipelines.core.config import Config, ConfigError, config_from_dict, deep_merge, nested
 from pipelines.core.errors import UserError
 from pipelines.data.blocks import blocks_from_rows, training_rows
-from pipelines.federated import rounds
+from pipelines.federated import privacy, rounds
 from pipelines.federated.clients import clients_from_rows
 from pipelines.ml.scoring import score_column
 from pipelines.training import data_parallel, runners
@@ -183,7 +183,8 @@ def _train(spark: Any, config: Config, rows: DataFrame) -> tuple[ModelSpec, np.n
         try:
             spec, fed_state = runners.federated_start(config, clients)
             fed_state = rounds.fit(sc, config, clients, None, spec, fed_state, lambda s, r: None,
-                                   client_eval=False, run_id=f"estimator-{secrets.token_hex(8)}")
+                                   client_eval=False, run_id=f"estimator-{secrets.token_hex(8)}",
+                                   noise_secret=privacy.fresh_secret(config))
         finally:
             clients.release()
         return spec, fed_state.theta

@@ -16,6 +16,7 @@ files and then publishing them (copied to the URI, atomically) in the order writ
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 import zipfile
@@ -31,6 +32,7 @@ from pipelines.store.rundir import RunDir
 from udfs.core import files
 from udfs.core.files import atomic_write
 from udfs.core.models import ModelSpec
+from udfs.core.seeding import SECRET_BYTES
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -39,6 +41,23 @@ def write(run_dir: RunDir, rel: str, data: bytes) -> None:
     """One file of a run, whole or not at all, at its local path and then at the run's URI."""
     atomic_write(run_dir.file(rel), data)
     run_dir.publish(rel)
+
+
+# beside the checkpoints, never in model/: the run's secret for central DP's noise and sampling
+NOISE_SECRET = "checkpoints/noise.key"
+
+
+def noise_secret(run_dir: RunDir) -> bytes:
+    """The run's secret for its DP noise and DP client sampling: OS entropy at the run's first
+    start, stored mode 0600 beside the checkpoints (never in model/, the summary, the records or
+    MLflow), read back by a resume so a resumed run ends at the same model."""
+    found = run_dir.read(NOISE_SECRET)
+    if found is not None:
+        return found
+    secret = os.urandom(SECRET_BYTES)
+    atomic_write(run_dir.file(NOISE_SECRET), secret, private=True)
+    run_dir.publish(NOISE_SECRET, private=True)
+    return secret
 
 
 def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:

@@ -91,11 +91,15 @@ class HadoopFS:
         finally:
             stream.close()
 
-    def put(self, local: Path, uri: str) -> None:
-        """Copy a local file to `uri` atomically: to a hidden name beside it, then rename over it."""
+    def put(self, local: Path, uri: str, private: bool = False) -> None:
+        """Copy a local file to `uri` atomically: to a hidden name beside it, then rename over it.
+        `private`: permission 0600 before the rename."""
         parent, _, name = uri.rstrip("/").rpartition("/")
         tmp = join(parent, f".{name}.tmp-{socket.gethostname()}-{os.getpid()}")
         self._fs.copyFromLocalFile(False, True, self._path(local.resolve().as_uri()), self._path(tmp))
+        if private:
+            permission = self._jvm.org.apache.hadoop.fs.permission.FsPermission.valueOf("-rw-------")
+            self._fs.setPermission(self._path(tmp), permission)
         overwrite = self._gateway.new_array(self._jvm.org.apache.hadoop.fs.Options.Rename, 1)
         overwrite[0] = self._jvm.org.apache.hadoop.fs.Options.Rename.OVERWRITE
         self._fc.rename(self._path(tmp), self._path(uri), overwrite)
@@ -161,11 +165,12 @@ class RunDir:
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
-    def publish(self, *rels: str) -> None:
-        """Make finished local files visible at the run's URI, in the order given."""
+    def publish(self, *rels: str, private: bool = False) -> None:
+        """Make finished local files visible at the run's URI, in the order given (`private`:
+        readable by this user only)."""
         if self.fs:
             for rel in rels:
-                self.fs.put(self.local / rel, join(self.uri, rel))
+                self.fs.put(self.local / rel, join(self.uri, rel), private)
 
     def exists(self, rel: str) -> bool:
         return self.fs.exists(join(self.uri, rel)) if self.fs else (self.local / rel).exists()

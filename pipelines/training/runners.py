@@ -23,7 +23,7 @@ from pipelines.core.progress import progress
 from pipelines.core.session import build_session
 from pipelines.data import lake
 from pipelines.data.blocks import Blocks, load_blocks
-from pipelines.federated import rounds
+from pipelines.federated import privacy, rounds
 from pipelines.federated.clients import Clients, partition_report, prepare_clients
 from pipelines.model_parallel import training as model_parallel_training
 from pipelines.store import artifacts, rundir
@@ -320,8 +320,9 @@ def train_federated(job: Job) -> Trained:
                                {"round": s.round, "history": s.history, "dropped": s.dropped})
 
     mark = time.perf_counter()
+    secret = artifacts.noise_secret(tracker.run_dir) if privacy.needs_secret(config) else None
     state = rounds.fit(spark.sparkContext, config, clients, test, spec, state, on_round,
-                       run_id=tracker.run_id)
+                       run_id=tracker.run_id, noise_secret=secret)
     job.timings["train"] = time.perf_counter() - mark
     last = state.history[-1] if state.history else {}
     test_metrics = {k.removeprefix("test_"): v for k, v in last.items() if k.startswith("test_")}

@@ -24,13 +24,15 @@ def _temporary(path: str | Path) -> str:
 
 
 @contextmanager
-def replacing(path: str | Path) -> Iterator[BinaryIO]:
+def replacing(path: str | Path, private: bool = False) -> Iterator[BinaryIO]:
     """A binary file to write that replaces `path` when the block ends without an error: flushed
     and fsynced before the rename, so after a crash `path` holds the old or the new bytes, never a
-    torn mix. On an error the temporary file is removed and `path` is left as it was."""
+    torn mix. On an error the temporary file is removed and `path` is left as it was. `private`:
+    mode 0600 from its creation (a secret is never readable by others, not even for a moment)."""
     tmp = _temporary(path)
     try:
-        with open(tmp, "wb") as fh:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o666)
+        with os.fdopen(fd, "wb") as fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
@@ -41,9 +43,9 @@ def replacing(path: str | Path) -> Iterator[BinaryIO]:
         raise
 
 
-def atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes, private: bool = False) -> None:
     """`data` as the whole content of `path` (see replacing)."""
-    with replacing(path) as fh:
+    with replacing(path, private) as fh:
         fh.write(data)
 
 
