@@ -172,7 +172,7 @@ def test_an_interrupted_run_resumes_from_its_uri(hdfs, lake, finished, tmp_path,
     assert json.loads(out[-1]) == resumed
 
 
-def test_the_run_name_lock_refuses_a_second_job(hdfs, lake, capsys):
+def test_the_run_name_lock_refuses_a_second_job(hdfs, lake, capsys, monkeypatch):
     runs_uri = f"{hdfs}/locked"
     with locks.lock_run_name(runs_uri, "busy") as lock:
         code, _, err = job(train, train_argv(lake, runs_uri, "--run-name", "busy"), capsys)
@@ -194,3 +194,23 @@ def test_the_run_name_lock_refuses_a_second_job(hdfs, lake, capsys):
         else:
             with pytest.raises(UserError, match="run name 'busy' is in use"):
                 locks.lock_run_name(runs_uri, "busy")
+
+    # a live job takes the lock between our reading the stale holder and moving it: ours moves the
+    # live lock aside, sees it is not the one it judged stale, puts it back and stops
+    fs.delete(f"{runs_uri}/.locks/busy.lock")
+    assert fs.create_new(f"{runs_uri}/.locks/busy.lock",
+                         f"host {socket.gethostname()} pid {dead} start 1 since then".encode())
+    live = f"host {socket.gethostname()} pid 1 start 0 since now"
+    rename = rundir.HadoopFS.rename
+
+    def racing_rename(self, src, dst):
+        if src.endswith("busy.lock") and ".stale-" in dst:   # the live job got in first
+            self.delete(src)
+            assert self.create_new(src, live.encode())
+        return rename(self, src, dst)
+
+    monkeypatch.setattr(rundir.HadoopFS, "rename", racing_rename)
+    with pytest.raises(UserError, match="run name 'busy' is in use"):
+        locks.lock_run_name(runs_uri, "busy")
+    monkeypatch.undo()
+    assert read(fs, f"{runs_uri}/.locks/busy.lock").decode() == live

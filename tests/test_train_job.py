@@ -220,3 +220,18 @@ def test_a_resume_reads_the_version_it_started_on_or_stops(spark, tmp_path, caps
     shutil.rmtree(lake / "nightly")
     write_table(spark, lake, "nightly", X, y, split)   # the same rows, but another table
     assert "was deleted and created again" in resume_fails()
+
+
+def test_resume_refuses_a_run_name_that_is_not_one(lake, tmp_path, capsys):
+    """--resume reads the run's name from its run.json and locks it: a name that is a path
+    ("../../x") is refused before it becomes a lock file's path."""
+    runs = tmp_path / "runs"
+    full, _ = run_train(lake, runs, capsys, *BLOBS, "trainer.epochs=1")
+    run_dir = Path(full["run_dir"])
+    (run_dir / "summary.json").unlink()
+    info = json.loads((run_dir / "run.json").read_text())
+    (run_dir / "run.json").write_text(json.dumps({**info, "run_name": "../../escaped"}))
+    capsys.readouterr()
+    assert main_wrapper(train.main, ["--resume", str(run_dir)]) == 2
+    assert "its run.json names the run '../../escaped'" in capsys.readouterr().err
+    assert not (tmp_path / "escaped.lock").exists() and not (runs / "escaped.lock").exists()

@@ -128,6 +128,10 @@ class HadoopRunLock(NameLock):
             if attempt == 0 and _is_stale(holder):
                 stale = f"{self.uri}.stale-{socket.gethostname()}-{os.getpid()}"
                 if self.fs.rename(self.uri, stale):   # only one job can move it
+                    moved = (self.fs.read(stale) or b"").decode().strip()
+                    if moved != holder:   # a live job took the lock after we read it: give it back
+                        self.fs.rename(stale, self.uri)
+                        raise _in_use(self.name, moved, self.uri)
                     self.fs.delete(stale)
                     print(f"taking over the lock of run name {self.name!r} from a job that is gone "
                           f"({holder})", flush=True)

@@ -133,7 +133,14 @@ def resolve_run(args: argparse.Namespace) -> tuple[Config, RunDir | None, str | 
             raise UserError(f"--resume {run_dir}: its config held credentials, which are not stored; "
                             "resume it with its --run-name, --resume-if-exists and the same "
                             "--config/--set instead")
-        return config, run_dir, artifacts.run_name_of(run_dir) or run_dir.name
+        name = artifacts.run_name_of(run_dir) or run_dir.name
+        try:
+            artifacts.check_run_name(name)   # it becomes a lock file's name
+        except UserError as exc:
+            run_dir.close()
+            raise UserError(f"--resume {run_dir}: its run.json names the run {name!r}, which is not "
+                            "a run name: letters, digits, '.', '_' and '-'") from exc
+        return config, run_dir, name
     config = load_config(args.config, args.sets)
     return config, None, artifacts.check_run_name(args.run_name) if args.run_name else None
 

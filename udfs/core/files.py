@@ -37,10 +37,20 @@ def replacing(path: str | Path, private: bool = False) -> Iterator[BinaryIO]:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        _fsync_dir(os.path.dirname(os.fspath(path)) or ".")
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _fsync_dir(directory: str) -> None:
+    """Make a rename in `directory` durable (the new name survives a power loss)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write(path: Path, data: bytes, private: bool = False) -> None:
