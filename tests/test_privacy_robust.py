@@ -321,6 +321,48 @@ def test_secure_sum_is_exact_when_clients_drop_after_masking(spark, lake, victim
     assert np.linalg.norm(secure.weighted_sum - expected) / np.linalg.norm(expected) < 1e-6
 
 
+def test_a_secure_round_rebuilds_lost_blocks_and_sums_the_same(spark, lake):
+    """Blocks lost before a secure round are rebuilt (new secrets, a fresh protocol run) and no
+    client counts as dropped; a block lost while unmasking stops the round with a --resume hint."""
+    from udfs.data import blocks
+
+    config = _config(lake, privacy={"secure_aggregation": True, "clip": 100.0})
+    c, test = prepare_clients(spark, config)
+    sc, everyone = spark.sparkContext, list(range(c.count))
+    spec = runners.model_spec(config, c.n_features, c.n_classes)
+    theta, task = runners.initial_theta(config, spec), rounds.client_round(config, spec, 1, Release(clip=100.0))
+
+    def secure(phases: secure_round.Phases | None = None) -> secure_round.SecureResult:
+        return secure_round.run_secure_round(sc, c, task, theta, everyone, config.privacy.secagg_threshold,
+                                             config.privacy.ring_bits, weighted=True,
+                                             phases=phases or secure_round.Phases())
+
+    def losing_its_block(step):
+        def lost(rows, **kwargs):
+            rows = list(rows)
+            sum(blocks.remove_partition(iter(rows)))
+            yield from step(iter(rows), **kwargs)
+        return lost
+
+    try:
+        before = secure()
+        c.handles.mapPartitions(blocks.remove_partition).count()   # the executors lose the files
+        try:
+            after = secure()
+        except secagg.SecAggError as exc:
+            pytest.fail(f"the round failed instead of rebuilding the blocks: {exc}")
+        assert c.rebuilds == 1 and not after.dropped
+        assert sorted(r.client for r in after.reports) == everyone
+        np.testing.assert_array_equal(after.weighted_sum, before.weighted_sum)
+        with pytest.raises(secagg.SecAggError, match="--resume continues it"):
+            secure(secure_round.Phases(unmask_shares=losing_its_block(secure_clients.unmask_shares)))
+        assert c.rebuilds == 1
+    finally:
+        c.release()
+        if test is not None:
+            test.release()
+
+
 def test_secure_round_below_the_threshold_fails_clearly(spark, lake):
     with pytest.raises(secagg.SecAggError, match="below the threshold t=7"):
         _secure(spark, lake, secure_round.Phases(masked_update=_dropping_after_masking({0, 1, 2, 3})))

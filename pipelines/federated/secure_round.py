@@ -15,8 +15,10 @@ from functools import partial
 import numpy as np
 from pyspark import SparkContext
 
+from pipelines.core import py4j
 from pipelines.federated import secure_sum
 from pipelines.federated.clients import Clients
+from udfs.data.blocks import BlockMissing
 from udfs.federated import secure_clients
 from udfs.federated.clients import ClientRound, Dropped, RoundReport
 from udfs.federated.secagg import SecAggError
@@ -55,7 +57,19 @@ def run_secure_round(sc: SparkContext, c: Clients, task: ClientRound, theta: np.
                      sampled: list[int], threshold_fraction: float, ring_bits: int, weighted: bool,
                      phases: Phases = Phases()) -> SecureResult:
     """One protocol run over the sampled clients. Its id, a fresh random tag and the round, enters
-    every key derivation, so no two runs share keys or masks even when a round number repeats."""
+    every key derivation, so no two runs share keys or masks even when a round number repeats.
+
+    A block found missing before the unmask step (nothing about any sum has been revealed yet)
+    is rebuilt and the protocol run again under a fresh id: the same sum, so the same model. In the
+    unmask step a rebuild would hand its client a new secret mid-protocol, so the round stops
+    instead, with a message that --resume continues the run."""
+    return c.run(lambda _: _protocol(sc, c, task, theta, sampled, threshold_fraction, ring_bits,
+                                     weighted, phases))
+
+
+def _protocol(sc: SparkContext, c: Clients, task: ClientRound, theta: np.ndarray,
+              sampled: list[int], threshold_fraction: float, ring_bits: int, weighted: bool,
+              phases: Phases) -> SecureResult:
     r = task.round
     protocol = f"{secrets.token_hex(8)}/{r}"
     t = secure_sum.threshold(len(sampled), threshold_fraction)
@@ -80,9 +94,9 @@ def run_secure_round(sc: SparkContext, c: Clients, task: ClientRound, theta: np.
     routed = secure_sum.route({u: sealed[u] for u in shared})
     inbox = sc.broadcast({v: routed[v] for v in survivors})
     try:
-        answers = dict(_job(sc, c, partial(phases.unmask_shares, protocol=protocol, public_keys=shared,
-                                           inbox=inbox, survivors=survivors, dropped_=gone),
-                            list(survivors)))
+        answers = _unmask(sc, c, partial(phases.unmask_shares, protocol=protocol, public_keys=shared,
+                                         inbox=inbox, survivors=survivors, dropped_=gone),
+                          list(survivors), r)
     finally:
         inbox.destroy()
     total = np.zeros(len(masked[0].masked), dtype=np.uint64)
@@ -98,6 +112,19 @@ def run_secure_round(sc: SparkContext, c: Clients, task: ClientRound, theta: np.
     return SecureResult(x[:-2], float(x[-2]), float(x[-1]), reports,
                         [d for d in results if isinstance(d, Dropped)], scale, bytes_up,
                         {"keys": keys, "sealed": sealed, "masked": masked, "answers": answers})
+
+
+def _unmask(sc: SparkContext, c: Clients, step: Callable, survivors: list[int], round_: int) -> dict:
+    try:
+        return dict(_job(sc, c, step, survivors))
+    except Exception as exc:  # noqa: BLE001 - py4j wraps the task's BlockMissing
+        if not py4j.raised(exc, BlockMissing.__name__):
+            raise
+    # raised outside the handler, so BlockSet.run sees no BlockMissing and does not run it again
+    raise SecAggError(f"secure aggregation round {round_}: a surviving client's block went missing "
+                      "while it unmasked; rebuilding it now would give that client a new secret in "
+                      "the middle of the protocol. The run stopped after its last checkpoint: "
+                      "--resume continues it")
 
 
 def _sum_bound(c: Clients, task: ClientRound, shared: dict, weighted: bool) -> float:

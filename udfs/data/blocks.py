@@ -215,9 +215,12 @@ def _write_secret(path: str) -> None:
 
 
 def secret(path: str) -> bytes:
-    """The secret of the block at `path` (see _write_secret)."""
-    with open(os.path.join(path, SECRET_FILE), "rb") as fh:
-        return fh.read()
+    """The secret of the block at `path` (see _write_secret); BlockMissing when the block is gone."""
+    try:
+        with open(os.path.join(path, SECRET_FILE), "rb") as fh:
+            return fh.read()
+    except FileNotFoundError:
+        raise _missing(path) from None
 
 
 def build_partition(batches: Iterator[pa.RecordBatch], key: str, cache_bytes: int

@@ -45,6 +45,8 @@ def advertise(rows: Iterable[Any], protocol: secagg.RoundId) -> Iterator[tuple[i
     client, path = handle
     try:
         yield client, secagg.advertise(blocks.secret(path), protocol)
+    except blocks.BlockMissing:
+        raise   # the executor lost the block, not the client: the driver rebuilds (secure_round)
     except Exception:  # noqa: BLE001 - a client that cannot take part is simply left out
         return
 
@@ -57,6 +59,8 @@ def share_keys(rows: Iterable[Any], protocol: secagg.RoundId,
     client, path = handle
     try:
         yield client, secagg.share_keys(blocks.secret(path), protocol, client, public_keys, t)
+    except blocks.BlockMissing:
+        raise
     except Exception:  # noqa: BLE001
         return
 
@@ -87,6 +91,8 @@ def masked_update(rows: Iterable[Any], task: ClientRound, weights: Broadcast[np.
         x = secagg.encode(encoded_input(report, masking.weighted), masking.scale, masking.ring_bits)
         y = secagg.mask(blocks.secret(path), masking.protocol, client, masking.public_keys, x,
                         masking.ring_bits)
+    except blocks.BlockMissing:
+        raise
     except Exception as exc:  # noqa: BLE001 - a client's failure must not fail the round
         yield dropped(client, exc)
         return
@@ -105,5 +111,7 @@ def unmask_shares(rows: Iterable[Any], protocol: secagg.RoundId,
     try:
         yield client, secagg.unmask_shares(blocks.secret(path), protocol, client, inbox.value[client],
                                            public_keys, set(survivors), set(dropped_))
+    except blocks.BlockMissing:
+        raise
     except Exception:  # noqa: BLE001 - a silent survivor is one fewer answer, not a failed round
         return
