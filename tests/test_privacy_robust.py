@@ -23,7 +23,7 @@ from pipelines.federated.clients import prepare_clients
 from pipelines.training import runners
 from tests.conftest import write_table
 from udfs.federated import attacks, secagg, secure_clients
-from udfs.federated.clients import Dropped, RoundReport
+from udfs.federated.clients import Dropped
 from udfs.federated.noise import Release
 
 N, D, K = 400, 6, 3
@@ -294,12 +294,14 @@ def _weighted_sum(reports, clients):
 def test_secure_sum_equals_the_plain_weighted_sum(spark, lake, clip):
     plain, secure = _secure(spark, lake, clip=clip)
     assert all(np.linalg.norm(r.update) <= clip for r in plain)
-    assert not secure.dropped and len(secure.reports) == 10
+    assert not secure.dropped and secure.survivors == list(range(10))
     expected = _weighted_sum(plain, set(range(10)))
     err = np.linalg.norm(secure.weighted_sum - expected) / np.linalg.norm(expected)
     assert err < 1e-6
     assert secure.weight_sum == sum(r.n for r in plain)
-    assert type(secure.reports[0]) is RoundReport   # client, n, train_loss, seconds: no update
+    # each client sent its id and the masked vector only; its n and loss reach the driver as sums
+    assert all(set(vars(m)) == {"client", "masked"} for m in secure.received["masked"])
+    assert secure.loss_sum == pytest.approx(sum(r.n * r.train_loss for r in plain), rel=1e-6)
 
 
 def _dropping_after_masking(victims):
@@ -316,7 +318,7 @@ def _dropping_after_masking(victims):
 def test_secure_sum_is_exact_when_clients_drop_after_masking(spark, lake, victims):
     plain, secure = _secure(spark, lake, secure_round.Phases(masked_update=_dropping_after_masking(victims)))
     survivors = set(range(10)) - victims
-    assert {r.client for r in secure.reports} == survivors
+    assert set(secure.survivors) == survivors
     expected = _weighted_sum(plain, survivors)
     assert np.linalg.norm(secure.weighted_sum - expected) / np.linalg.norm(expected) < 1e-6
 
@@ -352,7 +354,7 @@ def test_a_secure_round_rebuilds_lost_blocks_and_sums_the_same(spark, lake):
         except secagg.SecAggError as exc:
             pytest.fail(f"the round failed instead of rebuilding the blocks: {exc}")
         assert c.rebuilds == 1 and not after.dropped
-        assert sorted(r.client for r in after.reports) == everyone
+        assert after.survivors == everyone
         np.testing.assert_array_equal(after.weighted_sum, before.weighted_sum)
         with pytest.raises(secagg.SecAggError, match="--resume continues it"):
             secure(secure_round.Phases(unmask_shares=losing_its_block(secure_clients.unmask_shares)))
@@ -372,9 +374,10 @@ def test_the_driver_sees_only_uniform_masked_vectors_it_cannot_unmask(spark, lak
     plain, first = _secure(spark, lake, hidden=[128])
     _, second = _secure(spark, lake, hidden=[128])  # same round, seed and data; new client secrets
     by_client = {r.client: r for r in plain}
-    masked = np.concatenate([d.masked[:-2] for d in first.received["masked"]])
+    unit, scalars = secure_clients.coordinate_bound(Release(clip=100.0)), secure_clients.SCALARS
+    masked = np.concatenate([d.masked[:-scalars] for d in first.received["masked"]])
     inputs = np.concatenate([
-        secagg.encode(secure_clients.encoded_input(by_client[d.client], True), first.scale)[:-2]
+        secagg.encode(secure_clients.encoded_input(by_client[d.client], True, unit), first.scale)[:-scalars]
         for d in first.received["masked"]])
     assert len(masked) > 10000
     top = (masked >> np.uint64(56)).astype(np.int64)

@@ -50,19 +50,19 @@ def scale_of(updates: dict[int, np.ndarray], ring_bits: int = 64) -> float:
 
 def run_round(updates: dict[int, np.ndarray], scale: float, t: int = T, drop_before_mask=(),
               drop_before_unmask=(), ring_bits: int = 64) -> Round:
-    """advertise -> share_keys -> route -> mask -> sum -> unmask_shares -> unmask, fresh secrets.
+    """advertise -> share_keys -> route -> mask -> sum -> unmask_shares -> unmask, fresh keys.
     Clients in drop_before_mask send no masked vector; those in drop_before_unmask send one but do
     not answer the unmasking request."""
     ids = sorted(updates)
-    secrets = {u: os.urandom(32) for u in ids}
-    public_keys = {u: client.advertise(secrets[u], ROUND) for u in ids}
-    inbox = server.route({u: client.share_keys(secrets[u], ROUND, u, public_keys, t) for u in ids})
+    keys = {u: client.RoundKeys.fresh() for u in ids}
+    public_keys = {u: client.advertise(keys[u]) for u in ids}
+    inbox = server.route({u: client.share_keys(keys[u], ROUND, u, public_keys, t) for u in ids})
     encoded = {u: client.encode(updates[u], scale, ring_bits) for u in ids}
-    masked = {u: client.mask(secrets[u], ROUND, u, public_keys, encoded[u], ring_bits)
+    masked = {u: client.mask(keys[u], ROUND, u, public_keys, encoded[u], ring_bits)
               for u in ids if u not in drop_before_mask}
     survivors, dropped = set(masked), set(ids) - set(masked)
     sum_y = ring_sum(list(masked.values()))
-    answers = {u: client.unmask_shares(secrets[u], ROUND, u, inbox[u], public_keys, survivors, dropped)
+    answers = {u: client.unmask_shares(keys[u], ROUND, u, inbox[u], public_keys, survivors, dropped)
                for u in sorted(survivors - set(drop_before_unmask))}
     total = server.unmask(sum_y, public_keys, survivors, dropped, answers, t, ROUND, ring_bits)
     expected = ring_sum([encoded[u] for u in survivors]) & client.ring_mask(ring_bits)
@@ -98,17 +98,27 @@ def test_dropouts_still_give_the_exact_sum_of_the_survivors(drop_before_mask, dr
     assert rel_l2(server.decode(r.total, scale), float_sum(updates[u] for u in survivors)) < 1e-9
 
 
-@pytest.mark.parametrize("drop_before_mask, drop_before_unmask", [
-    ((0, 3, 4, 11, 25), ()),  # 5 survivors < t = 6
-    ((0, 3, 4), (11, 25)),  # 7 survivors, 5 answer
-])
-def test_fewer_than_t_answers_raise(drop_before_mask, drop_before_unmask):
+def test_fewer_than_t_answers_raise():
     assert T == 6
     updates = updates_for(IDS, 50)
     with pytest.raises(SecAggError, match=r"threshold t=6") as info:
-        run_round(updates, scale_of(updates), drop_before_mask=drop_before_mask,
-                  drop_before_unmask=drop_before_unmask)
-    assert f"{len(IDS) - len(drop_before_mask)} of {len(IDS)} clients survived" in str(info.value)
+        run_round(updates, scale_of(updates), drop_before_mask=(0, 3, 4), drop_before_unmask=(11, 25))
+    assert f"{len(IDS) - 3} of {len(IDS)} clients survived" in str(info.value)   # 7 survivors, 5 answer
+
+
+def test_a_client_refuses_a_request_listing_fewer_than_t_survivors():
+    updates = updates_for(IDS, 50)
+    with pytest.raises(SecAggError, match=r"lists 5 survivors to client \d+, below the threshold t=\[6\]"):
+        run_round(updates, scale_of(updates), drop_before_mask=(0, 3, 4, 11, 25))
+
+
+def test_a_client_refuses_a_key_list_that_repeats_a_public_key():
+    keys, public_keys, inbox = _shared_round([1, 2, 3], 2)
+    forged = {**public_keys, 3: public_keys[2]}   # the server hands 2's keys out as 3's too
+    with pytest.raises(SecAggError, match="repeats a public key"):
+        client.share_keys(keys[1], ROUND, 1, forged, 2)
+    with pytest.raises(SecAggError, match="repeats a public key"):
+        client.unmask_shares(keys[1], ROUND, 1, inbox[1], forged, {1, 2, 3}, set())
 
 
 def test_masked_vector_looks_uniform_and_uncorrelated_with_the_input():
@@ -134,37 +144,37 @@ def test_fresh_secrets_give_different_masks_but_the_same_sum():
 
 
 def _shared_round(ids: list[int], t: int):
-    secrets = {u: os.urandom(32) for u in ids}
-    public_keys = {u: client.advertise(secrets[u], ROUND) for u in ids}
-    inbox = server.route({u: client.share_keys(secrets[u], ROUND, u, public_keys, t) for u in ids})
-    return secrets, public_keys, inbox
+    keys = {u: client.RoundKeys.fresh() for u in ids}
+    public_keys = {u: client.advertise(keys[u]) for u in ids}
+    inbox = server.route({u: client.share_keys(keys[u], ROUND, u, public_keys, t) for u in ids})
+    return keys, public_keys, inbox
 
 
 def test_a_client_refuses_both_shares_of_one_client():
-    secrets, public_keys, inbox = _shared_round([1, 2, 3], 2)
+    keys, public_keys, inbox = _shared_round([1, 2, 3], 2)
     with pytest.raises(SecAggError, match=r"both .*\[2\]"):
-        client.unmask_shares(secrets[1], ROUND, 1, inbox[1], public_keys, {1, 2}, {2, 3})
-    answers = client.unmask_shares(secrets[1], ROUND, 1, inbox[1], public_keys, {1, 2}, {3})
+        client.unmask_shares(keys[1], ROUND, 1, inbox[1], public_keys, {1, 2}, {2, 3})
+    answers = client.unmask_shares(keys[1], ROUND, 1, inbox[1], public_keys, {1, 2}, {3})
     assert {v: kind for v, (kind, _) in answers.items()} == {1: "b", 2: "b", 3: "s"}
 
 
 def test_tampered_or_misrouted_shares_are_rejected():
-    secrets, public_keys, inbox = _shared_round([1, 2, 3], 2)
+    keys, public_keys, inbox = _shared_round([1, 2, 3], 2)
     tampered = {**inbox[1], 2: inbox[1][2][:-1] + bytes([inbox[1][2][-1] ^ 1])}
     with pytest.raises(SecAggError, match="client 2 sent to client 1"):
-        client.unmask_shares(secrets[1], ROUND, 1, tampered, public_keys, {1, 2, 3}, set())
+        client.unmask_shares(keys[1], ROUND, 1, tampered, public_keys, {1, 2, 3}, set())
     redirected = {**inbox[1], 2: inbox[3][2]}  # what 2 sealed for 3, handed to 1
     reflected = {**inbox[1], 2: inbox[2][1]}  # what 1 sealed for 2 (same channel key), back to 1
     for forged in (redirected, reflected):
         with pytest.raises(SecAggError, match="client 2 sent to client 1"):
-            client.unmask_shares(secrets[1], ROUND, 1, forged, public_keys, {1, 2, 3}, set())
+            client.unmask_shares(keys[1], ROUND, 1, forged, public_keys, {1, 2, 3}, set())
 
 
 def test_a_forged_share_of_a_dropped_key_is_caught():
     ids = [1, 2, 3, 4]
-    secrets, public_keys, inbox = _shared_round(ids, 2)
+    keys, public_keys, inbox = _shared_round(ids, 2)
     survivors, dropped = {1, 2, 3}, {4}
-    answers = {u: client.unmask_shares(secrets[u], ROUND, u, inbox[u], public_keys, survivors, dropped)
+    answers = {u: client.unmask_shares(keys[u], ROUND, u, inbox[u], public_keys, survivors, dropped)
                for u in survivors}
     kind, share = answers[1][4]
     answers[1][4] = (kind, share + 1)
@@ -231,3 +241,52 @@ def test_threshold():
     assert server.threshold(3, 1.0) == 3
     with pytest.raises(ValueError, match=r"t=2.*n=1"):
         server.threshold(1, 0.5)
+
+
+def test_a_server_that_asks_twice_recovers_nothing(tmp_path):
+    """A deviating server asks every client twice in one protocol run: first with the victim among
+    the survivors (for its self-mask shares), then among the dropped (for its mask-key shares). Each
+    client answers only the first request (an identical retry again), so the server never holds both
+    of the victim's secrets and cannot strip its masks."""
+    from udfs.federated import secure_clients
+
+    ids, victim, t, protocol = [1, 2, 3, 4], 3, 2, "c0ffee/1"
+    paths = {u: tmp_path / f"part-{u}" for u in ids}
+    for path in paths.values():
+        path.mkdir()
+    keys = {u: secure_clients.round_keys(str(paths[u]), protocol, start=True) for u in ids}
+    public_keys = {u: client.advertise(keys[u]) for u in ids}
+    inbox = server.route({u: client.share_keys(keys[u], protocol, u, public_keys, t) for u in ids})
+    everyone = frozenset(ids)
+
+    def ask(u: int, survivors: frozenset[int], dropped: frozenset[int]) -> dict | None:
+        try:
+            return secure_clients.answer_unmask(str(paths[u]), u, protocol, public_keys, inbox[u],
+                                                survivors, dropped)
+        except SecAggError:
+            return None
+
+    first = {u: ask(u, everyone, frozenset()) for u in ids}
+    assert all(first.values()) and ask(1, everyone, frozenset()) == first[1]   # a retry: the same
+    second = {u: ask(u, everyone - {victim}, frozenset({victim})) for u in ids if u != victim}
+    assert second == {u: None for u in ids if u != victim}
+    s_shares = {u: answer[victim][1] for u, answer in second.items() if answer and answer[victim][0] == "s"}
+    with pytest.raises(SecAggError, match="cannot reconstruct"):
+        server.reconstruct(s_shares, t)
+
+
+def test_round_keys_are_fresh_per_protocol_run_and_the_last_run_s_are_deleted(tmp_path):
+    """Forward secrecy: a client's keys come from OS entropy, not from its block's secret, and
+    starting a new protocol run deletes the previous run's keys and answers."""
+    from udfs.federated import secure_clients
+
+    block = tmp_path / "part-0"
+    block.mkdir()
+    first = secure_clients.round_keys(str(block), "a/1", start=True)
+    assert secure_clients.round_keys(str(block), "a/1", start=True) == first   # a retried advertise
+    assert secure_clients.round_keys(str(block), "a/1") == first
+    second = secure_clients.round_keys(str(block), "b/2", start=True)
+    assert second != first and len(list(block.iterdir())) == 1
+    with pytest.raises(SecAggError, match="holds no keys for protocol run a/1"):
+        secure_clients.round_keys(str(block), "a/1")
+    assert all(p.stat().st_mode & 0o777 == 0o600 for p in block.iterdir())

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -192,14 +192,17 @@ def aggregator(config: Config, dp: privacy.Dp, per_round: float, key: privacy.No
 
 @dataclass(frozen=True)
 class RoundResult:
-    """What a round's client training gave the driver: the reports (under secure aggregation
-    without the updates), the dropped clients, the aggregate update (None when nobody reported),
-    the bytes the clients sent up, and, under secure aggregation without DP, how many reported
-    updates were clipped to its bound (the driver learns only that count)."""
+    """What a round's client training gave the driver: who reported and who dropped, the
+    aggregate update (None when nobody reported), the reporters' sample-weighted mean training
+    loss and summed training time, the bytes the clients sent up, and, under secure aggregation
+    without DP, how many reported updates were clipped to its bound. Under secure aggregation the
+    driver learns only these sums, never a client's own."""
 
-    reports: Sequence[clients.RoundReport]
+    reported: list[int]
     dropped: list[clients.Dropped]
     aggregate: np.ndarray | None
+    train_loss: float | None
+    client_seconds: float
     bytes_up: int
     clipped: int | None = None
 
@@ -209,18 +212,22 @@ def train_clients(sc: SparkContext, config: Config, c: Clients, task: clients.Cl
                   ) -> RoundResult:
     """Run the round's client training. Under secure aggregation the driver only learns sums."""
     if not sampled:
-        return RoundResult([], [], None, 0)
+        return RoundResult([], [], None, None, 0.0, 0)
     p, r = config.privacy, task.round
     if not p.secure_aggregation:
         reports, dropped = run_round(sc, c, task, state.theta, sampled)
-        update = aggregate(Reports(reports), state.server_state, r) if reports else None
-        return RoundResult(reports, dropped, update, int(sum(d.update.nbytes for d in reports)))
+        if not reports:
+            return RoundResult([], dropped, None, None, 0.0, 0)
+        loss = float(np.average([d.train_loss for d in reports], weights=[d.n for d in reports]))
+        return RoundResult([d.client for d in reports], dropped, aggregate(Reports(reports), state.server_state, r),
+                           loss, float(sum(d.seconds for d in reports)),
+                           int(sum(d.update.nbytes for d in reports)))
     res = secure_round.run_secure_round(sc, c, task, state.theta, sampled, p.secagg_threshold,
                                         p.ring_bits, weighted=not dp.central)
     # sum of (within - 1/2) over n survivors = within - n/2, so n/2 - it counts the clipped
-    clipped = None if dp.enabled else int(round(len(res.reports) / 2 - res.within_clip))
-    return RoundResult(res.reports, res.dropped, aggregate(res, state.server_state, r), res.bytes_up,
-                       clipped)
+    clipped = None if dp.enabled else int(round(len(res.survivors) / 2 - res.within_clip))
+    return RoundResult(res.survivors, res.dropped, aggregate(res, state.server_state, r),
+                       res.loss_sum / res.weight_sum, res.seconds_sum, res.bytes_up, clipped)
 
 
 def server_rule(fed: FederatedSection) -> ServerRule:
@@ -304,20 +311,19 @@ def fit(sc: SparkContext, config: Config, c: Clients, test: Blocks | None, spec:
         clip = config.privacy.secure_clip if config.privacy.secure_aggregation else None
         task = client_round(config, spec, r, dp.release(state.server_state, clip), attack, run_id)
         got = train_clients(sc, config, c, task, state, sampled, dp, aggregate_round)
-        reports, dropped, aggregate = got.reports, got.dropped, got.aggregate
+        dropped = got.dropped
         if got.clipped is not None:
             record["clipped"] = got.clipped
-        if sampled and len(reports) < fed.min_clients:
+        if sampled and len(got.reported) < fed.min_clients:
             reasons = "; ".join(f"{c.names[d.client]}: {d.reason}" for d in dropped[:3])
-            raise RuntimeError(f"round {r}: only {len(reports)} of {len(sampled)} sampled clients "
+            raise RuntimeError(f"round {r}: only {len(got.reported)} of {len(sampled)} sampled clients "
                                f"reported, fewer than federated.min_clients={fed.min_clients} "
                                f"(dropped: {reasons})")
-        record.update({"reported": len(reports), "dropped": [c.names[d.client] for d in dropped]})
-        if aggregate is not None:
-            state.theta = rule.apply(state.theta, aggregate, state.server_state)
-            if not dp.enabled:  # per-client statistics are outside the DP accounting
-                record["train_loss"] = float(np.average([d.train_loss for d in reports],
-                                                        weights=[d.n for d in reports]))
+        record.update({"reported": len(got.reported), "dropped": [c.names[d.client] for d in dropped]})
+        if got.aggregate is not None:
+            state.theta = rule.apply(state.theta, got.aggregate, state.server_state)
+            if not dp.enabled and got.train_loss is not None:  # outside the DP accounting
+                record["train_loss"] = got.train_loss
         if dp.enabled:
             record["epsilon"] = dp.epsilon_after(r)
             record["clip"] = float(state.server_state["clip"][0])
@@ -336,7 +342,7 @@ def fit(sc: SparkContext, config: Config, c: Clients, test: Blocks | None, spec:
                     sc, c, spec, t.dtype, split, state.theta)
             record["eval_seconds"] = time.perf_counter() - evaluated
         record["seconds"] = time.perf_counter() - started
-        record["client_seconds"] = float(sum(d.seconds for d in reports))
+        record["client_seconds"] = got.client_seconds
         state.round = r
         state.history.append(record)
         on_round(state, record)

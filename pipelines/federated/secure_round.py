@@ -20,7 +20,7 @@ from pipelines.federated import secure_sum
 from pipelines.federated.clients import Clients
 from udfs.data.blocks import BlockMissing
 from udfs.federated import secure_clients
-from udfs.federated.clients import ClientRound, Dropped, RoundReport
+from udfs.federated.clients import ClientRound, Dropped
 from udfs.federated.secagg import SecAggError
 from udfs.federated.secure_clients import MaskedReport
 
@@ -42,7 +42,9 @@ class SecureResult:
     weighted_sum: np.ndarray        # sum of weight * update
     weight_sum: float
     within_clip: float              # sum over survivors of (within the clip) - 1/2
-    reports: list[RoundReport]      # per survivor: client, n, train_loss, seconds (no update)
+    loss_sum: float                 # sum of weight * training loss
+    seconds_sum: float              # of local training
+    survivors: list[int]            # the clients whose masked updates are in the sums
     dropped: list[Dropped]
     scale: float                    # the fixed-point scale the clients encoded with
     bytes_up: int
@@ -108,9 +110,10 @@ def _protocol(sc: SparkContext, c: Clients, task: ClientRound, theta: np.ndarray
                 + sum(len(ct) for s in sealed.values() for ct in s.values())
                 + sum(d.masked.nbytes for d in masked)
                 + sum(64 * len(a) for a in answers.values()))
-    reports = [RoundReport(d.client, d.n, d.train_loss, d.seconds) for d in masked]
-    return SecureResult(x[:-2], float(x[-2]), float(x[-1]), reports,
-                        [d for d in results if isinstance(d, Dropped)], scale, bytes_up,
+    weight_sum, within, loss_sum, seconds_sum = secure_clients.decoded_scalars(
+        x, secure_clients.coordinate_bound(task.release))
+    return SecureResult(x[:-secure_clients.SCALARS], weight_sum, within, loss_sum, seconds_sum,
+                        sorted(survivors), [d for d in results if isinstance(d, Dropped)], scale, bytes_up,
                         {"keys": keys, "sealed": sealed, "masked": masked, "answers": answers})
 
 
@@ -128,15 +131,11 @@ def _unmask(sc: SparkContext, c: Clients, step: Callable, survivors: list[int], 
 
 
 def _sum_bound(c: Clients, task: ClientRound, shared: dict, weighted: bool) -> float:
-    """A bound on |sum of the encoded vectors| in any coordinate: a released update's coordinates
-    are within the clip, plus 8 standard deviations of local DP noise (exceeded with probability
-    about 1e-15 per coordinate); then the weight and centred-bit columns."""
+    """A bound on |sum of the encoded vectors| in any coordinate: every coordinate of a client's
+    encoding is within weight * coordinate_bound (secure_clients.encoded_input), and the centred
+    within-clip bits add at most 1/2 each."""
     weights = c.sizes[sorted(shared)] if weighted else np.ones(len(shared))
-    release = task.release
-    if release.clip is None:
-        raise ValueError("secure aggregation needs clipped updates (a bound for the fixed point)")
-    per_coordinate = release.clip + 8.0 * release.noise_std
-    return float(weights.sum()) * max(per_coordinate, 1.0) + len(shared)
+    return float(weights.sum()) * secure_clients.coordinate_bound(task.release) + len(shared)
 
 
 def _enough(clients: Sized, t: int, round_: int, step: str) -> None:

@@ -59,6 +59,27 @@ def atomic_write(path: Path, data: bytes, private: bool = False) -> None:
         fh.write(data)
 
 
+def create_once(path: str, data: bytes) -> bytes:
+    """The content of `path`: `data` when this call creates it, else what the call that created it
+    wrote (a retried task reads its first attempt's). Private (0600) and whole or absent: written
+    under a temporary name, then hard-linked into place, which fails when `path` exists."""
+    tmp = _temporary(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)
+            return data
+        except FileExistsError:
+            with open(path, "rb") as existing:
+                return existing.read()
+    finally:
+        os.remove(tmp)
+
+
 @contextmanager
 def replacing_dir(path: str) -> Iterator[str]:
     """A fresh temporary directory to fill that replaces the directory `path` when the block ends

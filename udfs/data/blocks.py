@@ -214,6 +214,14 @@ def _write_secret(path: str) -> None:
         fh.write(os.urandom(SECRET_BYTES))
 
 
+def private_file(path: str, name: str) -> str:
+    """A file of the block's client beside its secret (secure aggregation's per-run keys and
+    answers); BlockMissing when the block is gone."""
+    if not os.path.isdir(path):
+        raise _missing(path)
+    return os.path.join(path, name)
+
+
 def secret(path: str) -> bytes:
     """The secret of the block at `path` (see _write_secret); BlockMissing when the block is gone."""
     try:

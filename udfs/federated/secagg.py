@@ -1,15 +1,19 @@
 """Secure aggregation, client side (Bonawitz et al. 2017, "Practical Secure Aggregation for
-Privacy-Preserving Machine Learning"), for an honest-but-curious server.
+Privacy-Preserving Machine Learning"), for an honest-but-curious server, with the client-side checks
+of SecAgg+ (Bell et al. 2020) against one that deviates.
 
 A client adds two kinds of masks to its fixed-point update: pairwise masks PRG(s_uv), which cancel
 in the sum over clients, and a self-mask PRG(b_u). The server only ever learns the sum: for a client
 that sent its masked vector it reconstructs b_u from Shamir shares held by the others; for a client
 that dropped it reconstructs the mask private key s_u instead, to remove the pairwise masks the
-survivors added for it. No client ever hands out both kinds of share for the same client.
+survivors added for it. Within one unmask request a client never hands out both kinds of share of
+the same peer; across requests, it answers only one request per protocol run (an identical retry is
+answered again), which udfs/federated/secure_clients.py enforces with a marker beside its block.
 
-Every step is a pure function of the client's 32-byte secret, the round and what the server
-broadcast: private keys and b_u are re-derived with HKDF in each step, so the Spark tasks that run
-the steps share no state. A round, with `public_keys` = {client: (c_pk, s_pk)}:
+Keys are per protocol run: a client's RoundKeys (its channel key c, mask key s and self-mask seed
+b) are fresh from OS entropy when it first advertises, kept beside its block for the run's later
+steps and their retries, and deleted when its next run begins, so a leaked long-term secret reveals
+no round's masks (forward secrecy). A round, with `public_keys` = {client: (c_pk, s_pk)}:
 
 1. `advertise` -> (c_pk, s_pk); the server broadcasts the keys of every client that advertised.
 2. `share_keys` -> {recipient: ciphertext}; the server routes them (`pipelines.secagg.route`).
@@ -17,18 +21,21 @@ the steps share no state. A round, with `public_keys` = {client: (c_pk, s_pk)}:
    nobody holds shares of cannot be unmasked if it drops.
 3. `mask` -> y_u; the server sums the y_u it receives (the survivors).
 4. `unmask_shares` -> per client the server asks about, a b share (survivor) or an s share
-   (dropped); the server finishes with `pipelines.secagg.unmask`.
+   (dropped); the server finishes with `pipelines.secagg.unmask`. A client refuses a request that
+   lists fewer than t survivors (the threshold travels sealed inside every share), and any step
+   refuses a key list in which a public key repeats.
 
 Own shares: `share_keys` also encrypts a client's share of its own secrets to itself and returns it
 with the others. It travels through the server like any share (sealed, so the server learns
-nothing) and comes back in step 4, where the client opens it like any other: no client state has to
-outlive a task, and every answering client holds a share of every client.
+nothing) and comes back in step 4, where the client opens it like any other, so every answering
+client holds a share of every client.
 """
 from __future__ import annotations
 
 import os
 import struct
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from secrets import randbelow
 
 import numpy as np
@@ -44,7 +51,7 @@ from udfs.core.seeding import SECRET_BYTES
 PRIME = 2**521 - 1
 _SHARE_BYTES = (PRIME.bit_length() + 7) // 8
 _NONCE_BYTES = 12
-_ROUTE = struct.Struct(">QQ")
+_ROUTE = struct.Struct(">QQI")   # sender, recipient, threshold t
 _LABEL = "fedspark/secagg/v1"
 
 RoundId = int | str
@@ -144,11 +151,27 @@ def _derive(material: bytes, purpose: str, round: RoundId) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=SECRET_BYTES, salt=None, info=info).derive(material)
 
 
-def _secret_bytes(secret: bytes, purpose: str, round: RoundId) -> bytes:
-    """A per-round value derived from the client's secret: c / s private key bytes or the seed b."""
-    if len(secret) != SECRET_BYTES:
-        raise ValueError(f"a client secret is {SECRET_BYTES} bytes, got {len(secret)}")
-    return _derive(secret, purpose, round)
+@dataclass(frozen=True)
+class RoundKeys:
+    """One client's private keys for one protocol run: the channel key c, the mask key s and the
+    self-mask seed b, 32 bytes each, from OS entropy (never derived from a long-lived secret)."""
+
+    c_private: bytes
+    s_private: bytes
+    b_seed: bytes
+
+    @classmethod
+    def fresh(cls) -> RoundKeys:
+        return cls(*(os.urandom(SECRET_BYTES) for _ in range(3)))
+
+    def to_bytes(self) -> bytes:
+        return self.c_private + self.s_private + self.b_seed
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> RoundKeys:
+        if len(data) != 3 * SECRET_BYTES:
+            raise ValueError(f"round keys are {3 * SECRET_BYTES} bytes, got {len(data)}")
+        return cls(*(data[i:i + SECRET_BYTES] for i in range(0, len(data), SECRET_BYTES)))
 
 
 def public_key_of(private: bytes) -> bytes:
@@ -156,23 +179,23 @@ def public_key_of(private: bytes) -> bytes:
     return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes_raw()
 
 
-def advertise(secret: bytes, round: RoundId) -> tuple[bytes, bytes]:
-    """(c_pk, s_pk) of this round: the channel key for encrypting shares, the mask key for pairwise
-    masks. The private keys are never returned; every later step re-derives them."""
-    c_private, s_private = (_secret_bytes(secret, p, round) for p in ("c", "s"))
-    return public_key_of(c_private), public_key_of(s_private)
+def advertise(keys: RoundKeys) -> tuple[bytes, bytes]:
+    """(c_pk, s_pk) of this run: the channel key for encrypting shares, the mask key for pairwise
+    masks. The private keys stay beside the client's block."""
+    return public_key_of(keys.c_private), public_key_of(keys.s_private)
 
 
-def _own_keys(secret: bytes, round: RoundId, me: int, public_keys: PublicKeys) -> tuple[bytes, bytes]:
-    """(c, s) private key bytes of `me`, checked against what `me` advertised: a wrong secret or
-    round would otherwise only surface as a garbage sum on the driver."""
+def _check_keys(keys: RoundKeys, round: RoundId, me: int, public_keys: PublicKeys) -> None:
+    """`me` is in the server's key list with the keys it advertised, and no public key repeats
+    (a server that hands one client's key to another could open what is sealed for it)."""
     if me not in public_keys:
         raise ValueError(f"client {me} is not among the clients whose keys the server broadcast")
-    c_private, s_private = (_secret_bytes(secret, p, round) for p in ("c", "s"))
-    if (public_key_of(c_private), public_key_of(s_private)) != tuple(public_keys[me]):
-        raise ValueError(f"client {me}'s secret does not match the keys it advertised for "
-                         f"round {round}")
-    return c_private, s_private
+    if advertise(keys) != tuple(public_keys[me]):
+        raise ValueError(f"client {me}'s keys do not match the keys it advertised for round {round}")
+    flat = [k for pair in public_keys.values() for k in pair]
+    if len(set(flat)) != len(flat):
+        raise SecAggError(f"round {round}: the server's key list repeats a public key; client {me} "
+                          "refuses it")
 
 
 def _channel(c_private: bytes, peer_c_pk: bytes, round: RoundId) -> AESGCM:
@@ -187,27 +210,27 @@ def _associated_data(round: RoundId, sender: int, recipient: int) -> bytes:
     return f"{_LABEL}/shares/round={round}/from={sender}/to={recipient}".encode()
 
 
-def share_keys(secret: bytes, round: RoundId, me: int, public_keys: PublicKeys,
+def share_keys(keys: RoundKeys, round: RoundId, me: int, public_keys: PublicKeys,
                t: int) -> dict[int, bytes]:
-    """{v: nonce || AES-GCM(s share, b share, me, v)} for every v in `public_keys`, me included (see
-    the module docstring on own shares), with t-of-n Shamir shares of s_me and the self-mask seed."""
+    """{v: nonce || AES-GCM(me, v, t, s share, b share)} for every v in `public_keys`, me included
+    (see the module docstring on own shares), with t-of-n Shamir shares of s_me and b_me."""
     check_threshold(t, len(public_keys))
-    c_private, s_private = _own_keys(secret, round, me, public_keys)
-    s_shares = shamir_split(s_private, public_keys, t)
-    b_shares = shamir_split(_secret_bytes(secret, "b", round), public_keys, t)
+    _check_keys(keys, round, me, public_keys)
+    s_shares = shamir_split(keys.s_private, public_keys, t)
+    b_shares = shamir_split(keys.b_seed, public_keys, t)
     sealed = {}
     for v, (c_pk, _) in public_keys.items():
-        payload = (_ROUTE.pack(me, v) + s_shares[v].to_bytes(_SHARE_BYTES, "big")
+        payload = (_ROUTE.pack(me, v, t) + s_shares[v].to_bytes(_SHARE_BYTES, "big")
                    + b_shares[v].to_bytes(_SHARE_BYTES, "big"))
         nonce = os.urandom(_NONCE_BYTES)
-        sealed[v] = nonce + _channel(c_private, c_pk, round).encrypt(
+        sealed[v] = nonce + _channel(keys.c_private, c_pk, round).encrypt(
             nonce, payload, _associated_data(round, me, v))
     return sealed
 
 
 def _open(c_private: bytes, round: RoundId, sender: int, me: int, ciphertext: bytes,
-          public_keys: PublicKeys) -> tuple[int, int]:
-    """(s share, b share) that `sender` sealed for `me`; SecAggError if it was tampered with or
+          public_keys: PublicKeys) -> tuple[int, int, int]:
+    """(s share, b share, t) that `sender` sealed for `me`; SecAggError if it was tampered with or
     sent along another route."""
     nonce, body = ciphertext[:_NONCE_BYTES], ciphertext[_NONCE_BYTES:]
     try:
@@ -216,14 +239,15 @@ def _open(c_private: bytes, round: RoundId, sender: int, me: int, ciphertext: by
     except InvalidTag as exc:
         raise SecAggError(f"round {round}: the shares client {sender} sent to client {me} fail "
                           f"authentication (tampered with or misrouted)") from exc
-    if _ROUTE.unpack_from(payload) != (sender, me):
+    route_from, route_to, t = _ROUTE.unpack_from(payload)
+    if (route_from, route_to) != (sender, me):
         raise SecAggError(f"round {round}: the shares client {sender} sent to client {me} name "
-                          f"another route {_ROUTE.unpack_from(payload)}")
+                          f"another route {(route_from, route_to)}")
     s_share, b_share = payload[_ROUTE.size:_ROUTE.size + _SHARE_BYTES], payload[-_SHARE_BYTES:]
-    return int.from_bytes(s_share, "big"), int.from_bytes(b_share, "big")
+    return int.from_bytes(s_share, "big"), int.from_bytes(b_share, "big"), t
 
 
-def mask(secret: bytes, round: RoundId, me: int, public_keys: PublicKeys, x: np.ndarray,
+def mask(keys: RoundKeys, round: RoundId, me: int, public_keys: PublicKeys, x: np.ndarray,
          ring_bits: int = 64) -> np.ndarray:
     """y = x + PRG(b_me) + sum_{v>me} PRG(s_me,v) - sum_{v<me} PRG(s_me,v) mod 2^ring_bits, pairing
     with every other client in `public_keys` (which must be the clients that sent shares)."""
@@ -231,29 +255,32 @@ def mask(secret: bytes, round: RoundId, me: int, public_keys: PublicKeys, x: np.
     if x.dtype != np.uint64 or np.any(x & ~ring):
         raise ValueError(f"mask expects encoded uint64 values of a {ring_bits}-bit ring, "
                          f"got {x.dtype}")
-    _, s_private = _own_keys(secret, round, me, public_keys)
+    _check_keys(keys, round, me, public_keys)
     s_public = {v: s_pk for v, (_, s_pk) in public_keys.items()}
-    y = (x + prg(_secret_bytes(secret, "b", round), x.size)
-         + pairwise_masks(s_private, round, me, s_public, x.size))
+    y = x + prg(keys.b_seed, x.size) + pairwise_masks(keys.s_private, round, me, s_public, x.size)
     return y & ring
 
 
-def unmask_shares(secret: bytes, round: RoundId, me: int, ciphertexts_for_me: Mapping[int, bytes],
+def unmask_shares(keys: RoundKeys, round: RoundId, me: int, ciphertexts_for_me: Mapping[int, bytes],
                   public_keys: PublicKeys, survivors: set[int],
                   dropped: set[int]) -> dict[int, tuple[str, int]]:
     """{v: ("b", my share of b_v)} for survivors, {v: ("s", my share of s_v)} for dropped clients.
-    Refuses a request naming a client in both sets: with both secrets of one client the server
-    could strip its masks and read its update."""
+    Refuses a request naming a client in both sets (with both secrets of one client the server
+    could strip its masks and read its update) and one listing fewer than t survivors, t as every
+    sender sealed it into its shares."""
     both = survivors & dropped
     if both:
         raise SecAggError(f"round {round}: the server asked client {me} for both the self-mask and "
                           f"the mask-key shares of clients {sorted(both)}; answering would unmask "
                           f"them")
-    c_private, _ = _own_keys(secret, round, me, public_keys)
-    answers = {}
+    _check_keys(keys, round, me, public_keys)
+    opened = {}
     for v in survivors | dropped:
         if v not in ciphertexts_for_me:
             raise SecAggError(f"round {round}: client {me} holds no shares from client {v}")
-        s_share, b_share = _open(c_private, round, v, me, ciphertexts_for_me[v], public_keys)
-        answers[v] = ("b", b_share) if v in survivors else ("s", s_share)
-    return answers
+        opened[v] = _open(keys.c_private, round, v, me, ciphertexts_for_me[v], public_keys)
+    thresholds = {t for _, _, t in opened.values()}
+    if len(thresholds) != 1 or len(survivors) < min(thresholds):
+        raise SecAggError(f"round {round}: the server lists {len(survivors)} survivors to client {me}, "
+                          f"below the threshold t={sorted(thresholds)} its shares were made for")
+    return {v: ("b", b) if v in survivors else ("s", s_share) for v, (s_share, b, _) in opened.items()}
