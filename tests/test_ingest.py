@@ -595,6 +595,39 @@ def test_a_directory_ingests_only_new_files(spark, lake_dir, tmp_path, capsys):
     assert load(spark, lake_dir, "t").count() == 5
 
 
+def test_a_directory_table_survives_foreign_commits_and_refuses_a_single_file_and_a_second_ingest(
+        spark, lake_dir, tmp_path, capsys):
+    """An OPTIMIZE (a commit fedspark did not write) neither stops the next ingest nor loses the
+    list of files ingested; a single file would replace the directory's table, so it is refused;
+    while one ingest of a table runs (holding its lock), a second stops with exit 2."""
+    import fcntl
+
+    source = tmp_path / "daily"
+    source.mkdir()
+    write_text(source / "day1.csv", ["label,f0,f1", "0,1,2", "1,3,4"])
+    code, _, err = run(capsys, f"csv:{source}", "t", lake_dir, "--classes", "2")
+    assert code == 0, err
+    spark.sql(f"OPTIMIZE delta.`{lake_dir / 't'}`").collect()
+    write_text(source / "day2.csv", ["label,f0,f1", "1,5,6"])
+    code, out, err = run(capsys, f"csv:{source}", "t", lake_dir, "--classes", "2")
+    assert code == 0, err
+    assert (summary_of(out)["files"], summary_of(out)["rows"]) == (1, 1)
+    assert load(spark, lake_dir, "t").count() == 3
+
+    single = write_text(tmp_path / "one.csv", ["label,f0,f1", "0,7,8"])
+    code, _, err = run(capsys, f"csv:{single}", "t", lake_dir, "--classes", "2")
+    assert code == 2 and "was ingested from a directory" in err
+    assert load(spark, lake_dir, "t").count() == 3
+
+    write_text(source / "day3.csv", ["label,f0,f1", "0,9,10"])
+    (lake_dir / ".locks").mkdir(exist_ok=True)
+    with open(lake_dir / ".locks" / "table-t.lock", "a+") as held:   # another ingest of t runs
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code, _, err = run(capsys, f"csv:{source}", "t", lake_dir, "--classes", "2")
+    assert code == 2 and "table 't' is in use" in err
+    assert load(spark, lake_dir, "t").count() == 3
+
+
 # --- 6. LibSVM -----------------------------------------------------------------------------------
 
 LIBSVM_LINES = [            # (line, reason fragment or None)

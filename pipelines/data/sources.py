@@ -18,6 +18,7 @@ from pyspark.sql import types as T
 
 from pipelines.core.errors import UserError
 from pipelines.data import idx, lake
+from pipelines.store import locks
 
 REJECTS_SUFFIX = "_rejects"
 # Rows without a `split` column: this fraction goes to `test`, chosen by a hash of the row id.
@@ -344,15 +345,22 @@ def validate_libsvm(rows: DataFrame, width: int, classes: int | None,
 # --- writing -------------------------------------------------------------------------------------
 
 def last_ingest(spark: SparkSession, path: str) -> dict:
-    """The fedspark metadata of the table's latest commit; raises when the table is not ours."""
+    """The fedspark metadata of the table's latest ingest commit, passing over commits fedspark did
+    not write (an OPTIMIZE, a VACUUM, another writer); raises when no commit is an ingest's (the
+    table is not ours)."""
     from delta.tables import DeltaTable
 
-    row = DeltaTable.forPath(spark, path).history(1).select("userMetadata").first()
-    meta = json.loads(row[0]) if row and row[0] else {}
-    if METADATA_KEY not in meta:
-        raise UserError(f"{path} holds a Delta table that fedspark ingest did not write; refusing to "
-                        "overwrite it. Choose another --table name.")
-    return meta[METADATA_KEY]
+    rows = (DeltaTable.forPath(spark, path).history().filter(F.col("userMetadata").isNotNull())
+            .orderBy(F.desc("version")).select("userMetadata").collect())
+    for row in rows:
+        try:
+            meta = json.loads(row[0])
+        except ValueError:
+            continue
+        if isinstance(meta, dict) and METADATA_KEY in meta:
+            return meta[METADATA_KEY]
+    raise UserError(f"{path} holds a Delta table that fedspark ingest did not write; refusing to "
+                    "overwrite it. Choose another --table name.")
 
 
 def write(df: DataFrame, path: str, metadata: dict, mode: str = "overwrite",
@@ -393,6 +401,14 @@ def _line_count(spark: SparkSession, kind: str, path: str) -> int:
 
 def ingest(spark: SparkSession, source: Source, table: str, lake_path: str,
            args: argparse.Namespace) -> dict:
+    """Ingest `source` into `table`, holding the table's ingest lock: two ingests at once could
+    both see a file as new and append it twice."""
+    with locks.lock_table(lake_path, table):
+        return _ingest(spark, source, table, lake_path, args)
+
+
+def _ingest(spark: SparkSession, source: Source, table: str, lake_path: str,
+            args: argparse.Namespace) -> dict:
     path = lake.table_path(lake_path, table)
     rejects_path = lake.table_path(lake_path, table + REJECTS_SUFFIX)
     if lake.exists(spark, rejects_path):
@@ -403,6 +419,10 @@ def ingest(spark: SparkSession, source: Source, table: str, lake_path: str,
     options = {k: getattr(args, k) for k in CONTENT_OPTIONS}
     if lake.exists(spark, path):
         previous = last_ingest(spark, path)
+        if "files" in previous:
+            raise UserError(f"table {table!r} was ingested from a directory, file by file; a single "
+                            f"source would replace all of it. Put {source.path} in that directory, "
+                            "or ingest it into another --table")
         if previous.get("checksum") == digest and previous.get("options") == options:
             version = lake.latest_version(spark, path)
             return {"table": table, "version": version, "skipped": True, "rows": previous["rows"],

@@ -1,4 +1,4 @@
-"""The run-name lock: one job per `--run-name` at a time, so a second job with the same name stops
+"""Name locks: one job per `--run-name` at a time, and one ingest per table, so a second job stops
 with a clear message instead of racing the first. It lives in `<runs.path>/.locks/<name>.lock`; how
 it is held depends on where runs.path is: a local file lock (RunLock) or, on a Hadoop filesystem,
 an exclusive lock file (HadoopRunLock). Both take the lock when made and are context managers that
@@ -10,6 +10,7 @@ import os
 import socket
 import time
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.core.errors import UserError
@@ -18,9 +19,27 @@ from pipelines.store import rundir
 LOCKS = ".locks"
 
 
-def _in_use(name: str, holder: str, where: object, hint: str = "") -> UserError:
-    return UserError(f"run name {name!r} is in use: a job ({holder}) is running it now "
-                     f"(lock {where}); wait for it to end or choose another --run-name{hint}")
+@dataclass(frozen=True)
+class Subject:
+    """What a lock guards, for its messages: a run name, or a table being ingested."""
+
+    noun: str        # "run name", "table"
+    busy: str        # what the holder is doing
+    advice: str      # what the user can do instead of waiting
+    prefix: str      # of the lock file's name, so a table and a run of one name never share a lock
+
+    def file(self, name: str) -> str:
+        return f"{self.prefix}{name}.lock"
+
+
+RUN_NAME = Subject("run name", "running it", "or choose another --run-name", "")
+TABLE = Subject("table", "ingesting into it", "(two ingests of one table at once could append a file twice)",
+                "table-")
+
+
+def _in_use(subject: Subject, name: str, holder: str, where: object, hint: str = "") -> UserError:
+    return UserError(f"{subject.noun} {name!r} is in use: a job ({holder}) is {subject.busy} now "
+                     f"(lock {where}); wait for it to end {subject.advice}{hint}")
 
 
 def _now() -> str:
@@ -31,9 +50,9 @@ class NameLock(ABC):
     """An exclusive lock on a run name, held from `acquire` (called when the lock is made) to
     `release` (called when the `with` block ends)."""
 
-    def __init__(self, runs_path: str, name: str) -> None:
-        self.name = name
-        self.acquire(runs_path)
+    def __init__(self, root: str, name: str, subject: Subject = RUN_NAME) -> None:
+        self.name, self.subject = name, subject
+        self.acquire(root)
 
     @abstractmethod
     def acquire(self, runs_path: str) -> None:
@@ -60,7 +79,7 @@ class RunLock(NameLock):
 
         lock_dir = Path(runs_path) / LOCKS
         lock_dir.mkdir(parents=True, exist_ok=True)
-        self.path = lock_dir / f"{self.name}.lock"
+        self.path = lock_dir / self.subject.file(self.name)
         self._fh = open(self.path, "a+")
         try:
             fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -68,7 +87,7 @@ class RunLock(NameLock):
             self._fh.seek(0)
             holder = self._fh.read().strip() or "another process"
             self._fh.close()
-            raise _in_use(self.name, holder, self.path) from None
+            raise _in_use(self.subject, self.name, holder, self.path) from None
         self._fh.truncate(0)
         self._fh.write(f"pid {os.getpid()} since {_now()}")
         self._fh.flush()
@@ -119,7 +138,7 @@ class HadoopRunLock(NameLock):
 
     def acquire(self, runs_path: str) -> None:
         self.fs = rundir.HadoopFS(runs_path)
-        self.uri = rundir.join(runs_path, LOCKS, f"{self.name}.lock")
+        self.uri = rundir.join(runs_path, LOCKS, self.subject.file(self.name))
         self.me = _holder()
         for attempt in range(2):
             if self.fs.create_new(self.uri, self.me.encode()):
@@ -131,12 +150,12 @@ class HadoopRunLock(NameLock):
                     moved = (self.fs.read(stale) or b"").decode().strip()
                     if moved != holder:   # a live job took the lock after we read it: give it back
                         self.fs.rename(stale, self.uri)
-                        raise _in_use(self.name, moved, self.uri)
+                        raise _in_use(self.subject, self.name, moved, self.uri)
                     self.fs.delete(stale)
-                    print(f"taking over the lock of run name {self.name!r} from a job that is gone "
+                    print(f"taking over the lock of {self.subject.noun} {self.name!r} from a job that is gone "
                           f"({holder})", flush=True)
                 continue
-            raise _in_use(self.name, holder, self.uri,
+            raise _in_use(self.subject, self.name, holder, self.uri,
                           " (if that job was killed on another host, delete the lock file)")
 
     def release(self) -> None:
@@ -147,3 +166,8 @@ class HadoopRunLock(NameLock):
 def lock_run_name(runs_path: str, name: str) -> NameLock:
     """The run-name lock for runs.path: a file lock locally, an exclusive lock file on Hadoop."""
     return (HadoopRunLock if rundir.is_remote(runs_path) else RunLock)(runs_path, name)
+
+
+def lock_table(lake_path: str, table: str) -> NameLock:
+    """One ingest of `table` at a time (`<lake.path>/.locks/<table>.lock`), the same two kinds."""
+    return (HadoopRunLock if rundir.is_remote(lake_path) else RunLock)(lake_path, table, TABLE)
