@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -118,3 +119,23 @@ def test_the_estimators_re_export_keeps_saved_pipelines_loadable():
 
     assert estimators.FedsparkEstimator is real.FedsparkEstimator
     assert estimators.FedsparkModel is real.FedsparkModel
+
+
+def _third_party(path: Path) -> set[str]:
+    """The top-level names of what `path` imports from outside the standard library and the project."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+        found |= {n.partition(".")[0] for n in names}
+    return found - set(sys.stdlib_module_names) - set(PACKAGES) - {"__future__"}
+
+
+def test_executors_need_only_the_requirements_udfs_declares():
+    """What scripts/package.sh ships to executors is udfs.EXECUTOR_REQUIREMENTS: udfs imports
+    nothing else but pyspark (import names here equal the distributions' names)."""
+    from udfs import EXECUTOR_REQUIREMENTS
+
+    used = set().union(*(_third_party(p) for n, p in MODULES.items() if n.startswith("udfs")))
+    assert used - {"pyspark"} <= set(EXECUTOR_REQUIREMENTS), sorted(used - {"pyspark"} - set(EXECUTOR_REQUIREMENTS))
+    assert {"numpy", "pyarrow", "cryptography"} <= used   # the walk saw the imports

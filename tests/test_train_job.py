@@ -188,8 +188,8 @@ def test_a_resume_reads_the_version_it_started_on_or_stops(spark, tmp_path, caps
 
     def die_during_epoch_2() -> None:
         for name in ("summary.json", "checkpoints/epoch-0002.json", "checkpoints/epoch-0002.npz"):
-            (run_dir / name).unlink()
-        shutil.rmtree(run_dir / "model")
+            (run_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(run_dir / "model", ignore_errors=True)
 
     expected = weights()
     die_during_epoch_2()

@@ -9,12 +9,19 @@ artifact is requested through `spark.jars.packages` and cached by Ivy. Under spa
 already running, so the jar must come from `--packages` (scripts/train.sh passes it; see
 `submit_args`), or already be on the cluster: the setting `spark.delta_packages: none` (or the
 environment variable FEDSPARK_DELTA_PACKAGES=none, which wins) skips Maven.
+
+Once Ivy has resolved the pinned Delta version, `auto` names its two jars in Ivy's cache
+(delta-spark and delta-storage, what Delta's JVM side runs on) instead of the Maven coordinate:
+`--packages` would resolve again on every start and ship all 33 transitive jars (86 MB: Hadoop,
+Parquet, Unity Catalog clients Spark does not need for Delta tables on a file system) to every
+executor, twice for a Python application (spark-submit also puts them on the Python path).
 """
 from __future__ import annotations
 
 import importlib.metadata
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from pyspark import SparkConf, SparkContext
@@ -51,6 +58,18 @@ def delta_package() -> str:
     return f"io.delta:delta-spark_{spark_minor}_2.13:{delta_version}"
 
 
+# where Spark's Ivy puts resolved jars (spark.jars.ivy's default in Spark 4)
+IVY_JARS = Path.home() / ".ivy2.5.2" / "jars"
+
+
+def delta_jars() -> list[str] | None:
+    """The pinned Delta version's delta-spark and delta-storage jars in Ivy's cache, or None until
+    Ivy has resolved them."""
+    group, artifact, version = delta_package().split(":")
+    jars = [IVY_JARS / f"{group}_{artifact}-{version}.jar", IVY_JARS / f"{group}_delta-storage-{version}.jar"]
+    return [str(j) for j in jars] if all(j.is_file() for j in jars) else None
+
+
 def packages_setting(setting: str = "auto") -> str | None:
     """The Delta package to ask Maven for, from the `spark.delta_packages` setting (auto: the one
     that pairs with the pip packages; none: skip, the cluster ships Delta) and the environment
@@ -64,7 +83,8 @@ def packages_setting(setting: str = "auto") -> str | None:
 def submit_args(setting: str = "auto") -> list[str]:
     """Arguments scripts/train.sh gives spark-submit so the Delta jar is on the driver and executors."""
     packages = packages_setting(setting)
-    args = [] if packages is None else ["--packages", packages]
+    jars = delta_jars() if packages == delta_package() else None
+    args = [] if packages is None else ["--jars", ",".join(jars)] if jars else ["--packages", packages]
     for key in ("spark.sql.extensions", "spark.sql.catalog.spark_catalog"):
         args += ["--conf", f"{key}={DEFAULTS[key]}"]
     return args
@@ -89,7 +109,10 @@ def build_session(app_name: str, extra: dict[str, Any] | None = None,
     conf.update({k: str(v) for k, v in (extra or {}).items()})
     if not _jvm_running() and not given.contains("spark.jars.packages"):
         packages = packages_setting(delta_packages)
-        if packages is not None:
+        jars = delta_jars() if packages == delta_package() else None
+        if jars:
+            conf["spark.jars"] = ",".join([*jars, *filter(None, [conf.get("spark.jars")])])
+        elif packages is not None:
             conf["spark.jars.packages"] = packages
     builder = SparkSession.builder.appName(app_name)
     for key, value in conf.items():
