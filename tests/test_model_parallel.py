@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +159,34 @@ def test_resume_continues_to_the_same_model(lake, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "resuming" in out and "epoch 1/2" not in out
     with np.load(run_dir / "model" / "weights.npz", allow_pickle=False) as z:
+        np.testing.assert_allclose(z["theta"], whole, rtol=0, atol=1e-12)
+
+    # the cells vanish from the executors after epoch 1's checkpoint: the run stops, saying that
+    # --resume continues it, and the resumed run ends at the same model
+    from pyspark import SparkFiles
+
+    started = time.time()
+    root = Path(SparkFiles.getRootDirectory()) / "fedspark-blocks"
+
+    class LosingCells(list):   # the label owner's wire log (train.main's wire_log), as a hook
+        def append(self, item) -> None:
+            super().append(item)
+            if list((tmp_path / "lost").glob("*/checkpoints/epoch-0001.json")):
+                for meta in root.glob("*/part-*/meta.json"):
+                    if meta.stat().st_mtime >= started and "width" in json.loads(meta.read_text()):
+                        shutil.rmtree(meta.parent)
+
+    argv = ["--set", f"lake.path={path}", "--set", f"runs.path={tmp_path / 'lost'}"]
+    for item in common:
+        argv += ["--set", item]
+    capsys.readouterr()
+    assert main_wrapper(partial(train.main, wire_log=LosingCells()), argv) == 1
+    err = capsys.readouterr().err
+    assert "a model-parallel cell went missing" in err and "continues it" in err
+    (lost,) = (tmp_path / "lost").glob("*-s0-*")
+    assert not (lost / "summary.json").exists()
+    assert main_wrapper(train.main, ["--resume", str(lost)]) == 0
+    with np.load(lost / "model" / "weights.npz", allow_pickle=False) as z:
         np.testing.assert_allclose(z["theta"], whole, rtol=0, atol=1e-12)
 
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -362,6 +363,26 @@ class Carrier:
         for bc in self.pending:
             bc.destroy(blocking=False)
         self._drop_checkpoint()
+
+
+class CellLost(RuntimeError):
+    """A cell went missing in the middle of a model-parallel run."""
+
+
+@contextmanager
+def cells_kept(run: str) -> Iterator[None]:
+    """Stop the run with a message saying how to continue when a cell goes missing. A cell cannot be
+    rebuilt in place: its shard's weights and optimizer state live in the carrier's partition beside
+    it, and a rebuilt cell may land on another executor than that state; the last checkpoint holds
+    both, so --resume builds the cells again and continues from it, to the same model."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - py4j wraps the task's CellMissing
+        if not py4j.raised(exc, shards.CellMissing.__name__):
+            raise
+        detail = py4j.task_message(exc, shards.CellMissing.__name__) or str(exc).splitlines()[0]
+    raise CellLost(f"a model-parallel cell went missing (an executor was lost or its files removed): "
+                   f"{detail}. The run stopped after its last checkpoint: --resume {run} continues it")
 
 
 # --- training ---------------------------------------------------------------------------------------

@@ -386,13 +386,14 @@ def train_model_parallel(job: Job) -> Trained:
                 tracker.run_dir, f"epoch-{s.epoch:04d}", mp.save_chunks(carrier, spec, s.head, names, s.opt),
                 {"epoch": s.epoch, "step": s.step, "history": s.history})
 
-    head = mp.train_epochs(carrier, cells, spec, grid.optimizer, head, t.epochs, on_epoch)
-    job.timings["train"] = time.perf_counter() - mark
-    mark = time.perf_counter()
-    test = mp.evaluate_role(carrier, cells, spec, head.head, "test") if cells.test_rows else {}
-    job.timings["evaluate"] = time.perf_counter() - mark
-    finish_model(tracker.run_dir, config, spec, None, cells.table, cells.version,
-                 chunks=mp.save_chunks(carrier, spec, head.head)["theta"][2])
+    with mp.cells_kept(tracker.run_dir.uri):
+        head = mp.train_epochs(carrier, cells, spec, grid.optimizer, head, t.epochs, on_epoch)
+        job.timings["train"] = time.perf_counter() - mark
+        mark = time.perf_counter()
+        test = mp.evaluate_role(carrier, cells, spec, head.head, "test") if cells.test_rows else {}
+        job.timings["evaluate"] = time.perf_counter() - mark
+        finish_model(tracker.run_dir, config, spec, None, cells.table, cells.version,
+                     chunks=mp.save_chunks(carrier, spec, head.head)["theta"][2])
     summary = mp.summary_fields(carrier, cells)
     carrier.release()
     cells.release()

@@ -232,8 +232,13 @@ def _open(path: str, may_copy: bool) -> CellData:
                     arrays["test"], in_memory=in_memory, budget=meta["cache_bytes"])
 
 
-def _missing(path: str) -> FileNotFoundError:
-    return FileNotFoundError(f"cell {path} is not on this executor (raise spark.locality.wait)")
+class CellMissing(FileNotFoundError):
+    """The cell's files are not on this executor (lost with it, or removed): the driver stops the
+    run, which --resume continues (pipelines/model_parallel/training.py, cells_kept)."""
+
+
+def _missing(path: str) -> CellMissing:
+    return CellMissing(f"cell {path} is not on this executor (raise spark.locality.wait)")
 
 
 # The worker's cache (udfs/core/cache.py) holds cells and values derived from them (roles, batch
