@@ -176,7 +176,9 @@ def test_resume_continues_to_the_same_model(lake, tmp_path, capsys):
                     if meta.stat().st_mtime >= started and "width" in json.loads(meta.read_text()):
                         shutil.rmtree(meta.parent)
 
-    argv = ["--set", f"lake.path={path}", "--set", f"runs.path={tmp_path / 'lost'}"]
+    argv = ["--set", f"lake.path={path}", "--set", f"runs.path={tmp_path / 'lost'}", "--set", "data.table=small",
+            "--set", "trainer.dtype=float64", "--set", "trainer.batch_size=16",
+            "--set", "data.validation_fraction=0.1"]   # as run() does
     for item in common:
         argv += ["--set", item]
     capsys.readouterr()

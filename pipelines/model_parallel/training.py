@@ -381,6 +381,8 @@ def cells_kept(run: str) -> Iterator[None]:
         if not py4j.raised(exc, shards.CellMissing.__name__):
             raise
         detail = py4j.task_message(exc, shards.CellMissing.__name__) or str(exc).splitlines()[0]
+    else:
+        return
     raise CellLost(f"a model-parallel cell went missing (an executor was lost or its files removed): "
                    f"{detail}. The run stopped after its last checkpoint: --resume {run} continues it")
 

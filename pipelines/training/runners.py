@@ -79,7 +79,7 @@ class Job:
     config: Config
     args: argparse.Namespace
     resume_dir: RunDir | None
-    pinned: lake.Pinned
+    pinned: lake.Pinned | None
     timings: dict[str, float] = field(default_factory=dict)
     tracker: Tracker | None = None
     history: list[dict] = field(default_factory=list)
@@ -94,7 +94,8 @@ class Job:
             run_dir = artifacts.new_run_dir(self.config.runs.path, self.args.run_name,
                                             f"{label}-{self.config.trainer.strategy}-s{self.config.trainer.seed}")
             artifacts.write(run_dir, "config.yaml", dump_yaml(self.config).encode())
-            artifacts.write(run_dir, TABLE_FILE, json.dumps(asdict(self.pinned)).encode())
+            if self.pinned is not None:
+                artifacts.write(run_dir, TABLE_FILE, json.dumps(asdict(self.pinned)).encode())
         self.tracker = Tracker(self.spark, self.config, run_dir, unit, total, table, version)
         return self.tracker
 
@@ -103,10 +104,14 @@ class Job:
 TABLE_FILE = "table.json"
 
 
-def pin_data(spark: SparkSession, config: Config, resume_dir: RunDir | None) -> tuple[Config, lake.Pinned]:
+def pin_data(spark: SparkSession, config: Config, resume_dir: RunDir | None
+             ) -> tuple[Config, lake.Pinned | None]:
     """The config with data.version resolved, and what it is pinned to: for a new run the version
     the config names (the latest when it names none), for a resumed one what the run recorded,
-    checked to be the same table with that version's files all still there."""
+    checked to be the same table with that version's files all still there. A vertical run reads
+    its parties' tables, not data.table: nothing is pinned (their versions are not yet)."""
+    if config.model_parallel.parties:
+        return config, None
     recorded = resume_dir.read(TABLE_FILE) if resume_dir is not None else None
     if recorded is None:
         pinned = lake.pin(spark, config.lake.path, lake.TableRef(config.data.table, config.data.version))
