@@ -62,10 +62,12 @@ def delta_package() -> str:
 IVY_JARS = Path.home() / ".ivy2.5.2" / "jars"
 
 
-def delta_jars() -> list[str] | None:
-    """The pinned Delta version's delta-spark and delta-storage jars in Ivy's cache, or None until
-    Ivy has resolved them."""
-    group, artifact, version = delta_package().split(":")
+def delta_jars(packages: str | None) -> list[str] | None:
+    """For `packages` (packages_setting's answer) naming the pinned Delta version: its delta-spark
+    and delta-storage jars in Ivy's cache; None for other packages or until Ivy has resolved them."""
+    if packages != delta_package():
+        return None
+    group, artifact, version = packages.split(":")
     jars = [IVY_JARS / f"{group}_{artifact}-{version}.jar", IVY_JARS / f"{group}_delta-storage-{version}.jar"]
     return [str(j) for j in jars] if all(j.is_file() for j in jars) else None
 
@@ -83,7 +85,7 @@ def packages_setting(setting: str = "auto") -> str | None:
 def submit_args(setting: str = "auto") -> list[str]:
     """Arguments scripts/train.sh gives spark-submit so the Delta jar is on the driver and executors."""
     packages = packages_setting(setting)
-    jars = delta_jars() if packages == delta_package() else None
+    jars = delta_jars(packages)
     args = [] if packages is None else ["--jars", ",".join(jars)] if jars else ["--packages", packages]
     for key in ("spark.sql.extensions", "spark.sql.catalog.spark_catalog"):
         args += ["--conf", f"{key}={DEFAULTS[key]}"]
@@ -109,9 +111,9 @@ def build_session(app_name: str, extra: dict[str, Any] | None = None,
     conf.update({k: str(v) for k, v in (extra or {}).items()})
     if not _jvm_running() and not given.contains("spark.jars.packages"):
         packages = packages_setting(delta_packages)
-        jars = delta_jars() if packages == delta_package() else None
+        jars = delta_jars(packages)
         if jars:
-            conf["spark.jars"] = ",".join([*jars, *filter(None, [conf.get("spark.jars")])])
+            conf["spark.jars"] = ",".join([*jars, conf["spark.jars"]] if "spark.jars" in conf else jars)
         elif packages is not None:
             conf["spark.jars.packages"] = packages
     builder = SparkSession.builder.appName(app_name)

@@ -438,9 +438,9 @@ def run(config: Config, args: argparse.Namespace, resume_dir: RunDir | None, sta
     t = config.trainer
     mark = time.perf_counter()
     spark = build_session("fedspark-train", config.spark.conf, config.spark.delta_packages)
+    timings = {"session": time.perf_counter() - mark}
     config, pinned = pin_data(spark, config, resume_dir)
-    job = Job(spark, config, args, resume_dir, pinned, {"session": time.perf_counter() - mark},
-              wire_log=wire_log)
+    job = Job(spark, config, args, resume_dir, pinned, timings, wire_log=wire_log)
     try:
         trained = RUNNERS[t.strategy](job)
         tracker = job.tracker
