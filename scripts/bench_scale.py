@@ -4,8 +4,8 @@ LogisticRegression and a single-process numpy pass (the floor), with memory budg
 For each size in --rows (binary logistic, --features columns, generated on the executors into
 Delta by pipelines/generate.py; an existing identical table is reused):
   * blocks: build time, bytes on the executors' disks, how many the workers hold in memory;
-  * ours: seconds per full-batch gradient pass (one Spark job: every partition sums the gradient
-    over its training rows in chunks, reduce_in_order adds them), median of --passes;
+  * ours: seconds per full-batch `sync` step (one barrier stage: every task sums the gradient over
+    its training rows in chunks, the tasks all-reduce the sums and step), median of --passes;
   * memory, per size (build and passes): peak RSS of the JVM, peaks of the summed RSS and anonymous
     RSS of the Python workers, the driver Python's peak.
 On the largest size (or --compare-rows) also:
@@ -36,7 +36,6 @@ import subprocess
 import sys
 import threading
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -47,13 +46,14 @@ from pipelines.data import lake
 from pipelines.data.blocks import Blocks, load_blocks
 from pipelines.data.synthetic_tables import generate_table
 from pipelines.store import artifacts
-from pipelines.training.data_parallel import evaluate, reduce_in_order
+from pipelines.training.data_parallel import barrier_slots, evaluate, sync_steps
 from scripts.benchlib import log, machine, versions
 from udfs.core.models import ModelSpec
 from udfs.core.optimizers import Optimizer
 from udfs.data import blocks
 from udfs.data import synthetic as synthetic
 from udfs.training import tasks
+from udfs.training.collective import PortRange
 
 # --- memory ----------------------------------------------------------------------------------------
 
@@ -139,13 +139,11 @@ def ensure_table(spark, lake_path: str, rows: int, features: int, partitions: in
     return name
 
 
-def gradient_pass(sc, got: Blocks, job: tasks.Job, theta: np.ndarray, depth: int):
-    bc = sc.broadcast(theta)
-    try:
-        return got.run(lambda h: reduce_in_order(h.mapPartitions(partial(
-            tasks.sync_gradient, job=job, epoch=0, batch=0, weights=bc)), depth))
-    finally:
-        bc.destroy()
+def gradient_pass(sc, got: Blocks, job: tasks.Job, theta: np.ndarray, state: dict, step: int):
+    """One full-batch `sync` step (a barrier stage of one step) from (theta, state): the new pair."""
+    theta, state, _, _ = sync_steps(sc, got, job, (theta, state), step, step + 1, PortRange(),
+                                    barrier_slots(sc))
+    return theta, state
 
 
 def measure_passes(spark, lake_path: str, table: str, args) -> dict:
@@ -155,14 +153,13 @@ def measure_passes(spark, lake_path: str, table: str, args) -> dict:
                            cache_gb=args.cache_gb)
     build = time.perf_counter() - started
     spec = ModelSpec("logistic", (got.n_features, 1))
-    job = tasks.Job(spec, got.layout, "float32", got.layout.n_train, Optimizer("sgd", 0.1))
+    job = tasks.Job(spec, got.layout, "float32", got.layout.n_train, Optimizer("sgd", 1.0))
     theta = np.zeros(spec.n_params, dtype=np.float32)
     seconds = []
-    for _ in range(args.passes):
+    for step in range(args.passes):
         t0 = time.perf_counter()
-        grad, loss, count = gradient_pass(sc, got, job, theta, args.depth)
+        theta, _ = gradient_pass(sc, got, job, theta, {}, step)
         seconds.append(time.perf_counter() - t0)
-        theta -= np.float32(1.0) * (grad / count).astype(np.float32)
     held = got.handles.mapPartitions(blocks.residency).collect()
     cached: dict[int, int] = {}   # what each Python worker's block cache keeps, by process
     for h in held:
@@ -193,8 +190,7 @@ def time_to_accuracy(spark, lake_path: str, table: str, target: float, args) -> 
     state = opt.init_state(theta)
     history = []
     for step in range(1, args.max_passes + 1):
-        grad, _, count = gradient_pass(sc, got, job, theta, args.depth)
-        opt.step(theta, (grad / count).astype(np.float32), state, step)
+        theta, state = gradient_pass(sc, got, job, theta, state, step - 1)
         acc = evaluate(sc, got, spec, "float32", theta, ("test",), args.depth)["test"]["accuracy"]
         history.append([step, round(time.perf_counter() - started, 2), acc])
         if acc >= target - 0.005:

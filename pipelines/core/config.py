@@ -172,6 +172,16 @@ class TrainerSection(_Section):
     average_every: int | None = Field(ge=1)
     checkpoint_every: int = Field(ge=0)
     aggregation_depth: int = Field(ge=1, le=10)
+    sync_ports: str = Field(pattern=r"^\d{1,5}(-\d{1,5})?$")
+
+    @field_validator("sync_ports")
+    @classmethod
+    def _port_range(cls, value: str) -> str:
+        first, _, last = value.partition("-")
+        low, high = int(first), int(last or first)
+        if high > 65535 or low > high or (low == 0) != (high == 0):
+            raise ValueError(f"{value!r} is not 0 (any free port) or a port range like 47000-47100")
+        return value
 
 
 class FederatedSection(_Section):

@@ -6,13 +6,17 @@ taken after any epoch resumes either one to the same result:
 * local: each job, every partition runs up to `average_every` local steps (default: its whole
   share of the epoch) from the broadcast weights and optimizer state; the driver averages weights
   and optimizer buffers by sample count. One Spark job per averaging round.
-* sync: each global mini-batch is one job: every partition sums the gradient over its rows of the
-  batch, `reduce_in_order` adds them up, the driver's optimizer steps. The maths of one machine doing
-  mini-batch SGD on the global batch.
+* sync: barrier stages of up to an epoch of steps (fewer when checkpoint_every says so). Every task
+  keeps its blocks and, for each global mini-batch, sums the gradient over its rows of the batch;
+  the tasks all-reduce the sums over their own TCP ring (udfs/training/collective.py) and all apply
+  the same optimizer step. The maths of one machine doing mini-batch SGD on the global batch, with
+  one Spark job per stage instead of one per step.
 """
 from __future__ import annotations
 
 import math
+import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,12 +26,19 @@ from typing import Any
 import numpy as np
 from pyspark import RDD, SparkContext
 
+from pipelines.core import py4j
 from pipelines.core.config import Config
+from pipelines.core.errors import UserError
 from pipelines.core.progress import progress
 from pipelines.data.blocks import Blocks
 from udfs.core.models import ModelSpec
 from udfs.core.optimizers import Optimizer
+from udfs.data import blocks
 from udfs.training import tasks
+from udfs.training.collective import PortRange
+
+MAX_STAGE_ATTEMPTS = 3
+SLOT_WAIT_S = 60.0
 
 
 @dataclass
@@ -41,6 +52,7 @@ class TrainState:
     step: int = 0
     history: list[dict] = field(default_factory=list)
     epoch_loss: float = 0.0  # sync: the loss summed over the current epoch's steps so far
+    stage_retries: int = 0   # sync: barrier stages run again after a lost task
 
 
 @dataclass(frozen=True)
@@ -49,6 +61,8 @@ class Settings:
     epochs: int
     average_every: int | None
     depth: int
+    stage_steps: int | None = None   # sync: optimizer steps per barrier stage (None: an epoch)
+    ports: PortRange = PortRange()   # sync: where its tasks listen for the all-reduce
 
 
 EpochHook = Callable[[TrainState, dict], None]
@@ -126,23 +140,104 @@ def _local_epoch(sc: SparkContext, data: Blocks, job: tasks.Job, settings: Setti
     return loss_sum / max(batches, 1)
 
 
+def barrier_slots(sc: SparkContext) -> int:
+    """Tasks the application can run at once: what a barrier stage may ask for. Spark's own count
+    (the one its barrier check uses), waiting a little for a cluster's executors to register."""
+    conf = sc.getConf()
+    if conf.get("spark.dynamicAllocation.enabled", "false").lower() == "true":
+        raise UserError("trainer.strategy=sync runs barrier stages, which Spark refuses under dynamic "
+                        "allocation: set spark.dynamicAllocation.enabled=false (spark.conf in the "
+                        "job config or spark-submit --conf)")
+    jsc = sc._jsc.sc()
+    deadline = time.monotonic() + SLOT_WAIT_S
+    while True:
+        slots = int(jsc.maxNumConcurrentTasks(jsc.resourceProfileManager().defaultResourceProfile()))
+        if slots > 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    if slots < 1:
+        raise UserError(f"trainer.strategy=sync found no executor with a free task slot after "
+                        f"{SLOT_WAIT_S:.0f} s (master {sc.master}): start workers, or check "
+                        "spark.executor.cores and spark.task.cpus")
+    return slots
+
+
+def run_barrier(handles: RDD, fn: Callable[..., Any], tasks_n: int) -> Any:
+    """`fn` over the block handles as one barrier stage of at most `tasks_n` tasks; what task 0
+    yields.
+
+    A barrier stage must start all its tasks at once, so partitions that outnumber the slots are
+    grouped (coalesce keeps a group on the executor that holds its blocks). Spark refuses a barrier
+    stage whose chain changes the number of partitions, so the grouped handles are cut from their
+    lineage first (localCheckpoint: a few rows, kept where they were grouped)."""
+    grouped = None
+    if handles.getNumPartitions() > tasks_n:
+        grouped = handles.coalesce(tasks_n)
+        grouped.localCheckpoint()
+        grouped.count()
+    try:
+        out = (grouped or handles).barrier().mapPartitions(fn).collect()
+    finally:
+        if grouped is not None:
+            grouped.unpersist()
+    if len(out) != 1:
+        raise RuntimeError(f"a sync stage returned {len(out)} results, expected 1 (from task 0)")
+    return out[0]
+
+
+def _task_lost(exc: BaseException) -> bool:
+    """Whether a stage failed in its tasks (a job Spark aborted), not for a bad row or on the driver."""
+    return ("org.apache.spark.SparkException" in py4j.java_classes(exc)
+            and py4j.task_message(exc, blocks.BlockError.__name__) is None)
+
+
+def sync_steps(sc: SparkContext, data: Blocks, job: tasks.Job,
+               start: tuple[np.ndarray, dict[str, np.ndarray]], first: int, last: int,
+               ports: PortRange, slots: int) -> tuple[np.ndarray, dict[str, np.ndarray], list[float], int]:
+    """Optimizer steps first..last-1 (of one epoch) from `start` = (theta, optimizer state) as one
+    barrier stage: the new theta and state, each step's mean batch loss, and how many times the
+    stage was run again.
+
+    A stage that fails (a task or its worker lost) is run again from the same broadcast state, up to
+    MAX_STAGE_ATTEMPTS times: its steps are a pure function of that state, so the weights are the
+    ones an uninterrupted stage gives. Each attempt has a fresh secret for its ring."""
+    bc = sc.broadcast(start)
+    try:
+        for attempt in range(MAX_STAGE_ATTEMPTS):
+            stage = tasks.SyncStage(job, first, last, os.urandom(32), ports)
+            try:
+                theta, opt_state, losses = data.run(partial(
+                    run_barrier, fn=partial(tasks.sync_stage, stage=stage, weights=bc), tasks_n=slots))
+                return theta, opt_state, losses, attempt
+            except Exception as exc:  # noqa: BLE001 - a lost task fails the stage in the JVM
+                if not _task_lost(exc) or attempt == MAX_STAGE_ATTEMPTS - 1:
+                    raise
+                error = py4j.task_error(exc)
+                print(f"[fedspark] the sync stage of steps {first + 1}-{last} failed "
+                      f"({error.message if error else type(exc).__name__}); running it again",
+                      file=sys.stderr)
+    finally:
+        bc.destroy(blocking=False)
+    raise AssertionError("unreachable")
+
+
 def _sync_epoch(sc: SparkContext, data: Blocks, job: tasks.Job, settings: Settings,
                 state: TrainState, on_step: StepHook | None = None) -> float:
     """The rest of the current epoch of synchronous mini-batch SGD (all of it, unless a checkpoint
-    taken after a step is being resumed); returns the mean of the epoch's batch losses. `on_step`
-    runs after every optimizer step."""
+    taken after a step is being resumed) as barrier stages of `settings.stage_steps` steps (the whole
+    epoch when unset); returns the mean of the epoch's batch losses. `on_step` runs after every
+    stage, when the state is the driver's again."""
     steps = tasks.steps_per_epoch(data.layout.n_train, job.batch_size)
-    for batch in range(state.step - state.epoch * steps, steps):
-        bc = sc.broadcast(state.theta)
-        try:
-            grad_sum, batch_loss, count = data.run(partial(summed, fn=partial(
-                tasks.sync_gradient, job=job, epoch=state.epoch, batch=batch, weights=bc), depth=settings.depth))
-        finally:
-            bc.destroy(blocking=False)
-        state.step += 1
-        job.optimizer.step(state.theta, (grad_sum / count).astype(state.theta.dtype),
-                           state.opt_state, state.step)
-        state.epoch_loss += batch_loss / count
+    end = (state.epoch + 1) * steps
+    slots = barrier_slots(sc)
+    while state.step < end:
+        every = settings.stage_steps or steps
+        stop = min(end, (state.step // every + 1) * every)
+        state.theta, state.opt_state, losses, retries = sync_steps(
+            sc, data, job, (state.theta, state.opt_state), state.step, stop, settings.ports, slots)
+        state.step = stop
+        state.epoch_loss += sum(losses)
+        state.stage_retries += retries
         if on_step is not None:
             on_step(state)
     loss, state.epoch_loss = state.epoch_loss / steps, 0.0
@@ -158,7 +253,7 @@ def train(sc: SparkContext, data: Blocks, job: tasks.Job, settings: Settings, st
     in `sync`, `on_step` after every step). A long epoch reports its progress, tagged `tag`."""
     run_epoch = EPOCH_RUNNERS[settings.strategy]
     steps = tasks.steps_per_epoch(data.layout.n_train, job.batch_size)
-    jobs = steps if settings.strategy == "sync" else -(-steps // (settings.average_every or steps))
+    jobs = 1 if settings.strategy == "sync" else -(-steps // (settings.average_every or steps))
     while state.epoch < settings.epochs:
         started = time.perf_counter()
         with progress(sc, f"training epoch {state.epoch + 1}/{settings.epochs}", tag,

@@ -34,6 +34,7 @@ from pipelines.training.data_parallel import Settings, TrainState, evaluate, opt
 from udfs.core.models import ModelSpec, init_params
 from udfs.core.seeding import Stream, rng
 from udfs.training import tasks
+from udfs.training.collective import PortRange
 
 
 def model_spec(config: Config, n_features: int, n_classes: int) -> ModelSpec:
@@ -217,7 +218,8 @@ def progress_line(record: dict[str, Any], epochs: int) -> str:
 
 def settings_of(config: Config) -> Settings:
     t = config.trainer
-    return Settings(t.strategy, t.epochs, t.average_every, t.aggregation_depth)
+    return Settings(t.strategy, t.epochs, t.average_every, t.aggregation_depth,
+                    t.checkpoint_every or None, PortRange.parse(t.sync_ports))
 
 
 def data_parallel_start(config: Config, data: Blocks) -> tuple[ModelSpec, tasks.Job, TrainState]:

@@ -18,6 +18,7 @@ from udfs.core.models import ModelSpec
 from udfs.core.optimizers import Optimizer
 from udfs.core.seeding import Stream, rng
 from udfs.data import blocks
+from udfs.training import collective
 
 if TYPE_CHECKING:
     from pyspark import Broadcast
@@ -148,32 +149,70 @@ def batch_plan(roles: blocks.Roles, layout: blocks.Layout, batch_size: int,
     return roles.train[order], bounds
 
 
-def sync_gradient(rows: Iterable[Any], job: Job, epoch: int, batch: int, weights: Broadcast[np.ndarray],
-                  chunk: int = 65_536) -> Iterator[tuple]:
-    """Gradient and loss summed over this partition's rows of global batch `batch` of `epoch`, in
-    chunks of rows (a full batch over a memory-mapped block never copies the whole block).
+@dataclass(frozen=True)
+class SyncStage:
+    """One barrier stage of `sync`: optimizer steps [first, last) of one epoch, from the broadcast
+    (theta, optimizer state). `secret` admits the stage's tasks to each other's ring (fresh for
+    every stage, from the driver); `ports` are where they may listen."""
 
-    Yields (grad_sum, loss_sum, count); the driver's sum over partitions divided by count is the
-    gradient of the global mini-batch, exactly as one machine would compute it."""
+    job: Job
+    first: int
+    last: int
+    secret: bytes
+    ports: collective.PortRange
+
+
+def _block_plans(paths: list[str], job: Job, epoch: int) -> list[tuple[blocks.Block, np.ndarray, np.ndarray]]:
+    """(block, its train rows in batch order, batch starts) for each block this task owns."""
+    return [(_placed(path, job.layout)[0], *_sync_epoch_plan(path, job, epoch)) for path in paths]
+
+
+def sync_stage(rows: Iterable[Any], stage: SyncStage,
+               weights: Broadcast[tuple[np.ndarray, dict[str, np.ndarray]]],
+               chunk: int = 65_536) -> Iterator[tuple]:
+    """Barrier task: step through global batches first..last-1 on this task's blocks. Each step sums
+    the gradient and loss over the task's rows of the batch, all-reduces [gradient, loss, rows] over
+    the ring of the stage's tasks, and applies the same optimizer step as every other task: the
+    maths of one machine doing mini-batch SGD on the global batch, with no Spark job per step.
+
+    Task 0 yields (theta, optimizer state, [mean batch loss per step]); the others nothing."""
+    from pyspark import BarrierTaskContext
+
     worker.prepare()
-    handle = handle_of(rows)
-    if handle is None:
-        return
-    _, path = handle
-    block, _ = _placed(path, job.layout)
-    rows_in_batch, bounds = _sync_epoch_plan(path, job, epoch)
-    chosen = rows_in_batch[bounds[batch]:bounds[batch + 1]]
-    if not len(chosen):
-        return
-    theta = weights.value
-    grad_sum, loss_sum = np.zeros_like(theta), 0.0
-    for start in range(0, len(chosen), chunk):
-        rows_c = chosen[start:start + chunk]
-        loss, grad = models.loss_and_grad(job.spec, theta, blocks.rows_of(block.X, rows_c, job.dtype),
-                                          block.y[rows_c])
-        grad_sum += grad * len(rows_c)
-        loss_sum += loss * len(rows_c)
-    yield grad_sum, loss_sum, len(chosen)
+    context = BarrierTaskContext.get()
+    paths = [str(row.path) for row in rows]   # several blocks when partitions outnumber slots
+    job = stage.job
+    per_epoch = steps_per_epoch(job.layout.n_train, job.batch_size)
+    epoch = stage.first // per_epoch
+    plans = _block_plans(paths, job, epoch)   # before joining: a missing block fails fast
+    theta0, state0 = weights.value
+    theta = theta0.copy()
+    state = {k: v.copy() for k, v in state0.items()}
+    buf = np.empty(len(theta) + 2, dtype=theta.dtype)   # [gradient sum, loss sum, rows]
+    losses = []
+    ring = collective.join(context, stage.secret, stage.ports)
+    try:
+        for step in range(stage.first, stage.last):
+            batch = step - epoch * per_epoch
+            buf[:] = 0
+            for block, in_batch, bounds in plans:
+                chosen = in_batch[bounds[batch]:bounds[batch + 1]]
+                for start in range(0, len(chosen), chunk):
+                    rows_c = chosen[start:start + chunk]
+                    loss, grad = models.loss_and_grad(job.spec, theta,
+                                                      blocks.rows_of(block.X, rows_c, job.dtype),
+                                                      block.y[rows_c])
+                    buf[:-2] += grad * len(rows_c)
+                    buf[-2] += loss * len(rows_c)
+                buf[-1] += len(chosen)
+            ring.allreduce(buf)
+            count = buf[-1]
+            job.optimizer.step(theta, (buf[:-2] / count).astype(theta.dtype), state, step + 1)
+            losses.append(float(buf[-2] / count))
+    finally:
+        ring.close()
+    if context.partitionId() == 0:
+        yield theta, state, losses
 
 
 # --- evaluation ----------------------------------------------------------------------------------
