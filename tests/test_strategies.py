@@ -6,6 +6,11 @@ order numpy.random.default_rng([seed, 3, e]).permutation(n), epoch e of `local` 
 default_rng([seed, 4, e, p]).permutation(n_p)."""
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
+
 import numpy as np
 import pytest
 from pyspark.sql import functions as F
@@ -176,3 +181,67 @@ def test_local_with_averaging_rounds_equals_reference(spark, table, tmp_path, ca
             ref, m, v = (sum((wi * r[k] for wi, r in zip(w, results, strict=False)), np.zeros(size))
                          for k in range(3))
     assert np.abs(theta - ref).max() <= 1e-5
+
+
+def _kill_python_workers_in_a_barrier_stage(sc, stop: threading.Event, killed: list[int]) -> None:
+    """Wait for a running barrier stage of `sync` (0.2 s after it started), then SIGKILL every PySpark
+    Python worker (the daemon's children): the stage loses its tasks mid-way."""
+    def daemons() -> dict[int, int]:   # pid -> parent pid, of pyspark.daemon processes
+        found = {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                cmd = open(f"/proc/{entry}/cmdline", "rb").read()
+                ppid = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            if b"pyspark.daemon" in cmd:
+                found[int(entry)] = ppid
+        return found
+
+    from pipelines.training import data_parallel
+
+    # a stage is named after the line that submitted it: run_barrier's collect
+    lines = open(data_parallel.__file__).read().splitlines()
+    site = f"data_parallel.py:{next(i for i, t in enumerate(lines, 1) if '.barrier()' in t)}"
+    tracker = sc.statusTracker()
+    while not stop.is_set():
+        for stage_id in tracker.getActiveStageIds():
+            info = tracker.getStageInfo(stage_id)
+            if not (info and info.name.endswith(site)):
+                continue
+            time.sleep(0.2)   # its tasks have started and formed their ring
+            if stage_id not in tracker.getActiveStageIds():
+                continue
+            procs = daemons()
+            for pid, ppid in procs.items():
+                if ppid in procs:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+            if killed:
+                return
+        time.sleep(0.005)
+
+
+def test_a_task_killed_mid_stage_reruns_the_stage_to_the_same_weights(spark, tmp_path, capsys):
+    lake = tmp_path / "lake"
+    rng = np.random.default_rng(7)
+    X = rng.normal(size=(4000, D)).astype(np.float32)
+    write_table(spark, lake, "small", X, (X[:, :K] + rng.normal(size=(4000, K))).argmax(axis=1))
+    common = [*SOFTMAX, "trainer.strategy=sync", "trainer.batch_size=1", "trainer.epochs=2",
+              "data.partitions=2"]
+    clean, ref = run(lake, tmp_path, capsys, *common)
+    assert clean["stage_retries"] == 0
+    stop, killed = threading.Event(), []
+    killer = threading.Thread(target=_kill_python_workers_in_a_barrier_stage,
+                              args=(spark.sparkContext, stop, killed))
+    killer.start()
+    try:
+        summary, theta = run(lake, tmp_path, capsys, *common)
+    finally:
+        stop.set()
+        killer.join()
+    assert killed, "the stage finished before a worker could be killed"
+    assert summary["stage_retries"] >= 1
+    assert np.array_equal(theta, ref)

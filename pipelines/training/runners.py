@@ -287,7 +287,8 @@ def train_data_parallel(job: Job) -> Trained:
     finish_model(tracker.run_dir, config, spec, state.theta, data.table, data.version)
     job.history = state.history
     return Trained(DataUsed(data.table, data.version, data.train_rows, data.test_rows, data.partitions,
-                            data.validation_rows), spec, test, t.epochs)
+                            data.validation_rows), spec, test, t.epochs,
+                   {"stage_retries": state.stage_retries} if sync else {})
 
 
 def round_line(record: dict[str, Any], rounds: int) -> str:
