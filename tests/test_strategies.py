@@ -233,7 +233,7 @@ def test_a_task_killed_mid_stage_reruns_the_stage_to_the_same_weights(spark, tmp
               "data.partitions=2"]
     clean, ref = run(lake, tmp_path, capsys, *common)
     assert clean["stage_retries"] == 0
-    stop, killed = threading.Event(), []
+    stop, killed = threading.Event(), list[int]()
     killer = threading.Thread(target=_kill_python_workers_in_a_barrier_stage,
                               args=(spark.sparkContext, stop, killed))
     killer.start()
