@@ -18,7 +18,8 @@ from pipelines.store import locks
 from pipelines.store.plots import SERIES_KEY
 from tests.conftest import ROOT, blobs, write_table
 
-BLOBS = ["data.table=blobs", "model.kind=softmax", "trainer.optimizer.lr=0.05", "trainer.epochs=3"]
+BLOBS = ["data.table=blobs", "model.kind=softmax", "trainer.optimizer.lr=0.05", "trainer.epochs=3",
+         "trainer.strategy=local"]   # the sample experiment (the default) is sync
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ from tests.conftest import ROOT, blobs, write_table
 pytestmark = pytest.mark.cluster
 
 SETS = ["data.table=blobs", "model.kind=softmax", "trainer.optimizer.lr=0.05", "trainer.epochs=3",
+        "trainer.strategy=local",   # the sample experiment (the default) is sync
         "trainer.checkpoint_every=1", "trainer.dtype=float64"]
 
 

@@ -40,7 +40,8 @@ def spark_session() -> SparkSession:
     return session
 
 
-BLOBS = ["data.table=blobs", "model.kind=softmax", "trainer.optimizer.lr=0.05", "trainer.epochs=3"]
+BLOBS = ["data.table=blobs", "model.kind=softmax", "trainer.optimizer.lr=0.05", "trainer.epochs=3",
+         "trainer.strategy=local"]   # the sample experiment (the default) is sync
 
 
 def test_summary_line_and_run_directory(lake, tmp_path, capsys):
