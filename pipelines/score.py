@@ -1,10 +1,11 @@
 """spark-submit pipelines/score.py --model RUN_DIR | latest[:RUN_NAME] --input NAME[@VERSION] --output NAME
 
-Score a Delta table with a saved model on the executors (a pandas UDF over Arrow batches, the weights
-broadcast once) and write `id, prediction, probability, model_id, input_table, input_version,
-scored_at` to the output Delta table. The output keeps every model's and input's scores side by side;
-re-running the same job (same model, same input version) replaces its own rows in one atomic commit
-(`replaceWhere`), never duplicating them. Nothing is collected on the driver. Prints one JSON line.
+Score a Delta table (features array<float> or sparse struct<size, indices, values>) with a saved
+model on the executors (mapInArrow: one matrix per Arrow batch, the weights broadcast once) and write
+`id, prediction, probability, model_id, input_table, input_version, scored_at` to the output Delta
+table. The output keeps every model's and input's scores side by side; re-running the same job
+(same model, same input version) replaces its own rows in one atomic commit (`replaceWhere`), never
+duplicating them. Nothing is collected on the driver. Prints one JSON line.
 """
 from __future__ import annotations
 
@@ -27,9 +28,11 @@ from pipelines.core.config import DEFAULT_FILE, load_config
 from pipelines.core.errors import UserError
 from pipelines.core.session import build_session
 from pipelines.data import lake
-from pipelines.ml.scoring import score_column
+from pipelines.data.blocks import SPARSE_FEATURES, _dense_features, _sparse_features
+from pipelines.ml.scoring import score_rows
 from pipelines.store import artifacts, records, rundir
 from pipelines.store.rundir import RunDir
+from udfs.ml.scoring import Scoring
 
 OUTPUT_SCHEMA = T.StructType([
     T.StructField("id", T.LongType()),
@@ -74,11 +77,11 @@ def check_input(df: DataFrame, ref: lake.TableRef, width: int) -> None:
         raise UserError(f"table {ref.name!r}: needs an integer 'id' column to key the scores; "
                         f"its columns are {list(fields)}")
     features = fields.get("features")
-    if not (isinstance(features, T.ArrayType) and
-            isinstance(features.elementType, (T.FloatType, T.DoubleType))):
-        raise UserError(f"table {ref.name!r}: needs a 'features' column of array<float>; its columns "
-                        f"are {list(fields)}")
-    first = df.select(F.size("features").alias("n")).first()
+    if features is None or not (_dense_features(features) or _sparse_features(features)):
+        raise UserError(f"table {ref.name!r}: needs a 'features' column of array<float> or sparse "
+                        f"{SPARSE_FEATURES}; its columns are {list(fields)}")
+    size = F.col("features.size") if _sparse_features(features) else F.size("features")
+    first = df.select(size.alias("n")).first()
     if first is None:
         raise UserError(f"table {ref.name!r} is empty: nothing to score")
     if first["n"] != width:
@@ -114,10 +117,14 @@ def score(spark: SparkSession, lake_path: str, model: str, input_ref: lake.Table
     check_input(df, input_ref, spec.layers[0])
     out_path = lake.table_path(lake_path, output)
     check_output(spark, out_path, output, input_ref.name)
-    scores, weights = score_column(spark, spec, theta, F.col("features"), "features")
-    scored = df.select(F.col("id").cast("long").alias("id"), scores.alias("s")).select(
-        "id", F.col("s.prediction").alias("prediction"),
-        (F.col("s.probability") if spec.is_classifier else F.lit(None).cast("array<double>")
+    sparse = _sparse_features(df.schema["features"].dataType)
+    rows = df.select(F.col("id").cast("long").alias("id"),
+                     F.col("features").cast(SPARSE_FEATURES if sparse else "array<float>"))
+    scores, weights = score_rows(spark, Scoring(spec, "features", "features", ("id",), "id"), theta,
+                                 rows)
+    scored = scores.select(
+        "id", "prediction",
+        (F.col("probability") if spec.is_classifier else F.lit(None).cast("array<double>")
          ).alias("probability"),
         F.lit(model_id).alias("model_id"), F.lit(input_ref.name).alias("input_table"),
         F.lit(version).cast("long").alias("input_version"),

@@ -1,10 +1,12 @@
-"""python scripts/bench_fashion_mnist.py [--only numpy,local,sync,mllib] [--sync-epochs N]
-                                       [--mllib-iters N] [--lake DIR] [--out FILE]
+"""python scripts/bench_fashion_mnist.py [--only numpy,tensorflow,local,sync,mllib] [--sync-epochs N]
+                                       [--mllib-iters N] [--tf-seed FILE] [--lake DIR] [--out FILE]
 
 Benchmark the seed's sample job (conf/fashion_mnist.yaml: MLP 784-128-10, Adam lr 0.001, 5 epochs,
 batch 64, 20% of the train split held out, tested on the test split) in one run on this machine:
 
   numpy   the floor: one process, one BLAS thread, the same maths (udfs.core.models / udfs.core.optimizers)
+  tensorflow  the seed's own program (../shared/bench/tf_seed.py: Keras, MultiWorkerMirroredStrategy),
+          run in a venv of its own (TF_VENV, created with TF_REQUIREMENTS when missing)
   local   spark-submit pipelines/train.py --set trainer.strategy=local
   sync    spark-submit pipelines/train.py --set trainer.strategy=sync (one Spark job per step)
   mllib   Spark MLlib's MultilayerPerceptronClassifier (l-bfgs) on the same Delta table
@@ -24,6 +26,8 @@ if __package__ in (None, ""):  # run as a file (python or spark-submit): make th
 import argparse
 import datetime
 import json
+import os
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -36,7 +40,16 @@ from pipelines.core.config import Config, load_config
 from pipelines.training.data_parallel import (
     optimizer_from,  # the Optimizer the jobs build from the same config
 )
-from scripts.benchlib import DATA_DIR, BenchError, load_split, log, machine, spark_submit, versions
+from scripts.benchlib import (
+    DATA_DIR,
+    BenchError,
+    load_split,
+    log,
+    machine,
+    peer_venv,
+    spark_submit,
+    versions,
+)
 from udfs.core import models
 from udfs.core.models import ModelSpec
 from udfs.core.seeding import Stream, rng
@@ -45,9 +58,12 @@ from udfs.training.tasks import steps_per_epoch  # global mini-batch steps, coun
 
 ROOT = Path(__file__).resolve().parents[1]
 
-WAYS = ("numpy", "local", "sync", "mllib")
+WAYS = ("numpy", "tensorflow", "local", "sync", "mllib")
 BLAS_DIR = Path("/usr/lib/x86_64-linux-gnu")
 MLLIB_JOB_FLAG = "--mllib-job"  # internal: this file re-run under spark-submit as the MLlib job
+TF_SEED = ROOT.parent / "shared" / "bench" / "tf_seed.py"   # the seed's program, beside the clone
+TF_VENV = Path(os.environ.get("FEDSPARK_TF_VENV", "/tmp/tf-venv"))
+TF_REQUIREMENTS = ("tensorflow-cpu==2.21.0",)   # a peer: its own venv, never our dependencies
 
 
 # --- the job being measured ----------------------------------------------------------------------
@@ -149,7 +165,36 @@ def run_strategy(strategy: str, config: Config, args: argparse.Namespace) -> dic
     return result
 
 
-# --- 3. Spark MLlib ------------------------------------------------------------------------------
+# --- 3. the seed's TensorFlow program ----------------------------------------------------------
+
+def run_tensorflow(_: Config, args: argparse.Namespace) -> dict[str, Any]:
+    """The seed's program as it is (its hyper-parameters are the sample job's), in its own venv on
+    the same IDX files; its last stdout line is its JSON. Whole-process seconds are timed from
+    here, interpreter start included, like spark-submit's."""
+    if not args.tf_seed.is_file():
+        raise BenchError(f"--tf-seed {args.tf_seed}: no such file")
+    python = peer_venv(TF_VENV, TF_REQUIREMENTS)
+    cmd = [str(python), str(args.tf_seed)]
+    log(f"tensorflow: {' '.join(cmd)}")
+    started = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True,
+                          env={**os.environ, "FASHION_MNIST_DIR": str(DATA_DIR)})
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise BenchError(f"tensorflow: exited with {done.returncode}: {done.stderr[-2000:]}")
+    lines = done.stdout.strip().splitlines()
+    try:
+        summary = json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError) as exc:
+        raise BenchError(f"tensorflow: last stdout line is not its JSON: {lines[-1:]!r}") from exc
+    return {"train_seconds": summary["fit_s"], "total_seconds": round(wall, 3),
+            "test_accuracy": summary["test_acc"], "test_loss": summary["test_loss"], "epochs": 5,
+            "timings": {k: summary[k] for k in ("import_s", "fit_s", "eval_s", "whole_s")},
+            "strategy": summary["strategy"], "tensorflow": summary["tf"],
+            "requirements": list(TF_REQUIREMENTS)}
+
+
+# --- 4. Spark MLlib ------------------------------------------------------------------------------
 
 def native_blas_files() -> list[str]:
     """System BLAS libraries netlib-java could load; without one MLlib falls back to Java BLAS."""
@@ -255,8 +300,8 @@ def mllib_job(args: argparse.Namespace) -> None:
 # --- report --------------------------------------------------------------------------------------
 
 RUNNERS: dict[str, Callable[[Config, argparse.Namespace], dict[str, Any]]] = {
-    "numpy": run_numpy, "local": partial(run_strategy, "local"), "sync": partial(run_strategy, "sync"),
-    "mllib": run_mllib}
+    "numpy": run_numpy, "tensorflow": run_tensorflow, "local": partial(run_strategy, "local"),
+    "sync": partial(run_strategy, "sync"), "mllib": run_mllib}
 
 
 def job_description(config: Config, args: argparse.Namespace) -> dict[str, Any]:
@@ -310,6 +355,11 @@ def notes(config: Config, args: argparse.Namespace, results: dict[str, Any]) -> 
                      "(shard, id) order")
     if strategies:
         found.append("train seconds of local and sync include their per-epoch validation pass")
+    if "tensorflow" in results:
+        found.append("tensorflow is the seed's program unchanged: Keras's validation_split holds out the "
+                     "last 20% of the train split (not a seeded draw), its train seconds are `fit` "
+                     "(with its per-epoch validation) and its total seconds the whole process, "
+                     "interpreter start included; TensorFlow uses every core it finds")
     return found
 
 
@@ -362,6 +412,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--sync-epochs", type=positive, default=5,
                    help="epochs for sync (default 5, the full job; 1 for a smoke run)")
     p.add_argument("--mllib-iters", type=positive, default=100, help="MLlib l-bfgs maxIter")
+    p.add_argument("--tf-seed", type=Path, default=TF_SEED,
+                   help=f"the seed's TensorFlow program (default: {TF_SEED})")
     p.add_argument("--lake", type=Path, default=ROOT / "lake",
                    help="lake directory holding the fashion_mnist Delta table (default: ./lake)")
     p.add_argument("--out", type=Path, help="also write the JSON object to this file")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# scripts/bench_fashion_mnist.sh [--only numpy,local,sync,mllib] [--sync-epochs N] [--mllib-iters N]
-#                                [--lake DIR] [--out FILE]
+# scripts/bench_fashion_mnist.sh [--only numpy,tensorflow,local,sync,mllib] [--sync-epochs N] [--mllib-iters N]
+#                                [--tf-seed FILE] [--lake DIR] [--out FILE]
 # Set up (Java, venv, Fashion-MNIST) and benchmark the sample job; see scripts/bench_fashion_mnist.py.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"

@@ -4,7 +4,8 @@
 Batch scoring throughput: `spark-submit pipelines/score.py` on a synthetic table (written by
 pipelines/generate.py when missing) in local[2] with `spark.driver.maxResultSize=1m`, so the job can
 only succeed if nothing is collected on the driver, against a single-process numpy predict of the
-same rows with the same maths (udfs.core.models: decision, labels, probabilities; one BLAS thread). The
+same rows with the same maths (udfs.core.models: one decision, then labels and probabilities from it;
+one BLAS thread). The
 model is a softmax regression with random weights: scoring cost does not depend on their values.
 
 Prints one JSON object (machine, versions, date, results, ratio) and a markdown table; progress on
@@ -86,7 +87,7 @@ def numpy_floor(table: Path, spec: ModelSpec, theta: np.ndarray) -> dict[str, An
             started = time.perf_counter()
             out = models.decision(spec, theta, X)
             labels = models.labels_from_decision(spec, out).astype(np.float64)
-            proba = models.predict_proba(spec, theta, X)
+            proba = models.probabilities(spec, out)
             predict_seconds += time.perf_counter() - started
             assert proba.shape[0] == len(labels)
             rows += len(labels)

@@ -103,3 +103,21 @@ def spark_submit(label: str, script: str, args: list[str], conf: dict[str, str] 
         raise BenchError(f"{label}: last stdout line is not the summary JSON: {last[:200]!r}") from exc
     summary["wall_seconds"] = round(time.perf_counter() - started, 3)
     return summary
+
+
+def peer_venv(path: Path, requirements: tuple[str, ...]) -> Path:
+    """The Python of a venv of its own for a peer framework (TensorFlow, Flower): never in our
+    environment, so its pins cannot clash with ours. Created with the pinned `requirements` when
+    missing or pinned differently (a stamp file records what was installed)."""
+    python, stamp = path / "bin" / "python", path / ".fedspark-peer"
+    wanted = "\n".join(requirements) + "\n"
+    if python.exists() and stamp.exists() and stamp.read_text() == wanted:
+        return python
+    log(f"creating the peer venv {path} with {' '.join(requirements)}")
+    for cmd in ([sys.executable, "-m", "venv", "--clear", str(path)],
+                [str(python), "-m", "pip", "install", "--quiet", *requirements]):
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise BenchError(f"{' '.join(cmd)} exited with {done.returncode}: {done.stderr[-2000:]}")
+    stamp.write_text(wanted)
+    return python

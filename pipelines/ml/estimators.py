@@ -1,7 +1,7 @@
 """fedspark's trainers as pyspark.ml stages: `FedsparkEstimator` fits with the `local`, `sync` or
 `federated` strategy on any DataFrame with a vector or array features column and a numeric label,
 and returns a `FedsparkModel` whose `transform` adds prediction and probability columns on the
-executors (a pandas UDF in udfs/ml/scoring.py, no collect). Both live in Pipelines, CrossValidator and
+executors (mapInArrow in udfs/ml/scoring.py, as score.py; no collect). Both live in Pipelines, CrossValidator and
 TrainValidationSplit, and save and load with pyspark.ml's persistence: the model's weights are
 stored as JSON numbers in its metadata, never pickled.
 
@@ -44,12 +44,14 @@ from pipelines.core.errors import UserError
 from pipelines.data.blocks import blocks_from_rows, training_rows
 from pipelines.federated import privacy, rounds
 from pipelines.federated.clients import clients_from_rows
-from pipelines.ml.scoring import score_column
+from pipelines.ml.scoring import score_rows
 from pipelines.training import data_parallel, runners
 from udfs.core.models import ModelSpec
+from udfs.ml.scoring import Scoring
 
 SOURCE = "DataFrame"
-SCORES = "_fedspark_scores"
+SCORED_FEATURES = "_fedspark_features"          # the features as array<float>, for scoring
+SCORED_PROBABILITY = "_fedspark_probability"    # the probabilities as array<double>, before vector
 
 # Param -> (config key, type converter, default): the defaults are conf/default.yaml's
 PARAMS: dict[str, tuple[str, Any]] = {
@@ -209,16 +211,22 @@ class FedsparkModel(Model, _FedsparkParams, MLReadable, MLWritable):
         self.theta = np.zeros(self.spec.n_params) if theta is None else np.asarray(theta)
 
     def _transform(self, dataset: DataFrame) -> DataFrame:
-        spec = self.spec
-        score, _ = score_column(dataset.sparkSession, spec, self.theta,
-                                _features_as_array(dataset, self.getFeaturesCol()),
-                                self.getFeaturesCol())
-        scored = dataset.withColumn(SCORES, score)
-        scored = scored.withColumn(self.getPredictionCol(), F.col(f"{SCORES}.prediction"))
-        if spec.is_classifier:
-            scored = scored.withColumn(self.getProbabilityCol(),
-                                       array_to_vector(F.col(f"{SCORES}.probability")))
-        return scored.drop(SCORES)
+        """Every column of `dataset` (the prediction and probability columns replaced, as
+        withColumn would), then the prediction and, for classifiers, the probability vector. The
+        rows pass through score.py's mapInArrow scoring with the features as array<float>."""
+        spec, features = self.spec, self.getFeaturesCol()
+        prediction, probability = self.getPredictionCol(), self.getProbabilityCol()
+        keep = tuple(c for c in dataset.columns if c not in {prediction, probability})
+        has_id = "id" in keep and isinstance(dataset.schema["id"].dataType, (T.LongType, T.IntegerType))
+        rows = dataset.withColumn(SCORED_FEATURES, _features_as_array(dataset, features))
+        scoring = Scoring(spec, SCORED_FEATURES, features, keep, "id" if has_id else None,
+                          (prediction, SCORED_PROBABILITY))
+        # the weights' broadcast lives as long as the lazy result may be computed: not destroyed
+        scored, _ = score_rows(dataset.sparkSession, scoring, self.theta, rows)
+        if not spec.is_classifier:
+            return scored
+        return (scored.withColumn(probability, array_to_vector(F.col(SCORED_PROBABILITY)))
+                .drop(SCORED_PROBABILITY))
 
     def write(self) -> MLWriter:
         return _ModelWriter(self)

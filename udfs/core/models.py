@@ -223,7 +223,12 @@ def decision(spec: ModelSpec, theta: np.ndarray, X: np.ndarray) -> np.ndarray:
 
 def predict_proba(spec: ModelSpec, theta: np.ndarray, X: np.ndarray) -> np.ndarray:
     """Class probabilities, one column per class (two for logistic)."""
-    out = decision(spec, theta, X)
+    return probabilities(spec, decision(spec, theta, X))
+
+
+def probabilities(spec: ModelSpec, out: np.ndarray) -> np.ndarray:
+    """Class probabilities from `decision`'s output: scoring needs labels and probabilities of the
+    same rows, and the forward pass is most of the cost, so it runs once for both."""
     if spec.head == "softmax":
         return np.exp(_log_softmax(out))
     if spec.head == "sigmoid":

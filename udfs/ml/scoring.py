@@ -1,17 +1,27 @@
-"""Scoring on the executors (a scalar pandas UDF over the features column): a model's predictions
-for a whole Arrow batch at once, one matrix product per layer. The weights arrive in a Spark
-broadcast, read once per Python worker."""
+"""Scoring on the executors (a mapInArrow function): a model's predictions for a whole Arrow batch at
+once, one matrix product per layer. The weights arrive in a Spark broadcast, read once per Python
+worker.
+
+Why mapInArrow and not a pandas UDF: a pandas UDF receives a list<float> column as a Series holding
+one numpy array per row, and stacking those Python objects cost more than the model itself (the
+scoring job ran at a tenth of a numpy predict's rows per second, docs/BENCHMARKS.md). Here the
+column's Arrow buffers become one matrix per batch through their offsets (dense) or one CSR matrix
+(sparse struct<size, indices, values>), with the same row checks the blocks use, and the results go
+back as Arrow arrays built from flat numpy buffers: no Python object per row either way.
+"""
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
+import pyarrow as pa
+from scipy import sparse
 
 from udfs.core import models, worker
 from udfs.core.models import ModelSpec
+from udfs.data.blocks import BlockError, _dense, _sparse
 
 if TYPE_CHECKING:
     from pyspark import Broadcast
@@ -20,42 +30,64 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Scoring:
     spec: ModelSpec
-    column: str          # the features column, named in errors
+    column: str                 # the features column of the batches: array<float> or sparse struct
+    shown_as: str               # the features column's name in errors (the user's, if converted)
+    keep: tuple[str, ...]       # columns passed through to the output, in this order
+    key: str | None             # the integer column that names a bad row in errors (None: none has)
+    outputs: tuple[str, str] = ("prediction", "probability")   # names of the columns added
 
 
-def feature_matrix(features: pd.Series, scoring: Scoring) -> np.ndarray:
-    """The batch's feature arrays as one matrix; a null or a row of another width is an error
-    naming the column (the rows are only inspected one by one to say which, after stacking failed)."""
+def feature_matrix(batch: pa.RecordBatch, scoring: Scoring, first_row: int
+                   ) -> np.ndarray | sparse.csr_matrix:
+    """The batch's features as one float32 matrix (CSR for a sparse column). A null or a row of
+    another width is a ValueError naming the column and the row: by its key, or without a key by
+    its position in the partition (`first_row` is the batch's first)."""
+    features = batch.column(scoring.column)
     width = scoring.spec.layers[0]
-    if not len(features):
-        return np.zeros((0, width))
+    if scoring.key is None:
+        ids = np.arange(first_row, first_row + batch.num_rows, dtype=np.int64)
+        where = f"features column {scoring.shown_as!r} (row ids count rows from 0 within a partition)"
+    else:
+        ids = np.asarray(batch.column(scoring.key), dtype=np.int64)
+        where = f"features column {scoring.shown_as!r}"
     try:
-        X = np.stack(features.to_numpy())
-    except (TypeError, ValueError):
-        X = None
-    if X is not None and X.shape == (len(features), width):
-        return X
-    lengths = [-1 if row is None else len(row) for row in features]
-    got = next(n for n in lengths if n != width)
-    what = "a null" if got < 0 else f"a row of {got} values"
-    raise ValueError(f"features column {scoring.column!r}: {what}, the model expects {width}")
+        if pa.types.is_struct(features.type):
+            _, counts, cols, vals = _sparse(features, ids, width)
+            indptr = np.concatenate(([0], np.cumsum(counts)))
+            return sparse.csr_matrix((vals, cols, indptr), shape=(batch.num_rows, width))
+        return _dense(features, ids, width)
+    except BlockError as exc:
+        raise ValueError(f"{where}: {exc}") from None
 
 
-def score_batch(features: pd.Series, scoring: Scoring, weights: Broadcast[np.ndarray]) -> pd.DataFrame:
-    """prediction (class label as a double, or the predicted value) and, for classifiers, the class
-    probabilities."""
-    worker.prepare()
-    spec, theta = scoring.spec, weights.value
-    X = feature_matrix(features, scoring).astype(theta.dtype, copy=False)
+def _list_column(matrix: np.ndarray) -> pa.ListArray:
+    """A 2-D array as an Arrow list column over its flat buffer (no Python object per row)."""
+    n, k = matrix.shape
+    offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(np.ascontiguousarray(matrix).ravel()))
+
+
+def score_batch(batch: pa.RecordBatch, scoring: Scoring, theta: np.ndarray, first_row: int
+                ) -> pa.RecordBatch:
+    """The kept columns, then prediction (the class label as a double, or the predicted value) and,
+    for classifiers, the class probabilities (array<double>)."""
+    spec = scoring.spec
+    X = feature_matrix(batch, scoring, first_row).astype(theta.dtype, copy=False)
     out = models.decision(spec, theta, X)
-    frame = pd.DataFrame({"prediction": models.labels_from_decision(spec, out).astype(np.float64)})
+    arrays = [batch.column(name) for name in scoring.keep]
+    arrays.append(pa.array(models.labels_from_decision(spec, out).astype(np.float64)))
     if spec.is_classifier:
-        frame["probability"] = list(models.predict_proba(spec, theta, X))
-    return frame
+        arrays.append(_list_column(models.probabilities(spec, out).astype(np.float64, copy=False)))
+    names = [*scoring.keep, *scoring.outputs[:len(arrays) - len(scoring.keep)]]
+    return pa.RecordBatch.from_arrays(arrays, names=names)
 
 
-def scorer(scoring: Scoring, weights: Broadcast[np.ndarray]) -> Callable[[pd.Series], pd.DataFrame]:
-    """score_batch bound to a model, with the type hints pandas_udf reads."""
-    def score(features: pd.Series) -> pd.DataFrame:
-        return score_batch(features, scoring, weights)
-    return score
+def score_batches(batches: Iterator[pa.RecordBatch], scoring: Scoring, weights: Broadcast[np.ndarray]
+                  ) -> Iterator[pa.RecordBatch]:
+    """mapInArrow function: every batch of the partition, scored (score_batch)."""
+    worker.prepare()
+    theta = weights.value
+    seen = 0
+    for batch in batches:
+        yield score_batch(batch, scoring, theta, seen)
+        seen += batch.num_rows
