@@ -8,7 +8,8 @@ batch 64, 20% of the train split held out, tested on the test split) in one run 
   tensorflow  the seed's own program (../shared/bench/tf_seed.py: Keras, MultiWorkerMirroredStrategy),
           run in a venv of its own (TF_VENV, created with TF_REQUIREMENTS when missing)
   local   spark-submit pipelines/train.py --set trainer.strategy=local
-  sync    spark-submit pipelines/train.py --set trainer.strategy=sync (one Spark job per step)
+  sync    spark-submit pipelines/train.py --set trainer.strategy=sync (barrier stages, one per epoch)
+  sample  scripts/train.sh, what a user runs (the sample job), once per seed of --seeds
   mllib   Spark MLlib's MultilayerPerceptronClassifier (l-bfgs) on the same Delta table
 
 Prints one JSON object (machine, versions, date, results, ratios to the numpy floor) and a markdown
@@ -27,6 +28,7 @@ import argparse
 import datetime
 import json
 import os
+import statistics
 import subprocess
 import tempfile
 import time
@@ -58,7 +60,7 @@ from udfs.training.tasks import steps_per_epoch  # global mini-batch steps, coun
 
 ROOT = Path(__file__).resolve().parents[1]
 
-WAYS = ("numpy", "tensorflow", "local", "sync", "mllib")
+WAYS = ("numpy", "tensorflow", "local", "sync", "sample", "mllib")
 BLAS_DIR = Path("/usr/lib/x86_64-linux-gnu")
 MLLIB_JOB_FLAG = "--mllib-job"  # internal: this file re-run under spark-submit as the MLlib job
 TF_SEED = ROOT.parent / "shared" / "bench" / "tf_seed.py"   # the seed's program, beside the clone
@@ -163,6 +165,30 @@ def run_strategy(strategy: str, config: Config, args: argparse.Namespace) -> dic
     if strategy == "sync":
         result["seconds_per_step"] = round(summary["train_seconds"] / steps, 6)
     return result
+
+
+def run_sample(config: Config, args: argparse.Namespace) -> dict[str, Any]:
+    """What a user runs: `scripts/train.sh` as it is (the sample job, sync), whole process timed
+    from here, once per seed of --seeds, one after another. The earlier ways built the same table
+    version's blocks, so these runs find them in the block cache. Reports each run, the median test
+    accuracy, and the lines the console showed (stdout and stderr together)."""
+    runs = []
+    for seed in args.seeds:
+        cmd = ["bash", str(ROOT / "scripts" / "train.sh"), "--set", f"trainer.seed={seed}",
+               "--set", f"lake.path={config.lake.path}", "--set", f"runs.path={args.runs_dir}"]
+        log(f"sample: {' '.join(cmd)}")
+        started = time.perf_counter()
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        wall = time.perf_counter() - started
+        if done.returncode != 0:
+            raise BenchError(f"sample: scripts/train.sh exited with {done.returncode}: {done.stderr[-2000:]}")
+        summary = json.loads(done.stdout.strip().splitlines()[-1])
+        runs.append({"seed": seed, "total_seconds": round(wall, 3), "train_seconds": summary["train_seconds"],
+                     "timings": summary["timings"], "test_accuracy": summary["test_accuracy"],
+                     "console_lines": len(done.stdout.splitlines()) + len(done.stderr.splitlines())})
+    first = runs[0]
+    return {**first, "epochs": config.trainer.epochs, "runs": runs,
+            "median_test_accuracy": statistics.median(r["test_accuracy"] for r in runs)}
 
 
 # --- 3. the seed's TensorFlow program ----------------------------------------------------------
@@ -301,7 +327,7 @@ def mllib_job(args: argparse.Namespace) -> None:
 
 RUNNERS: dict[str, Callable[[Config, argparse.Namespace], dict[str, Any]]] = {
     "numpy": run_numpy, "tensorflow": run_tensorflow, "local": partial(run_strategy, "local"),
-    "sync": partial(run_strategy, "sync"), "mllib": run_mllib}
+    "sync": partial(run_strategy, "sync"), "sample": run_sample, "mllib": run_mllib}
 
 
 def job_description(config: Config, args: argparse.Namespace) -> dict[str, Any]:
@@ -412,6 +438,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--sync-epochs", type=positive, default=5,
                    help="epochs for sync (default 5, the full job; 1 for a smoke run)")
     p.add_argument("--mllib-iters", type=positive, default=100, help="MLlib l-bfgs maxIter")
+    p.add_argument("--seeds", type=lambda t: [int(x) for x in t.split(",")], default=[0, 1, 2],
+                   help="seeds the sample way runs scripts/train.sh with (default 0,1,2)")
     p.add_argument("--tf-seed", type=Path, default=TF_SEED,
                    help=f"the seed's TensorFlow program (default: {TF_SEED})")
     p.add_argument("--lake", type=Path, default=ROOT / "lake",
