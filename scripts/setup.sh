@@ -29,8 +29,15 @@ ensure_venv() {
   fi
   if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
     say "installing fedspark and its pinned dependencies into $VENV"
-    "$VENV/bin/pip" install --quiet --upgrade pip
-    "$VENV/bin/pip" install --quiet -e "$ROOT[dev]"
+    # pip's --quiet still passes on the build backend's warnings: its output goes to a log that
+    # only a failure shows
+    local log="$VENV/.fedspark-pip.log"
+    if ! { "$VENV/bin/pip" install --quiet --upgrade pip && "$VENV/bin/pip" install --quiet -e "$ROOT[dev]"; } \
+        >"$log" 2>&1; then
+      cat "$log" >&2
+      say "installing into $VENV failed (the log above is in $log)"
+      exit 1
+    fi
     touch "$stamp"
   fi
   export PATH="$VENV/bin:$PATH"
