@@ -24,7 +24,8 @@ class _Verbose(argparse.Action):
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
                  values: Any, option_string: str | None = None) -> None:
-        os.environ.setdefault(LOG_LEVEL_VARIABLE, "INFO")
+        if not os.environ.get(LOG_LEVEL_VARIABLE):
+            os.environ[LOG_LEVEL_VARIABLE] = "INFO"
         setattr(namespace, self.dest, True)
 
 
