@@ -39,6 +39,16 @@ def spark_submit() -> str:
     return found
 
 
+def submit_environment() -> dict[str, str]:
+    """The environment spark-submit runs in: driver and workers on this Python (the venv's, as
+    scripts/setup.sh exports) unless set. pip's spark-submit also finds Spark's home with that
+    Python, so a fedspark started outside the activated venv still finds pyspark."""
+    env = dict(os.environ)
+    for variable in ("PYSPARK_PYTHON", "PYSPARK_DRIVER_PYTHON"):
+        env.setdefault(variable, sys.executable)
+    return env
+
+
 def fetch_delta_jars(setting: str = "auto") -> bool:
     """When `setting` (spark.delta_packages) asks for the pinned Delta and Ivy's cache lacks its
     jars: let spark-submit's own Ivy fetch them (so they land where Spark looks, with Spark's
@@ -53,7 +63,7 @@ def fetch_delta_jars(setting: str = "auto") -> bool:
         empty.write_text("")
         with log.open("w") as out:
             done = subprocess.run([spark_submit(), "--packages", packages, str(empty)],
-                                  stdout=out, stderr=subprocess.STDOUT)
+                                  stdout=out, stderr=subprocess.STDOUT, env=submit_environment())
         if done.returncode or not delta_jars(packages):
             tail = "\n".join(log.read_text().splitlines()[-20:])
             raise DeltaFetchError(f"fetching {packages} failed (spark-submit exit {done.returncode}); "

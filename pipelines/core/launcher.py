@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.core.errors import EXIT_FAILURE, EXIT_USER_ERROR, UserError
-from pipelines.core.install import DeltaFetchError, fetch_delta_jars, spark_submit
+from pipelines.core.install import DeltaFetchError, fetch_delta_jars, spark_submit, submit_environment
 from pipelines.core.session import LOG_LEVEL_VARIABLE, SUBMIT_FLAGS, requested_log_level, submit_args
 
 PIPELINES = Path(__file__).resolve().parents[1]
@@ -162,10 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     except DeltaFetchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    env = dict(os.environ)
-    for variable in ("PYSPARK_PYTHON", "PYSPARK_DRIVER_PYTHON"):  # driver and workers: this venv
-        env.setdefault(variable, sys.executable)
-    os.execve(argv_out[0], argv_out, env)
+    os.execve(argv_out[0], argv_out, submit_environment())
 
 
 if __name__ == "__main__":
