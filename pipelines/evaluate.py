@@ -14,7 +14,7 @@ if __package__ in (None, ""):  # run as a script by spark-submit: make the proje
 
 import argparse
 
-from pipelines.core.cli import main_wrapper, print_summary
+from pipelines.core.cli import add_verbose, main_wrapper, print_summary
 from pipelines.core.config import load_config
 from pipelines.core.errors import UserError
 from pipelines.core.session import build_session
@@ -32,6 +32,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="a run directory (a path or a Hadoop URI)")
     p.add_argument("--table", help="NAME or NAME@VERSION (default: what the run trained on)")
     p.add_argument("--split", default="test", choices=sorted(SPLITS))
+    add_verbose(p)
     return p.parse_args(argv)
 
 

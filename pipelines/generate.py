@@ -21,7 +21,7 @@ if __package__ in (None, ""):  # run as a script by spark-submit: make the proje
 import argparse
 import time
 
-from pipelines.core.cli import main_wrapper, print_summary
+from pipelines.core.cli import add_verbose, main_wrapper, print_summary
 from pipelines.core.config import DEFAULT_FILE, load_config
 from pipelines.core.errors import UserError
 from pipelines.core.session import build_session
@@ -46,6 +46,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="label noise scale (1 = labels drawn from the true model's probabilities)")
     p.add_argument("--config", help="job config whose lake.path and spark settings apply")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    add_verbose(p)
     args = p.parse_args(argv)
     if args.rows < 1 or args.features < 1 or args.partitions < 1:
         p.error("--rows, --features and --partitions must be at least 1")

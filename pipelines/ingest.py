@@ -20,7 +20,7 @@ import argparse
 import time
 from pathlib import Path
 
-from pipelines.core.cli import main_wrapper, print_summary
+from pipelines.core.cli import add_verbose, main_wrapper, print_summary
 from pipelines.core.config import DEFAULT_FILE, load_config
 from pipelines.core.progress import progress
 from pipelines.core.session import build_session
@@ -45,6 +45,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    "(default: conf/default.yaml)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set lake.path=/data/lake")
+    add_verbose(p)
     args = p.parse_args(argv)
     if args.classes is not None and args.classes < 2:
         p.error("--classes must be at least 2")

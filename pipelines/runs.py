@@ -19,7 +19,7 @@ from typing import Any
 
 from pyspark.sql import functions as F
 
-from pipelines.core.cli import main_wrapper, print_summary
+from pipelines.core.cli import add_verbose, main_wrapper, print_summary
 from pipelines.core.config import DEFAULT_FILE, load_config
 from pipelines.core.session import build_session
 from pipelines.store import records
@@ -34,6 +34,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "(default: conf/default.yaml)")
     common.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set lake.path=/data/lake")
+    add_verbose(common)
     p = argparse.ArgumentParser(prog="runs.py", description=__doc__.split("\n\n")[1])
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("list", parents=[common], help="one line per run, newest first")

@@ -23,7 +23,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from pipelines.core import py4j
-from pipelines.core.cli import main_wrapper, print_summary
+from pipelines.core.cli import add_verbose, main_wrapper, print_summary
 from pipelines.core.config import DEFAULT_FILE, load_config
 from pipelines.core.errors import UserError
 from pipelines.core.session import build_session
@@ -55,6 +55,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    "(default: conf/default.yaml)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set lake.path=/data/lake")
+    add_verbose(p)
     return p.parse_args(argv)
 
 

@@ -17,7 +17,7 @@ import contextlib
 import json
 from pathlib import Path
 
-from pipelines.core.cli import main_wrapper, print_summary, process_start_time
+from pipelines.core.cli import add_verbose, main_wrapper, print_summary, process_start_time
 from pipelines.core.session import build_session
 from pipelines.model_parallel import vertical
 from pipelines.store import locks, rundir
@@ -36,6 +36,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     resume.add_argument("--resume-if-exists", action="store_true",
                         help="with --run-name: continue the newest run of that name if it was "
                              "interrupted; start a new run otherwise")
+    add_verbose(p)
     args = p.parse_args(argv)
     if args.resume_if_exists and not args.run_name:
         p.error("--resume-if-exists needs --run-name (the run to look for)")

@@ -1,6 +1,8 @@
 # Sourced by scripts/train.sh and scripts/test.sh: make the project runnable on a fresh machine.
 # Safe to run again: each step checks before it acts.
 #   - .venv with the project and its pinned dependencies (re-installed when pyproject.toml changes)
+#   - Delta's jars fetched once, and the venv's spark-defaults.conf (pipelines/core/install.py), so
+#     plain `spark-submit pipelines/<job>.py` works in the venv and logs at WARN
 #   - Debian's dataset-fashion-mnist when its IDX files are missing
 #   - Java for Spark
 set -euo pipefail
@@ -27,13 +29,23 @@ ensure_venv() {
   fi
   if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
     say "installing fedspark and its pinned dependencies into $VENV"
-    "$VENV/bin/pip" install --quiet --upgrade pip
-    "$VENV/bin/pip" install --quiet -e "$ROOT[dev]"
+    # pip's --quiet still passes on the build backend's warnings: its output goes to a log that
+    # only a failure shows
+    local log="$VENV/.fedspark-pip.log"
+    if ! { "$VENV/bin/pip" install --quiet --upgrade pip && "$VENV/bin/pip" install --quiet -e "$ROOT[dev]"; } \
+        >"$log" 2>&1; then
+      cat "$log" >&2
+      say "installing into $VENV failed (the log above is in $log)"
+      exit 1
+    fi
     touch "$stamp"
   fi
   export PATH="$VENV/bin:$PATH"
   export PYSPARK_PYTHON="$VENV/bin/python"
   export PYSPARK_DRIVER_PYTHON="$VENV/bin/python"
+  if command -v java >/dev/null 2>&1; then   # ensure_java says what is missing otherwise
+    "$VENV/bin/python" -m pipelines.core.install
+  fi
 }
 
 ensure_fashion_mnist() {
@@ -44,8 +56,8 @@ ensure_fashion_mnist() {
     say "installing Debian's dataset-fashion-mnist (IDX files into $FASHION_MNIST_DIR)"
     local sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
-    $sudo apt-get install -y dataset-fashion-mnist >/dev/null \
-      || { $sudo apt-get update >/dev/null && $sudo apt-get install -y dataset-fashion-mnist >/dev/null; }
+    $sudo apt-get install -y -qq dataset-fashion-mnist >/dev/null \
+      || { $sudo apt-get update -qq >/dev/null && $sudo apt-get install -y -qq dataset-fashion-mnist >/dev/null; }
   fi
   if [ ! -f "$FASHION_MNIST_DIR/train-images-idx3-ubyte.gz" ]; then
     say "Fashion-MNIST not found in $FASHION_MNIST_DIR and apt-get could not install it."
@@ -56,12 +68,11 @@ ensure_fashion_mnist() {
   fi
 }
 
-# spark-submit with the Delta package and extensions (the JVM is started by spark-submit, so the
-# Delta jar must be given here; it is resolved from Maven Central once and cached under ~/.ivy2).
-spark_submit() {
-  local args
-  mapfile -t args < <("$VENV/bin/python" -c 'from pipelines.core.session import submit_args; print("\n".join(submit_args()))')
-  "$VENV/bin/spark-submit" "${SUBMIT_OPTS[@]}" "${args[@]}" "$@"
+# run_job JOB [job arguments]: the `fedspark` command (pipelines/core/launcher.py), which runs
+# pipelines/JOB.py through spark-submit with Delta's jars and extensions and the quiet log
+# configuration; SUBMIT_OPTS are spark-submit options (--master, what package.sh ships).
+run_job() {
+  "$VENV/bin/python" -m pipelines.core.launcher "${SUBMIT_OPTS[@]}" "$@"
 }
 SUBMIT_OPTS=()
 
@@ -75,7 +86,7 @@ ensure_fashion_mnist_table() {
   fi
   ensure_fashion_mnist
   say "ingesting Fashion-MNIST into $lake_path/fashion_mnist"
-  spark_submit pipelines/ingest.py --source "idx:$FASHION_MNIST_DIR" --table fashion_mnist \
+  run_job ingest --source "idx:$FASHION_MNIST_DIR" --table fashion_mnist \
     --set "lake.path=$lake_path"
 }
 

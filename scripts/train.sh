@@ -2,10 +2,11 @@
 # scripts/train.sh [--config FILE] [--master URL] [--set KEY=VALUE ...] [--run-name NAME]
 #                  [--resume RUN_DIR | --resume-if-exists]
 # Set up (venv, Fashion-MNIST), ingest Fashion-MNIST into Delta when the table is missing, then run
-# `spark-submit pipelines/train.py`. Without --master, spark-submit's own default applies and the
-# job falls back to local[*]. With a master that is not local (spark://, yarn, k8s://), the code
-# and a Python environment go with the job (scripts/package.sh: --py-files, --archives), so
-# executors whose Python lacks the project run it. The last line printed is the run's summary JSON.
+# `fedspark train` (spark-submit pipelines/train.py with Delta set up). Without --master,
+# spark-submit's own default applies and the job falls back to local[*]. With a master that is not
+# local (spark://, yarn, k8s://), the code and a Python environment go with the job
+# (scripts/package.sh: --py-files, --archives), so executors whose Python lacks the project run it.
+# The last line printed is the run's summary JSON.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 cd "$ROOT"
@@ -43,4 +44,4 @@ if [ "$table" = "fashion_mnist" ]; then
   ensure_fashion_mnist_table "$lake_path"
 fi
 
-spark_submit pipelines/train.py "${train_args[@]}"
+run_job train "${train_args[@]}"

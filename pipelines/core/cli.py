@@ -1,13 +1,39 @@
-"""What every spark-submit entry point shares: the exit codes and the one line a job ends with."""
+"""What every spark-submit entry point shares: the exit codes, the --verbose option and the one line
+a job ends with."""
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pipelines.core.errors import EXIT_FAILURE, EXIT_OK, EXIT_USER_ERROR, UserError
+from pipelines.core.session import LOG_LEVEL_VARIABLE
+
+
+class _Verbose(argparse.Action):
+    """--verbose: Spark's logs at INFO unless FEDSPARK_LOG_LEVEL names a level. It sets the variable
+    as soon as it is parsed, because that is where the session (and the JVM it may start) reads the
+    level, before any Spark start-up line is logged."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=False, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        if not os.environ.get(LOG_LEVEL_VARIABLE):
+            os.environ[LOG_LEVEL_VARIABLE] = "INFO"
+        setattr(namespace, self.dest, True)
+
+
+def add_verbose(parser: argparse.ArgumentParser) -> None:
+    """The option every job has: show Spark's own logs (the console is quiet by default)."""
+    parser.add_argument("--verbose", action=_Verbose,
+                        help=f"show Spark's logs at INFO (or at the level {LOG_LEVEL_VARIABLE} names); "
+                             "by default they are at WARN")
 
 
 def main_wrapper(main: Callable[[list[str]], None], argv: list[str] | None = None) -> int:

@@ -39,10 +39,12 @@ def clock(seconds: float) -> str:
 
 
 @contextmanager
-def progress(sc: SparkContext, label: str, tag: str = "", every: float = 5.0,
+def progress(sc: SparkContext, label: str, tag: str = "", every: float = 10.0,
              expected_tasks: int = 0, closing_line: bool = True) -> Iterator[None]:
     """Report `label: done/total tasks (pct)  eta m:ss` every `every` seconds while the block runs
     (only when something changed), then `label: done in s` unless the caller prints its own line.
+    Ten seconds: often enough to show a step is alive, rare enough that a first run's console
+    (ingest and block build, a minute each on 2 cores) stays short.
     `expected_tasks` is the step's total when it is known before its jobs are submitted (an epoch
     of many small jobs)."""
     group = f"fedspark-{uuid.uuid4().hex[:8]}"

@@ -15,11 +15,25 @@ Once Ivy has resolved the pinned Delta version, `auto` names its two jars in Ivy
 `--packages` would resolve again on every start and ship all 33 transitive jars (86 MB: Hadoop,
 Parquet, Unity Catalog clients Spark does not need for Delta tables on a file system) to every
 executor, twice for a Python application (spark-submit also puts them on the Python path).
+
+spark-defaults.conf (SPARK_CONF_DIR, else the conf/ directory of the installed Spark: scripts/setup.sh
+writes one into the venv's pyspark, see pipelines/core/install.py) counts as "already given" for a
+JVM that Python starts too, as it does under spark-submit: Spark reads it in both cases, and a
+default of ours must not beat it only because Python started the JVM.
+
+The console is quiet by default: the JVMs (driver and executors) read log4j2.properties beside this
+module, which logs Spark at WARN, through `-Dlog4j2.configurationFile` in
+spark.{driver,executor}.defaultJavaOptions (read at JVM start, so Spark's start-up INFO lines go
+too; a user's own spark.*.extraJavaOptions still apply, after ours). FEDSPARK_LOG_LEVEL (any log4j
+level; a job's --verbose sets INFO) brings Spark's logs back: the file reads it from the JVM's
+environment, the session forwards it to executors, and under spark-submit, whose JVM started
+before the job parsed --verbose, it is applied to the running JVM before the SparkContext starts.
 """
 from __future__ import annotations
 
 import importlib.metadata
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,6 +45,11 @@ from pipelines.core.errors import UserError
 
 DELTA_EXTENSION = "io.delta.sql.DeltaSparkSessionExtension"
 DELTA_CATALOG = "org.apache.spark.sql.delta.catalog.DeltaCatalog"
+
+LOG4J2_FILE = Path(__file__).resolve().with_name("log4j2.properties")
+QUIET_JAVA_OPTIONS = f"-Dlog4j2.configurationFile={LOG4J2_FILE.as_uri()}"
+LOG_LEVEL_VARIABLE = "FEDSPARK_LOG_LEVEL"
+LOG_LEVELS = ("ALL", "TRACE", "DEBUG", "INFO", "WARN", "ERROR", "FATAL", "OFF")
 
 DEFAULTS: dict[str, str] = {
     "spark.sql.extensions": DELTA_EXTENSION,
@@ -46,7 +65,16 @@ DEFAULTS: dict[str, str] = {
     # blocks live on the executor that built them; wait for it rather than run elsewhere
     "spark.locality.wait": "30s",
     "spark.sql.execution.arrow.pyspark.enabled": "true",
+    # the quiet console (log4j2.properties): "default" options, so a user's extraJavaOptions add to
+    # them instead of replacing them
+    "spark.driver.defaultJavaOptions": QUIET_JAVA_OPTIONS,
+    "spark.executor.defaultJavaOptions": QUIET_JAVA_OPTIONS,
 }
+# what must be in place before spark-submit starts the JVM (the rest of DEFAULTS can wait for the
+# session builder)
+SUBMIT_KEYS = ("spark.sql.extensions", "spark.sql.catalog.spark_catalog",
+               "spark.driver.defaultJavaOptions", "spark.executor.defaultJavaOptions")
+SUBMIT_FLAGS = {"spark.jars": "--jars", "spark.jars.packages": "--packages"}
 
 
 def delta_package() -> str:
@@ -82,14 +110,58 @@ def packages_setting(setting: str = "auto") -> str | None:
     return delta_package() if value == "auto" else value
 
 
-def submit_args(setting: str = "auto") -> list[str]:
-    """Arguments scripts/train.sh gives spark-submit so the Delta jar is on the driver and executors."""
+def submit_conf(setting: str = "auto") -> dict[str, str]:
+    """The Spark properties a job needs before its JVM starts: Delta's jars (or its package) on the
+    driver and executors, Delta's extensions, the quiet log configuration. One source for the
+    `fedspark` command (submit_args) and the venv's spark-defaults.conf (pipelines/core/install.py)."""
     packages = packages_setting(setting)
     jars = delta_jars(packages)
-    args = [] if packages is None else ["--jars", ",".join(jars)] if jars else ["--packages", packages]
-    for key in ("spark.sql.extensions", "spark.sql.catalog.spark_catalog"):
-        args += ["--conf", f"{key}={DEFAULTS[key]}"]
+    conf = {"spark.jars": ",".join(jars)} if jars else {} if packages is None else \
+        {"spark.jars.packages": packages}
+    return {**conf, **{key: DEFAULTS[key] for key in SUBMIT_KEYS}}
+
+
+def submit_args(setting: str = "auto") -> list[str]:
+    """submit_conf as spark-submit arguments: Delta's jars and package as --jars and --packages
+    (the flags a user adds to; see pipelines/core/launcher.py), the rest as --conf."""
+    args: list[str] = []
+    for key, value in submit_conf(setting).items():
+        args += [SUBMIT_FLAGS[key], value] if key in SUBMIT_FLAGS else ["--conf", f"{key}={value}"]
     return args
+
+
+def requested_log_level() -> str | None:
+    """The log4j level FEDSPARK_LOG_LEVEL asks for (upper case), None when it is unset or empty."""
+    value = os.environ.get(LOG_LEVEL_VARIABLE, "").strip()
+    if not value:
+        return None
+    if value.upper() not in LOG_LEVELS:
+        raise UserError(f"{LOG_LEVEL_VARIABLE}={value!r} is not a log4j level; use one of "
+                        f"{', '.join(LOG_LEVELS)}")
+    return value.upper()
+
+
+def spark_conf_dir() -> Path:
+    """Where Spark looks for spark-defaults.conf: SPARK_CONF_DIR, else <SPARK_HOME>/conf, and
+    SPARK_HOME is the installed pyspark package unless set (as pip's pyspark scripts resolve it)."""
+    import pyspark
+
+    if os.environ.get("SPARK_CONF_DIR"):
+        return Path(os.environ["SPARK_CONF_DIR"])
+    return Path(os.environ.get("SPARK_HOME") or Path(pyspark.__file__).parent) / "conf"
+
+
+def read_properties(path: Path) -> dict[str, str]:
+    """The `key value` / `key=value` lines of a spark-defaults.conf (`#` and `!` start comments; no
+    line continuations or escapes, which Spark's own files do not use); {} when there is none."""
+    if not path.is_file():
+        return {}
+    found = {}
+    for line in path.read_text().splitlines():
+        match = re.match(r"([^\s=:]+)(?:\s*[=:]\s*|\s+|$)(.*)", line.strip())
+        if match and not match.group(1).startswith(("#", "!")):
+            found[match.group(1)] = match.group(2).strip()
+    return found
 
 
 def _jvm_running() -> bool:
@@ -97,17 +169,41 @@ def _jvm_running() -> bool:
     return "PYSPARK_GATEWAY_PORT" in os.environ or SparkSession.getActiveSession() is not None
 
 
+def _given_conf() -> SparkConf:
+    """What spark-submit and spark-defaults.conf set. Under spark-submit the JVM's SparkConf holds
+    both; a JVM that Python is about to start will read spark-defaults.conf, so its entries count
+    as given too."""
+    given = SparkConf()
+    if not _jvm_running():
+        for key, value in read_properties(spark_conf_dir() / "spark-defaults.conf").items():
+            given.setIfMissing(key, value)
+    return given
+
+
+def _set_root_log_level(level: str) -> None:
+    """Set the running JVM's root logger (spark-submit started it before the job read --verbose)."""
+    jvm = SparkContext._jvm
+    assert jvm is not None  # SparkContext._ensure_initialized() connected to it
+    log4j = jvm.org.apache.logging.log4j
+    log4j.core.config.Configurator.setRootLevel(log4j.Level.toLevel(level))
+
+
 def build_session(app_name: str, extra: dict[str, Any] | None = None,
                   delta_packages: str = "auto") -> SparkSession:
     """Get or create the job's SparkSession with Delta enabled (`delta_packages`: the
     spark.delta_packages setting, see packages_setting)."""
+    level = requested_log_level()
     if _jvm_running():
         # connect to spark-submit's JVM first: only then does SparkConf() read what spark-submit
         # set (--master, --conf); before that it is an empty Python-side conf, and our local[*]
         # default would beat `spark-submit --master`
         SparkContext._ensure_initialized()
-    given = SparkConf()  # holds what spark-submit and spark-defaults.conf set
+        if level:
+            _set_root_log_level(level)
+    given = _given_conf()
     conf: dict[str, str] = {**DEFAULTS, "spark.master": "local[*]"}
+    if level:  # executors read log4j2.properties' level from their environment
+        conf[f"spark.executorEnv.{LOG_LEVEL_VARIABLE}"] = level
     conf.update({k: str(v) for k, v in (extra or {}).items()})
     if not _jvm_running() and not given.contains("spark.jars.packages"):
         packages = packages_setting(delta_packages)
@@ -122,7 +218,6 @@ def build_session(app_name: str, extra: dict[str, Any] | None = None,
             builder = builder.config(key, value)
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     spark = builder.getOrCreate()
-    spark.sparkContext.setLogLevel("WARN")
     _check_delta(spark)
     return spark
 
