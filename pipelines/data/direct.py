@@ -3,7 +3,8 @@ them, and the block cache that keeps them for later runs (`data.block_cache`, `d
 
 The driver decides per load: the table's files must be on a file system the executors see as
 local paths (a `file:` or plain-path lake), readable as plain Parquet (Delta reader protocol 1: no
-deletion vectors, no column mapping; every file holding the columns we read), and a task's share of
+deletion vectors, no column mapping; every file holding the columns we read, the features a dense
+array), and a task's share of
 the table must fit in one Python worker's memory budget (each task holds the rows of its
 partitions before sorting them). Otherwise the blocks are built through Spark's shuffle and sort
 (pipelines/data/blocks.py), as before, and not cached.
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from functools import partial
 from urllib.parse import unquote, urlparse
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 from pyspark import RDD
 from pyspark.sql import DataFrame, SparkSession
@@ -95,8 +97,11 @@ def snapshot(spark: SparkSession, df: DataFrame, table_path: str, version: int,
     nbytes = 0
     for path in files:
         meta = pq.read_metadata(path)
-        if not set(columns) <= set(meta.schema.to_arrow_schema().names):
+        schema = meta.schema.to_arrow_schema()
+        if not set(columns) <= set(schema.names):
             return None   # schema evolution or a partition column: Spark knows how to read it
+        if not pa.types.is_list(schema.field("features").type):
+            return None   # sparse features: built through Spark (CSR parts, rarely this small)
         nbytes += sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
     return Snapshot(str(detail[0]), version, files, root, nbytes)
 
