@@ -33,7 +33,7 @@ def _table(spark, lake_dir: Path, name: str, seed: int, n: int = 600) -> np.ndar
 
 def _arrays(got) -> dict[int, tuple[np.ndarray, ...]]:
     """Each block's arrays, read back from the executor's disk (local mode: the same machine)."""
-    out = {}
+    out: dict[int, tuple[np.ndarray, ...]] = {}
     for h in got.handles.collect():
         b = blocks._open(h.path)
         out[h.part] = (np.asarray(b.X), b.y, b.id, b.shard, b.test)
