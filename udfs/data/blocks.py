@@ -35,9 +35,14 @@ from udfs.core.seeding import SECRET_BYTES, Stream, rng
 
 N_SHARDS = 1024
 
-HANDLE_SCHEMA = ("part int, path string, rows long, test_rows long, width int, label_max double, "
-                 "float_label boolean, distinct_labels int, shard_counts binary, "
-                 "feature_bytes long, sparse boolean")
+# A block's handle row (describe): its fields' Arrow types, and the Spark schema of mapInArrow's output
+HANDLE_TYPES = {"part": pa.int32(), "path": pa.string(), "rows": pa.int64(),
+                "test_rows": pa.int64(), "width": pa.int32(), "label_max": pa.float64(),
+                "float_label": pa.bool_(), "distinct_labels": pa.int32(),
+                "shard_counts": pa.binary(), "feature_bytes": pa.int64(), "sparse": pa.bool_()}
+_SPARK_TYPES = {pa.int32(): "int", pa.int64(): "long", pa.string(): "string",
+                pa.float64(): "double", pa.bool_(): "boolean", pa.binary(): "binary"}
+HANDLE_SCHEMA = ", ".join(f"{name} {_SPARK_TYPES[t]}" for name, t in HANDLE_TYPES.items())
 SMALL = ("y", "id", "shard", "test")
 SPLITS = ("train", "test")
 SECRET_FILE = "secret.key"
@@ -251,27 +256,20 @@ def seal(tmp: str, cache_bytes: int) -> None:
     _write_secret(os.path.join(tmp, SECRET_FILE))
 
 
-def describe(part: int, path: str) -> pa.RecordBatch:
-    """The handle row of the block at `path`: where it is, its size and labels, and its
-    train-split rows per shard."""
+def describe(part: int, path: str) -> dict[str, Any]:
+    """The handle row of the block at `path` (HANDLE_SCHEMA): where it is, its size and labels,
+    and its train-split rows per shard. Plain values: a task that only takes a cached block never
+    needs Arrow's pandas-backed conversions."""
     with open(os.path.join(path, BLOCK_FILE)) as fh:
         facts = json.load(fh)
     y, shard, test = (np.load(os.path.join(path, f"{n}.npy"), allow_pickle=False)
                       for n in ("y", "shard", "test"))
     counts = np.bincount(shard[~test], minlength=N_SHARDS).astype(np.int64)
-    return pa.RecordBatch.from_pydict({
-        "part": pa.array([part], pa.int32()),
-        "path": pa.array([path]),
-        "rows": pa.array([facts["rows"]], pa.int64()),
-        "test_rows": pa.array([int(test.sum())], pa.int64()),
-        "width": pa.array([facts["width"]], pa.int32()),
-        "label_max": pa.array([float(y.max())], pa.float64()),
-        "float_label": pa.array([y.dtype.kind == "f"]),
-        "distinct_labels": pa.array([len(np.unique(y))], pa.int32()),
-        "shard_counts": pa.array([counts.tobytes()], pa.binary()),
-        "feature_bytes": pa.array([_stored_feature_bytes(path, facts)], pa.int64()),
-        "sparse": pa.array([facts["sparse"]]),
-    })
+    return {"part": part, "path": path, "rows": facts["rows"], "test_rows": int(test.sum()),
+            "width": facts["width"], "label_max": float(y.max()),
+            "float_label": y.dtype.kind == "f", "distinct_labels": len(np.unique(y)),
+            "shard_counts": counts.tobytes(), "feature_bytes": _stored_feature_bytes(path, facts),
+            "sparse": facts["sparse"]}
 
 
 def row_columns(ids: np.ndarray, label: pa.Array, shard: pa.Array | np.ndarray,
@@ -328,7 +326,8 @@ def build_partition(batches: Iterator[pa.RecordBatch], key: str, cache_bytes: in
         if not write(tmp, batches):
             return
         seal(tmp, cache_bytes)
-    yield describe(part, path)
+    yield pa.RecordBatch.from_pydict({k: pa.array([v], HANDLE_TYPES[k])
+                                      for k, v in describe(part, path).items()})
 
 
 def task_partition() -> int:

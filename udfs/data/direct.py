@@ -225,4 +225,4 @@ def obtain(_: Iterable[Any], source: Source, placement: Placement, spec: StoreSp
             if spec.persistent:
                 shop.put(tmp, blocks.data_files(tmp), source.key, part)
         blocks.seal(tmp, cache_bytes)
-    yield Row(**blocks.describe(part, path).to_pylist()[0])
+    yield Row(**blocks.describe(part, path))
