@@ -20,6 +20,7 @@ from pipelines.core.errors import UserError
 from pipelines.core.session import build_session
 from pipelines.data import lake
 from pipelines.data.blocks import load_blocks
+from pipelines.data.direct import BlockCache
 from pipelines.store import artifacts, rundir
 from pipelines.training.data_parallel import evaluate
 
@@ -50,7 +51,8 @@ def main(argv: list[str]) -> None:
     ref = lake.TableRef.parse(args.table) if args.table else lake.TableRef(meta["table"], meta["version"])
     spark = build_session("fedspark-evaluate", config.spark.conf, config.spark.delta_packages)
     data = load_blocks(spark, config.lake.path, ref, config.data.partitions, config.trainer.seed,
-                       config.data.validation_fraction)
+                       config.data.validation_fraction, cache_gb=config.data.worker_cache_gb,
+                       block_cache=BlockCache.of(config.data))
     if data.n_features != spec.layers[0]:
         raise UserError(f"table {ref.name}@{data.version} has {data.n_features} features; the model "
                         f"expects {spec.layers[0]}")

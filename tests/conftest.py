@@ -14,8 +14,11 @@ IDX_DIR = Path("/usr/share/datasets/fashion-mnist")   # Debian's dataset-fashion
 
 
 @pytest.fixture(scope="session")
-def spark():
+def spark(tmp_path_factory):
     os.environ.setdefault("PYSPARK_PYTHON", str(Path(sys.executable)))
+    # the block cache's default root (data.block_cache: null) for this session's executors and
+    # jobs, not the user's ~/.cache: tests start from an empty cache and leave nothing behind
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
     from pipelines.core.session import build_session
 
     # 2 GiB: the whole suite shares this JVM, and the full Fashion-MNIST ingest needs more than

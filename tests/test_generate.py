@@ -235,7 +235,8 @@ def _block_on_disk(directory: Path, rows: int, width: int, budget: int) -> str:
         "shard": pa.array(np.zeros(rows, dtype=np.int32)),
         "split": pa.array(["train"] * rows),
     }))
-    writer.finish(budget)
+    writer.finish()
+    blocks.seal(str(directory), budget)
     return str(directory)
 
 

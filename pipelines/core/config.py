@@ -139,6 +139,8 @@ class DataSection(_Section):
     partitions: int = Field(ge=1, le=10_000)
     validation_fraction: float = Field(ge=0.0, lt=1.0)
     worker_cache_gb: float = Field(ge=0.0)
+    block_cache: str | None = Field(min_length=1)
+    block_cache_gb: float = Field(ge=0.0)
 
 
 class ModelSection(_Section):

@@ -22,8 +22,10 @@ from pyspark.sql import types as T
 from pipelines.core import py4j
 from pipelines.core.config import default
 from pipelines.core.errors import UserError
-from pipelines.data import lake
+from pipelines.data import direct, lake
+from pipelines.data.direct import OFF, BlockCache
 from udfs.data import blocks
+from udfs.data import direct as direct_udfs
 
 R = TypeVar("R")
 MAX_REBUILDS = 3
@@ -184,7 +186,8 @@ def worker_cache_bytes(sc: SparkContext, total_gb: float) -> int:
 
 def build(spark: SparkSession, rows: DataFrame, partitions: int, target: Column,
           name: str, cache_gb: float = DEFAULT_CACHE_GB) -> tuple[RDD, list[Row]]:
-    """Build one block per partition on the executors; the cached handles and their rows.
+    """Build one block per partition on the executors through Spark's shuffle; the cached handles
+    and their rows.
 
     Spark sorts each partition by (split, shard, id) before the rows reach Python (an external
     sort that spills to disk), so a block streams to the executor's disk batch by batch and no
@@ -192,17 +195,34 @@ def build(spark: SparkSession, rows: DataFrame, partitions: int, target: Column,
     key = f"{name}-{uuid.uuid4().hex[:12]}"
     build_fn = partial(blocks.build_partition, key=key,
                        cache_bytes=worker_cache_bytes(spark.sparkContext, cache_gb))
-    handles = (place(spark, rows, partitions, target)
-               .sortWithinPartitions(F.col("split") == "test", "shard", "id")
-               .mapInArrow(build_fn, blocks.HANDLE_SCHEMA)
-               .rdd.cache())
+    return collect_handles(name, lambda: (
+        place(spark, rows, partitions, target)
+        .sortWithinPartitions(F.col("split") == "test", "shard", "id")
+        .mapInArrow(build_fn, blocks.HANDLE_SCHEMA).rdd))
+
+
+def collect_handles(name: str, handles: Callable[[], RDD]) -> tuple[RDD, list[Row]]:
+    """The handles `handles()` makes (running any job it needs), cached, and their rows; a bad row
+    of table `name` becomes a user error that names it."""
     try:
-        return handles, handles.collect()
+        made = handles().cache()
+        return made, made.collect()
     except Exception as exc:  # noqa: BLE001 - surface a bad row as a user error
         reason = py4j.task_message(exc, blocks.BlockError.__name__)
         if reason is not None:
             raise UserError(f"table {name}: {reason}") from None
         raise
+
+
+def direct_snapshot(spark: SparkSession, rows: DataFrame, lake_path: str, table: str, version: int,
+                    partitions: int, extra: tuple[str, ...], worker_bytes: int
+                    ) -> direct.Snapshot | None:
+    """The files of the version `rows` read when the executors can build its blocks from them
+    (direct.snapshot) and a task's share fits in a worker's memory; else None."""
+    snap = direct.snapshot(spark, rows, lake.table_path(lake_path, table), version,
+                           (*direct_udfs.COLUMNS, *extra))
+    slots = spark.sparkContext.defaultParallelism
+    return snap if snap is not None and direct.fits(snap, partitions, slots, worker_bytes) else None
 
 
 def shape(described: list[Row], name: str) -> tuple[int, int]:
@@ -220,11 +240,25 @@ def shape(described: list[Row], name: str) -> tuple[int, int]:
 def load_blocks(spark: SparkSession, lake_path: str, ref: lake.TableRef, partitions: int,
                 seed: int, validation_fraction: float,
                 splits: tuple[str, ...] = ("train", "test"),
-                cache_gb: float = DEFAULT_CACHE_GB) -> Blocks:
-    """Read the table version once and build, cache and describe its blocks."""
+                cache_gb: float = DEFAULT_CACHE_GB, block_cache: BlockCache = OFF) -> Blocks:
+    """Read the table version once and build (or take from the block cache), cache and describe
+    its blocks: straight from its files when the executors can read them (pipelines/data/direct.py),
+    else through Spark's shuffle."""
     rows, version = read_rows(spark, lake_path, ref, splits)
-    return blocks_from_rows(spark, rows, ref.name, version, partitions, seed, validation_fraction,
-                            splits, cache_gb)
+    worker_bytes = worker_cache_bytes(spark.sparkContext, cache_gb)
+    snap = direct_snapshot(spark, rows, lake_path, ref.name, version, partitions, (), worker_bytes)
+    if snap is None:
+        return blocks_from_rows(spark, rows, ref.name, version, partitions, seed,
+                                validation_fraction, splits, cache_gb)
+    name = f"{ref.name}@{version}"
+    placement = {"rule": "shard mod partitions", "partitions": partitions,
+                 "shards": blocks.N_SHARDS}
+    source = direct_udfs.Source(snap.files, splits, direct.block_key(snap, splits, placement))
+    handles, described = collect_handles(name, lambda: direct.build(
+        spark, source, direct_udfs.ByShard(partitions), partitions, name, block_cache,
+        worker_bytes))
+    return describe_blocks(handles, described, ref.name, version, partitions, seed,
+                           validation_fraction, splits)
 
 
 def blocks_from_rows(spark: SparkSession, rows: DataFrame, table: str, version: int, partitions: int,
@@ -236,6 +270,15 @@ def blocks_from_rows(spark: SparkSession, rows: DataFrame, table: str, version: 
     name = f"{table}@{version}"
     handles, described = build(spark, rows, partitions, F.pmod(F.col("shard"), F.lit(partitions)),
                                name, cache_gb)
+    return describe_blocks(handles, described, table, version, partitions, seed,
+                           validation_fraction, splits)
+
+
+def describe_blocks(handles: RDD, described: list[Row], table: str, version: int, partitions: int,
+                    seed: int, validation_fraction: float, splits: tuple[str, ...]) -> Blocks:
+    """What the driver knows of built blocks, from their handle rows (one per non-empty
+    partition): the global row layout, the shape, the row counts."""
+    name = f"{table}@{version}"
     if not described:
         raise UserError(f"table {name} has no rows in split(s) {', '.join(splits)}")
     counts = sum((np.frombuffer(h.shard_counts, dtype=np.int64) for h in described),

@@ -23,6 +23,7 @@ from pipelines.core.progress import progress
 from pipelines.core.session import build_session
 from pipelines.data import lake
 from pipelines.data.blocks import Blocks, load_blocks
+from pipelines.data.direct import BlockCache
 from pipelines.federated import privacy, rounds
 from pipelines.federated.clients import Clients, partition_report, prepare_clients
 from pipelines.model_parallel import training as model_parallel_training
@@ -246,7 +247,8 @@ def train_data_parallel(job: Job) -> Trained:
     ref = lake.TableRef(config.data.table, config.data.version)
     with progress(spark.sparkContext, f"building blocks from {ref.name}"):
         data = load_blocks(spark, config.lake.path, ref, config.data.partitions, t.seed,
-                           config.data.validation_fraction, cache_gb=config.data.worker_cache_gb)
+                           config.data.validation_fraction, cache_gb=config.data.worker_cache_gb,
+                           block_cache=BlockCache.of(config.data))
     job.timings["blocks"] = time.perf_counter() - mark
     spec, task, state = data_parallel_start(config, data)
     tracker = job.open_run(data.table, data.version, "epoch", t.epochs)

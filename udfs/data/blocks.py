@@ -35,12 +35,19 @@ from udfs.core.seeding import SECRET_BYTES, Stream, rng
 
 N_SHARDS = 1024
 
-HANDLE_SCHEMA = ("part int, path string, rows long, test_rows long, width int, label_max double, "
-                 "float_label boolean, distinct_labels int, shard_counts binary, "
-                 "feature_bytes long, sparse boolean")
+# A block's handle row (describe): its fields' Arrow types, and the Spark schema of mapInArrow's output
+HANDLE_TYPES = {"part": pa.int32(), "path": pa.string(), "rows": pa.int64(),
+                "test_rows": pa.int64(), "width": pa.int32(), "label_max": pa.float64(),
+                "float_label": pa.bool_(), "distinct_labels": pa.int32(),
+                "shard_counts": pa.binary(), "feature_bytes": pa.int64(), "sparse": pa.bool_()}
+_SPARK_TYPES = {pa.int32(): "int", pa.int64(): "long", pa.string(): "string",
+                pa.float64(): "double", pa.bool_(): "boolean", pa.binary(): "binary"}
+HANDLE_SCHEMA = ", ".join(f"{name} {_SPARK_TYPES[t]}" for name, t in HANDLE_TYPES.items())
 SMALL = ("y", "id", "shard", "test")
+SPLITS = ("train", "test")
 SECRET_FILE = "secret.key"
-META_FILE = "meta.json"
+META_FILE = "meta.json"     # the application's: block.json plus this application's memory budget
+BLOCK_FILE = "block.json"   # the block's own facts (rows, width, sparse, non-zeros)
 
 
 class BlockError(ValueError):
@@ -78,7 +85,7 @@ def feature_bytes(X: np.ndarray | sparse.csr_matrix) -> int:
     return X.data.nbytes + X.indices.nbytes + X.indptr.nbytes
 
 
-def _dense(arr: pa.Array, ids: np.ndarray, width: int | None) -> np.ndarray:
+def dense_features(arr: pa.Array, ids: np.ndarray, width: int | None) -> np.ndarray:
     """Turn a list<float> Arrow column into a 2-D float32 array without a per-row Python loop."""
     if arr.null_count:
         bad = ids[np.asarray(arr.is_null())][0]
@@ -134,6 +141,12 @@ def block_dir(root: str, key: str, part: int) -> str:
     return os.path.join(root, "fedspark-blocks", key, f"part-{part:05d}")
 
 
+def own_store_root(block_path: str) -> str:
+    """The block store of one load when the persistent cache is off (udfs/data/store.py): beside
+    its blocks, in this application's directory, and removed with them."""
+    return os.path.join(os.path.dirname(block_path), ".store")
+
+
 class _Writer:
     """Streams a partition's Arrow batches into a block directory: the features go straight to
     files on the executor's local disk (X.bin, or the CSR parts X_indices.bin, X_data.bin), so a
@@ -158,32 +171,37 @@ class _Writer:
         features = batch.column("features")
         if self.is_sparse is None:
             self.is_sparse = pa.types.is_struct(features.type)
-        if self.is_sparse:
-            self.width, counts, cols, vals = _sparse(features, ids, self.width)
-            self.counts.append(counts)
-            self._file("X_indices.bin").write(cols.tobytes())
-            self._file("X_data.bin").write(vals.tobytes())
-        else:
-            X = _dense(features, ids, self.width)
-            self.width = X.shape[1]
-            self._file("X.bin").write(X.tobytes())
-        label = batch.column("label")
-        self.small["y"].append(np.asarray(
-            label, dtype=np.float64 if pa.types.is_floating(label.type) else np.int32))
-        self.small["id"].append(ids)
-        self.small["shard"].append(np.asarray(batch.column("shard"), dtype=np.int32))
-        self.small["test"].append(np.asarray(batch.column("split")) == "test")
+        small = row_columns(ids, batch.column("label"), batch.column("shard"), batch.column("split"))
+        if not self.is_sparse:
+            self.add_dense(dense_features(features, ids, self.width), small)
+            return
+        self.width, counts, cols, vals = _sparse(features, ids, self.width)
+        self.counts.append(counts)
+        self._file("X_indices.bin").write(cols.tobytes())
+        self._file("X_data.bin").write(vals.tobytes())
+        self._add_rows(small)
 
-    def finish(self, cache_bytes: int) -> dict[str, Any]:
-        """Close the feature files, save the per-row arrays and meta.json; the block's facts."""
+    def add_dense(self, X: np.ndarray, small: dict[str, np.ndarray]) -> None:
+        """Rows whose features are already a float32 matrix (checked by dense_features)."""
+        self.is_sparse = False
+        self.width = X.shape[1]
+        self._file("X.bin").write(np.ascontiguousarray(X).data)
+        self._add_rows(small)
+
+    def _add_rows(self, small: dict[str, np.ndarray]) -> None:
+        for name in SMALL:
+            self.small[name].append(small[name])
+
+    def finish(self) -> None:
+        """Close the feature files, save the per-row arrays and block.json."""
         for fh in self.files.values():
             fh.close()
         small = {name: np.concatenate(parts) for name, parts in self.small.items()}
         _check_order(small)
         for name, arr in small.items():
             np.save(os.path.join(self.tmp, f"{name}.npy"), arr, allow_pickle=False)
-        meta = {"rows": len(small["id"]), "width": self.width or 0, "sparse": bool(self.is_sparse),
-                "cache_bytes": int(cache_bytes)}
+        facts: dict[str, Any] = {"rows": len(small["id"]), "width": self.width or 0,
+                                 "sparse": bool(self.is_sparse)}
         if self.is_sparse:
             indptr = np.concatenate(([0], np.cumsum(np.concatenate(self.counts))))
             if indptr[-1] >= 2 ** 31:
@@ -191,10 +209,75 @@ class _Writer:
                                  "use more data.partitions")
             np.save(os.path.join(self.tmp, "X_indptr.npy"), indptr.astype(np.int32),
                     allow_pickle=False)
-            meta["nnz"] = int(indptr[-1])
-        with open(os.path.join(self.tmp, META_FILE), "w") as fh:
-            json.dump(meta, fh)
-        return {**meta, **small}
+            facts["nnz"] = int(indptr[-1])
+        with open(os.path.join(self.tmp, BLOCK_FILE), "w") as fh:
+            json.dump(facts, fh)
+
+
+def write(tmp: str, batches: Iterable[pa.RecordBatch]) -> bool:
+    """The block of these rows (sorted by split, shard, id) into the directory `tmp`; False, and
+    nothing written, when there are none."""
+    writer = _Writer(tmp)
+    for batch in batches:
+        if batch.num_rows:
+            writer.add(batch)
+    if writer.width is None:
+        return False
+    writer.finish()
+    return True
+
+
+def write_dense(tmp: str, X: np.ndarray, small: dict[str, np.ndarray]) -> bool:
+    """The block of these rows (features a checked float32 matrix, per-row columns SMALL, sorted
+    by split, shard, id) into the directory `tmp`; False, and nothing written, when there are none."""
+    if not len(X):
+        return False
+    writer = _Writer(tmp)
+    writer.add_dense(X, small)
+    writer.finish()
+    return True
+
+
+def data_files(path: str) -> list[str]:
+    """The block's own files: what the block store keeps (no meta.json, no secret)."""
+    with open(os.path.join(path, BLOCK_FILE)) as fh:
+        is_sparse = json.load(fh)["sparse"]
+    features = ["X_indptr.npy", "X_indices.bin", "X_data.bin"] if is_sparse else ["X.bin"]
+    return [*features, *(f"{name}.npy" for name in SMALL), BLOCK_FILE]
+
+
+def seal(tmp: str, cache_bytes: int) -> None:
+    """Make the block directory `tmp` this application's: its meta.json (the block's facts and
+    what one Python worker may keep in memory, see load) and a fresh secret."""
+    with open(os.path.join(tmp, BLOCK_FILE)) as fh:
+        meta = {**json.load(fh), "cache_bytes": int(cache_bytes)}
+    with open(os.path.join(tmp, META_FILE), "w") as fh:
+        json.dump(meta, fh)
+    _write_secret(os.path.join(tmp, SECRET_FILE))
+
+
+def describe(part: int, path: str) -> dict[str, Any]:
+    """The handle row of the block at `path` (HANDLE_SCHEMA): where it is, its size and labels,
+    and its train-split rows per shard. Plain values: a task that only takes a cached block never
+    needs Arrow's pandas-backed conversions."""
+    with open(os.path.join(path, BLOCK_FILE)) as fh:
+        facts = json.load(fh)
+    y, shard, test = (np.load(os.path.join(path, f"{n}.npy"), allow_pickle=False)
+                      for n in ("y", "shard", "test"))
+    counts = np.bincount(shard[~test], minlength=N_SHARDS).astype(np.int64)
+    return {"part": part, "path": path, "rows": facts["rows"], "test_rows": int(test.sum()),
+            "width": facts["width"], "label_max": float(y.max()),
+            "float_label": y.dtype.kind == "f", "distinct_labels": len(np.unique(y)),
+            "shard_counts": counts.tobytes(), "feature_bytes": _stored_feature_bytes(path, facts),
+            "sparse": facts["sparse"]}
+
+
+def row_columns(ids: np.ndarray, label: pa.Array, shard: pa.Array | np.ndarray,
+                split: pa.Array) -> dict[str, np.ndarray]:
+    """The per-row columns of a block (SMALL) from Arrow columns: label as int32 or float64."""
+    return {"y": np.asarray(label, dtype=np.float64 if pa.types.is_floating(label.type) else np.int32),
+            "id": ids, "shard": np.asarray(shard, dtype=np.int32),
+            "test": np.asarray(split.to_numpy(zero_copy_only=False) == "test")}
 
 
 def _check_order(small: dict[str, np.ndarray]) -> None:
@@ -235,40 +318,33 @@ def build_partition(batches: Iterator[pa.RecordBatch], key: str, cache_bytes: in
                     ) -> Iterator[pa.RecordBatch]:
     """mapInArrow function: stream this partition's rows (sorted by split, shard, id) into a block
     on the executor's local disk, atomically (a retried task may race a dead one), and return one
-    handle row: where it is, its size and labels, and train-split rows per shard. `cache_bytes` is
-    what one Python worker may keep in memory (see load)."""
-    from pyspark import SparkFiles, TaskContext
-
+    handle row (describe). `cache_bytes` is what one Python worker may keep in memory (see load)."""
     worker.prepare()
+    part = task_partition()
+    path = block_dir(local_root(), key, part)
+    with files.replacing_dir(path) as tmp:   # an empty partition leaves it empty: no block
+        if not write(tmp, batches):
+            return
+        seal(tmp, cache_bytes)
+    yield pa.RecordBatch.from_pydict({k: pa.array([v], HANDLE_TYPES[k])
+                                      for k, v in describe(part, path).items()})
+
+
+def task_partition() -> int:
+    """The partition of the Spark task running this code."""
+    from pyspark import TaskContext
+
     context = TaskContext.get()
     if context is None:
-        raise RuntimeError("build_partition runs only inside a Spark task (mapInArrow)")
-    part = context.partitionId()
-    path = block_dir(SparkFiles.getRootDirectory(), key, part)
-    with files.replacing_dir(path) as tmp:   # an empty partition leaves it empty: no block
-        writer = _Writer(tmp)
-        for batch in batches:
-            if batch.num_rows:
-                writer.add(batch)
-        if writer.width is None:
-            return
-        facts = writer.finish(cache_bytes)
-        _write_secret(os.path.join(tmp, SECRET_FILE))
-    test, y = facts["test"], facts["y"]
-    counts = np.bincount(facts["shard"][~test], minlength=N_SHARDS).astype(np.int64)
-    yield pa.RecordBatch.from_pydict({
-        "part": pa.array([part], pa.int32()),
-        "path": pa.array([path]),
-        "rows": pa.array([facts["rows"]], pa.int64()),
-        "test_rows": pa.array([int(test.sum())], pa.int64()),
-        "width": pa.array([facts["width"]], pa.int32()),
-        "label_max": pa.array([float(y.max())], pa.float64()),
-        "float_label": pa.array([y.dtype.kind == "f"]),
-        "distinct_labels": pa.array([len(np.unique(y))], pa.int32()),
-        "shard_counts": pa.array([counts.tobytes()], pa.binary()),
-        "feature_bytes": pa.array([_stored_feature_bytes(path, facts)], pa.int64()),
-        "sparse": pa.array([facts["sparse"]]),
-    })
+        raise RuntimeError("block building runs only inside a Spark task")
+    return context.partitionId()
+
+
+def local_root() -> str:
+    """This application's directory on the executor's local disk (SparkFiles' root)."""
+    from pyspark import SparkFiles
+
+    return SparkFiles.getRootDirectory()
 
 
 def _stored_feature_bytes(path: str, meta: dict[str, Any]) -> int:
@@ -347,10 +423,12 @@ def rows_of(X: np.ndarray | sparse.csr_matrix, rows: np.ndarray, dtype: str
 
 
 def remove_partition(rows: Iterable[Any]) -> Iterator[int]:
-    """mapPartitions function: delete this partition's block files and forget the dataset here."""
+    """mapPartitions function: delete this partition's block files (and the load's own store, if
+    it has one) and forget the dataset here."""
     for row in rows:
         cache.release(row.path)
         shutil.rmtree(row.path, ignore_errors=True)
+        shutil.rmtree(own_store_root(row.path), ignore_errors=True)
         yield 1
 
 
