@@ -105,7 +105,7 @@ def _list_parts(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return np.diff(offsets), np.asarray(arr.values.slice(offsets[0], offsets[-1] - offsets[0]))
 
 
-def _sparse(arr: pa.StructArray, ids: np.ndarray, width: int | None
+def sparse_features(arr: pa.StructArray, ids: np.ndarray, width: int | None
             ) -> tuple[int | None, np.ndarray, np.ndarray, np.ndarray]:
     """(declared size, nonzeros per row, column indices, values) of a struct<size, indices, values>
     column, checked row by row without a Python loop: every error names the row id. The size is
@@ -175,7 +175,7 @@ class _Writer:
         if not self.is_sparse:
             self.add_dense(dense_features(features, ids, self.width), small)
             return
-        self.width, counts, cols, vals = _sparse(features, ids, self.width)
+        self.width, counts, cols, vals = sparse_features(features, ids, self.width)
         self.counts.append(counts)
         self._file("X_indices.bin").write(cols.tobytes())
         self._file("X_data.bin").write(vals.tobytes())

@@ -21,7 +21,7 @@ from scipy import sparse
 
 from udfs.core import models, worker
 from udfs.core.models import ModelSpec
-from udfs.data.blocks import BlockError, _dense, _sparse
+from udfs.data.blocks import BlockError, dense_features, sparse_features
 
 if TYPE_CHECKING:
     from pyspark import Broadcast
@@ -52,10 +52,10 @@ def feature_matrix(batch: pa.RecordBatch, scoring: Scoring, first_row: int
         where = f"features column {scoring.shown_as!r}"
     try:
         if pa.types.is_struct(features.type):
-            _, counts, cols, vals = _sparse(features, ids, width)
+            _, counts, cols, vals = sparse_features(features, ids, width)
             indptr = np.concatenate(([0], np.cumsum(counts)))
             return sparse.csr_matrix((vals, cols, indptr), shape=(batch.num_rows, width))
-        return _dense(features, ids, width)
+        return dense_features(features, ids, width)
     except BlockError as exc:
         raise ValueError(f"{where}: {exc}") from None
 
