@@ -18,7 +18,7 @@ one Spark session on this machine:
   dp         conf/fed_dp.yaml: no DP, then DP-FedAvg at noise multipliers spending epsilon ~8, 3, 1
   secagg     conf/fedavg_iid.yaml for 20 rounds without and with secure aggregation
 
-Each experiment stops at its target (FedState, pipelines.federated.fit's `until`) or its round cap.
+Each experiment stops at its target (federated.stop_at_target) or its round cap.
 Per-client accuracy on the clients' own hold-outs is measured once, on the final model. One JSON
 object per finished experiment is appended to --out as it finishes (so a long run keeps what it has
 measured), and the markdown tables are printed at the end. Run it through
@@ -116,8 +116,13 @@ def experiments(args: argparse.Namespace) -> list[Experiment]:
 
 
 def experiment_config(e: Experiment, lake_path: str, rounds: int) -> Config:
-    return load_config(ROOT / "conf" / e.config,
-                       [f"lake.path={lake_path}", f"federated.rounds={rounds}", *e.sets])
+    """The experiment's config, stopping at its target accuracy when it has one."""
+    config = load_config(ROOT / "conf" / e.config,
+                         [f"lake.path={lake_path}", f"federated.rounds={rounds}", *e.sets])
+    fed = config.federated
+    if fed.target_accuracy is None:
+        return config
+    return config.model_copy(update={"federated": fed.model_copy(update={"stop_at_target": True})})
 
 
 # --- convergence -------------------------------------------------------------------------------
@@ -138,23 +143,17 @@ def converge(spark: SparkSession, config: Config, clients: Clients, test: Any,
         if "test_accuracy" in record and record["round"] % (10 * fed.eval_every) == 0:
             log(f"{label}: round {record['round']} test_accuracy {record['test_accuracy']:.4f}")
 
-    def reached(record: dict) -> bool:
-        return record.get("test_accuracy", -1.0) >= target
-
     started = time.perf_counter()
     try:
-        state = rounds.fit(sc, config, clients, test, spec, state, on_round,
-                              until=reached if target is not None else None, client_eval=False,
-                              run_id=f"bench-{label}",
-                              noise_secret=privacy.fresh_secret(config))
+        state = rounds.fit(sc, config, clients, test, spec, state, on_round, client_eval=False,
+                           run_id=f"bench-{label}", noise_secret=privacy.fresh_secret(config))
     except RuntimeError as exc:  # e.g. every client's update overflowed under an attack
         raise RoundFailed(str(exc), [[h["round"], h["test_accuracy"]] for h in seen
                                      if "test_accuracy" in h]) from exc
     wall = time.perf_counter() - started
     history = state.history
     evaluated = [h for h in history if "test_accuracy" in h]
-    first = next((h["round"] for h in evaluated if target is not None and h["test_accuracy"] >= target),
-                 None)
+    first = rounds.reached_target(fed, history)
     split = ClientSplit(t.seed, fed.holdout_fraction)
     by_client, _ = rounds.federated_eval(sc, clients, spec, t.dtype, split, state.theta)
     train_seconds = [h["seconds"] - h.get("eval_seconds", 0.0) for h in history[1:]] or [0.0]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -305,6 +306,38 @@ def test_federated_summary_and_report(uninterrupted):
     assert [r for r, _ in full["test_accuracy_by_round"]] == list(range(1, 6))
     assert set(full["client_accuracy"]) == {"mean", "p10", "min"}
     assert any(line.startswith("clients 6") for line in lines)
+
+
+def test_stop_at_target_ends_the_run_at_the_round_reaching_it_and_a_resume_stays_there(
+        lake, tmp_path, capsys, uninterrupted):
+    """The resumable run with its target set to the accuracy the uninterrupted run first reached
+    after round 1 (and before its cap) ends at that round with that round's weights; killed after
+    that round's checkpoint (its summary and model removed), its resume runs no further round."""
+    full, _, _ = uninterrupted
+    acc = dict(full["test_accuracy_by_round"])
+    reached = next(r for r in range(2, 5) if acc[r] > max(acc[q] for q in range(1, r)))
+    summary, theta, lines = run(lake, tmp_path, capsys, *RESUMABLE, "federated.stop_at_target=true",
+                                f"federated.target_accuracy={acc[reached]}",
+                                extra=("--run-name", "stopping"))
+    assert summary["rounds"] == summary["rounds_to_target"] == reached
+    assert summary["stopped"] == (f"reached federated.target_accuracy={acc[reached]} "
+                                  f"at round {reached}")
+    assert summary["test_accuracy_by_round"] == full["test_accuracy_by_round"][:reached]
+    whole = Path(full["run_dir"]) / "checkpoints" / f"round-{reached:04d}.npz"
+    with np.load(whole, allow_pickle=False) as z:
+        np.testing.assert_array_equal(theta, z["theta"])
+    run_dir = Path(summary["run_dir"])
+    (run_dir / "summary.json").unlink()
+    shutil.rmtree(run_dir / "model")
+    capsys.readouterr()
+    assert main_wrapper(train.main, ["--resume", str(run_dir)]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert any(line.startswith(f"resuming {run_dir} after round {reached}") for line in out)
+    assert not any(line.startswith(f"round {reached + 1}/") for line in out)
+    resumed = json.loads(out[-1])
+    assert (resumed["rounds"], resumed["stopped"]) == (reached, summary["stopped"])
+    with np.load(run_dir / "model" / "weights.npz", allow_pickle=False) as z:
+        np.testing.assert_array_equal(z["theta"], theta)
 
 
 @pytest.mark.slow  # a JVM of its own, killed, then a resume
