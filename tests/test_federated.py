@@ -158,6 +158,40 @@ def test_a_client_task_returns_only_an_update_a_count_and_scalars(spark, lake):
         test.release()
 
 
+def test_every_client_is_evaluated_on_its_own_hold_out_in_one_task_per_slot(spark, lake):
+    """The federated evaluation is one job of one task per task slot, not one per client, and each
+    client's accuracy is still the global model's on that client's own hold-out rows."""
+    from udfs.core import models
+    from udfs.data import blocks
+    from udfs.federated.clients import ClientSplit, client_rows
+
+    config, clients, test, spec = _prepared(spark, lake, holdout_fraction=0.25)
+    try:
+        theta = runners.initial_theta(config, spec)
+        split = ClientSplit(config.trainer.seed, 0.25)
+        sc = spark.sparkContext
+        sc.setJobGroup("fed-eval-test", "every client's hold-out")
+        summary, accuracies = rounds.federated_eval(sc, clients, spec, "float64", split, theta)
+        sc.setJobGroup("", "")
+        tracker = sc.statusTracker()
+        jobs = tracker.getJobIdsForGroup("fed-eval-test")
+        assert len(jobs) == 1
+        assert sum(tracker.getStageInfo(s).numCompletedTasks
+                   for s in tracker.getJobInfo(jobs[0]).stageIds) == sc.defaultParallelism < clients.count
+        expected = {}
+        for handle in clients.handles.collect():   # local mode: the blocks are on this machine's disk
+            block = blocks.load(handle.path)
+            _, hold = client_rows(handle.path, handle.part, split)
+            expected[handle.part] = float(np.mean(models.predict(spec, theta, block.X[hold].astype("float64"))
+                                                  == block.y[hold]))
+        assert accuracies == [expected[k] for k in range(clients.count)]
+        assert summary == {"mean": np.mean(accuracies), "p10": np.percentile(accuracies, 10),
+                           "min": min(accuracies)}
+    finally:
+        clients.release()
+        test.release()
+
+
 def test_a_client_whose_block_went_missing_is_rebuilt_and_the_round_is_the_same(spark, lake):
     from udfs.data import blocks
 
