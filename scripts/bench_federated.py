@@ -1,6 +1,7 @@
-"""python scripts/bench_federated.py [--only overhead,iid,shards,dirichlet,robust,dp,secagg] [--lake DIR]
+"""python scripts/bench_federated.py [--only overhead,flower,iid,shards,dirichlet,robust,dp,secagg] [--lake DIR]
                                    [--out FILE] [--fedavg-lrs 0.05,0.1,0.02] [--fedsgd-lrs 0.3,0.1,1.0]
-                                   [--fedsgd-rounds 1000] [--overhead-rounds N] [--master local[2]]
+                                   [--fedsgd-rounds 1000] [--overhead-rounds N] [--flower-rounds N]
+                                   [--flower-venv DIR] [--master local[2]]
 
 Federated training on Fashion-MNIST, the 2NN (784-200-200-10) of McMahan et al. 2017, measured in
 one Spark session on this machine:
@@ -8,6 +9,11 @@ one Spark session on this machine:
   overhead   100 IID clients, C=0.1, E=5, B=10: the wall time of a round's Spark job next to the
              same clients' local training (udfs.clients.train_client) run one after another in this
              process with one BLAS thread, and the numpy time the tasks report themselves
+  flower     conf/fedavg_iid.yaml with eval_every=1 (every round: the test set and every client's
+             hold-out) for --flower-rounds rounds, then Flower 1.42's simulation engine (Ray, its own
+             venv at --flower-venv, created when missing) on the same clients, rows, starting weights
+             and client code (scripts/flower_fedavg.py), evaluating centrally every round, then the
+             numpy floor: per-round seconds (the first apart), rounds to 0.85, whole seconds
   iid        conf/fedavg_iid.yaml and conf/fedsgd_iid.yaml: rounds to 0.85 test accuracy for each
              client learning rate of a grid (the configured one first; a later rate is stopped once
              it has run as many rounds as the best so far, since it can no longer win)
@@ -18,7 +24,7 @@ one Spark session on this machine:
   dp         conf/fed_dp.yaml: no DP, then DP-FedAvg at noise multipliers spending epsilon ~8, 3, 1
   secagg     conf/fedavg_iid.yaml for 20 rounds without and with secure aggregation
 
-Each experiment stops at its target (FedState, pipelines.federated.fit's `until`) or its round cap.
+Each experiment stops at its target (federated.stop_at_target) or its round cap.
 Per-client accuracy on the clients' own hold-outs is measured once, on the final model. One JSON
 object per finished experiment is appended to --out as it finishes (so a long run keeps what it has
 measured), and the markdown tables are printed at the end. Run it through
@@ -34,8 +40,12 @@ if __package__ in (None, ""):  # run as a file (python or spark-submit): make th
 
 import argparse
 import datetime
+import importlib.metadata
 import json
+import os
 import statistics
+import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -51,13 +61,15 @@ from pipelines.federated import partitioners, privacy, rounds
 from pipelines.federated.clients import Clients, partition_report, prepare_clients
 from pipelines.federated.server import weighted_mean
 from pipelines.training.runners import initial_theta, model_spec
-from scripts.benchlib import load_split, log, machine, versions
+from scripts.benchlib import BenchError, load_split, log, machine, versions
+from udfs import EXECUTOR_REQUIREMENTS
 from udfs.core.seeding import Stream, rng
 from udfs.federated.clients import ClientSplit, train_client
+from udfs.training.tasks import metric_sums
 
 ROOT = Path(__file__).resolve().parents[1]
 
-PARTS = ("overhead", "iid", "shards", "dirichlet", "robust", "dp", "secagg")
+PARTS = ("overhead", "flower", "iid", "shards", "dirichlet", "robust", "dp", "secagg")
 # noise multipliers that spend epsilon of about 8, 3 and 1 at delta 1e-5 in conf/fed_dp.yaml's 30
 # rounds of Poisson sampling with q = 0.1 (the run reports the epsilon it actually spent)
 DP_NOISE = (0.78, 1.3, 2.6)
@@ -116,8 +128,13 @@ def experiments(args: argparse.Namespace) -> list[Experiment]:
 
 
 def experiment_config(e: Experiment, lake_path: str, rounds: int) -> Config:
-    return load_config(ROOT / "conf" / e.config,
-                       [f"lake.path={lake_path}", f"federated.rounds={rounds}", *e.sets])
+    """The experiment's config, stopping at its target accuracy when it has one."""
+    config = load_config(ROOT / "conf" / e.config,
+                         [f"lake.path={lake_path}", f"federated.rounds={rounds}", *e.sets])
+    fed = config.federated
+    if fed.target_accuracy is None:
+        return config
+    return config.model_copy(update={"federated": fed.model_copy(update={"stop_at_target": True})})
 
 
 # --- convergence -------------------------------------------------------------------------------
@@ -138,23 +155,17 @@ def converge(spark: SparkSession, config: Config, clients: Clients, test: Any,
         if "test_accuracy" in record and record["round"] % (10 * fed.eval_every) == 0:
             log(f"{label}: round {record['round']} test_accuracy {record['test_accuracy']:.4f}")
 
-    def reached(record: dict) -> bool:
-        return record.get("test_accuracy", -1.0) >= target
-
     started = time.perf_counter()
     try:
-        state = rounds.fit(sc, config, clients, test, spec, state, on_round,
-                              until=reached if target is not None else None, client_eval=False,
-                              run_id=f"bench-{label}",
-                              noise_secret=privacy.fresh_secret(config))
+        state = rounds.fit(sc, config, clients, test, spec, state, on_round, client_eval=False,
+                           run_id=f"bench-{label}", noise_secret=privacy.fresh_secret(config))
     except RuntimeError as exc:  # e.g. every client's update overflowed under an attack
         raise RoundFailed(str(exc), [[h["round"], h["test_accuracy"]] for h in seen
                                      if "test_accuracy" in h]) from exc
     wall = time.perf_counter() - started
     history = state.history
     evaluated = [h for h in history if "test_accuracy" in h]
-    first = next((h["round"] for h in evaluated if target is not None and h["test_accuracy"] >= target),
-                 None)
+    first = rounds.reached_target(fed, history)
     split = ClientSplit(t.seed, fed.holdout_fraction)
     by_client, _ = rounds.federated_eval(sc, clients, spec, t.dtype, split, state.theta)
     train_seconds = [h["seconds"] - h.get("eval_seconds", 0.0) for h in history[1:]] or [0.0]
@@ -222,6 +233,14 @@ def client_arrays(config: Config) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return X.reshape(len(y), -1), y, client
 
 
+def client_train_rows(client: np.ndarray, k: int, split: ClientSplit) -> np.ndarray:
+    """Client k's training rows (indices in id order): its rows less a hold-out of the size its
+    block keeps (udfs.federated.clients.client_rows), drawn from the same stream."""
+    rows = np.flatnonzero(client == k)
+    n_hold = int(round(split.holdout_fraction * len(rows))) if len(rows) > 1 else 0
+    return rows[rng(split.seed, Stream.HOLDOUT, k).permutation(len(rows))[n_hold:]]
+
+
 def one_process(task: Any, theta: np.ndarray, sampled: list[int], data: tuple, split: ClientSplit) -> float:
     """Seconds to train the sampled clients one after another here, each on as many rows as its
     task trains (its rows less the same-size hold-out), with one BLAS thread as in the tasks."""
@@ -229,9 +248,7 @@ def one_process(task: Any, theta: np.ndarray, sampled: list[int], data: tuple, s
     started = time.perf_counter()
     with threadpool_limits(1):
         for k in sampled:
-            rows = np.flatnonzero(client == k)
-            n_hold = int(round(split.holdout_fraction * len(rows))) if len(rows) > 1 else 0
-            keep = rows[rng(split.seed, Stream.HOLDOUT, k).permutation(len(rows))[n_hold:]]
+            keep = client_train_rows(client, k, split)
             train_client(task, k, theta, X[keep].astype(task.dtype), y[keep])
     return time.perf_counter() - started
 
@@ -283,6 +300,149 @@ def overhead(spark: SparkSession, args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+# --- Flower's simulation of the same job ---------------------------------------------------------
+
+FLOWER = "flwr[simulation]==1.42.0"
+FLOWER_TARGET = 0.85
+
+
+def flower_venv(path: Path) -> Path:
+    """Flower's own venv at `path` (created when missing): FLOWER, plus udfs' executor requirements
+    at this environment's versions, so its clients run our client code on the same numpy. Never in
+    our dependencies: a peer runs in a venv of its own. Returns its python."""
+    wanted = [FLOWER, *(f"{p}=={importlib.metadata.version(p)}" for p in EXECUTOR_REQUIREMENTS)]
+    stamp, python = path / ".fedspark-requirements", path / "bin" / "python"
+    if python.exists() and stamp.is_file() and stamp.read_text().split() == wanted:
+        return python
+    log(f"flower: installing {' '.join(wanted)} into {path}")
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", *wanted], check=True)
+    stamp.write_text("\n".join(wanted))
+    return python
+
+
+def write_flower_job(config: Config, spec: Any, theta0: np.ndarray, job_dir: Path, n_rounds: int,
+                     slots: int) -> None:
+    """job.json and data.npz for scripts/flower_fedavg.py: the clients as prepare_clients assigns
+    them (client_arrays), each with its training rows (client_train_rows), stored client after
+    client, and the test split."""
+    X, y, client = client_arrays(config)
+    fed, t = config.federated, config.trainer
+    split = ClientSplit(t.seed, fed.holdout_fraction)
+    rows = [client_train_rows(client, k, split) for k in range(fed.clients)]
+    order = np.concatenate(rows)
+    X_test, y_test = load_split("test")
+    job_dir.mkdir(parents=True, exist_ok=True)
+    np.savez(job_dir / "data.npz", X=X[order], y=y[order],
+             offsets=np.concatenate([[0], np.cumsum([len(r) for r in rows])]),
+             X_test=X_test.reshape(len(y_test), -1), y_test=y_test, theta0=theta0)
+    o = config.trainer.optimizer
+    (job_dir / "job.json").write_text(json.dumps({
+        "spec": {"kind": spec.kind, "layers": list(spec.layers)},
+        "optimizer": {"name": o.name, "lr": o.lr, "beta1": o.beta1, "beta2": o.beta2, "eps": o.eps,
+                      "momentum": o.momentum},
+        "dtype": t.dtype, "seed": t.seed, "holdout_fraction": fed.holdout_fraction,
+        "local_epochs": fed.local_epochs, "batch_size": fed.local_batch_size, "clients": fed.clients,
+        "fraction": fed.fraction, "rounds": n_rounds, "cpus": slots}))
+
+
+def run_flower(python: Path, job_dir: Path) -> dict[str, Any]:
+    """scripts/flower_fedavg.py on `job_dir`, one BLAS thread a process; its JSON line. Flower's
+    and Ray's logs are kept aside and shown only when it fails."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+           "MKL_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "0"}
+    started = time.perf_counter()
+    proc = subprocess.run([str(python), "-m", "scripts.flower_fedavg", str(job_dir)], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise BenchError(f"flower: exited with {proc.returncode}; end of its output:\n"
+                         + "\n".join((proc.stdout + proc.stderr).splitlines()[-30:]))
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["process_seconds"] = round(time.perf_counter() - started, 3)
+    return result
+
+
+def round_times(seconds: list[float], by_round: list[list], whole: float) -> dict[str, Any]:
+    """What the flower part reports of one way: the first round, the median of the others, rounds
+    to FLOWER_TARGET."""
+    return {"first_round_seconds": round(seconds[0], 3),
+            "round_seconds": round(statistics.median(seconds[1:] or seconds), 3),
+            "rounds_to_target": next((r for r, acc in by_round if acc >= FLOWER_TARGET), None),
+            "final_accuracy": by_round[-1][1], "whole_seconds": round(whole, 1)}
+
+
+def ours_beside_flower(spark: SparkSession, config: Config) -> dict[str, Any]:
+    """conf/fedavg_iid.yaml with eval_every=1: every round evaluated on the test set and on every
+    client's hold-out, as train.py runs it; the blocks' build counts in the whole."""
+    started = time.perf_counter()
+    clients, test = prepare_clients(spark, config)
+    blocks = time.perf_counter() - started
+    spec = model_spec(config, clients.n_features, clients.n_classes)
+    state = rounds.initial_state(config, initial_theta(config, spec), clients.count)
+    try:
+        state = rounds.fit(spark.sparkContext, config, clients, test, spec, state, lambda s, r: None,
+                           run_id="bench-beside-flower")
+    finally:
+        clients.release()
+        if test is not None:
+            test.release()
+    h = state.history
+    out = round_times([r["seconds"] for r in h], [[r["round"], r["test_accuracy"]] for r in h],
+                      time.perf_counter() - started)
+    test_eval = [r["eval_seconds"] - r["client_eval_seconds"] for r in h[1:]]
+    return {**out, "blocks_seconds": round(blocks, 1),
+            "round_with_test_eval_seconds": round(statistics.median(
+                r["seconds"] - r["client_eval_seconds"] for r in h[1:]), 3),
+            "test_eval_seconds": round(statistics.median(test_eval), 3),
+            "client_eval_seconds": round(statistics.median(r["client_eval_seconds"] for r in h[1:]), 3)}
+
+
+def numpy_floor(config: Config, n_rounds: int, slots: int) -> float:
+    """The round's numpy work spread ideally over the task slots: the sampled clients' training
+    (one_process) and the test set's forward pass, one BLAS thread, median of rounds 2-4."""
+    spec = model_spec(config, 784, 10)
+    theta = initial_theta(config, spec)
+    fed, t = config.federated, config.trainer
+    split = ClientSplit(t.seed, fed.holdout_fraction)
+    data = client_arrays(config)
+    X_test, y_test = load_split("test")
+    X_test = X_test.reshape(len(y_test), -1)
+    with threadpool_limits(1):
+        started = time.perf_counter()
+        metric_sums(spec, theta, X_test, y_test)
+        test_seconds = time.perf_counter() - started
+    train = [one_process(rounds.client_round(config, spec, r), theta, rounds.sample(fed, r, fed.clients, t.seed),
+                         data, split) for r in range(2, min(n_rounds, 4) + 1)]
+    return round((statistics.median(train) + test_seconds) / slots, 3)
+
+
+def beside_flower(spark: SparkSession, args: argparse.Namespace) -> dict[str, Any]:
+    """Our rounds and Flower's simulation of the same job, one after the other, and the numpy floor."""
+    config = experiment_config(Experiment("iid", "fedavg", "fedavg_iid.yaml",
+                                          ("federated.eval_every=1", "federated.target_accuracy=null"), 1),
+                               args.lake, args.flower_rounds)
+    slots = spark.sparkContext.defaultParallelism
+    log(f"flower: ours, {args.flower_rounds} rounds of conf/fedavg_iid.yaml with eval_every=1")
+    ours = ours_beside_flower(spark, config)
+    log(f"flower: ours {ours}")
+    python = flower_venv(args.flower_venv)
+    spec = model_spec(config, 784, 10)
+    with tempfile.TemporaryDirectory(prefix="fedspark-flower-") as job_dir:
+        write_flower_job(config, spec, initial_theta(config, spec), Path(job_dir), args.flower_rounds, slots)
+        log(f"flower: Flower's simulation, {args.flower_rounds} rounds")
+        got = run_flower(python, Path(job_dir))
+    flower = {**round_times(got["round_seconds"], got["test_accuracy_by_round"], got["process_seconds"]),
+              "setup_seconds": got["setup_seconds"], "process_seconds": got["process_seconds"]}
+    log(f"flower: Flower {flower}")
+    floor = numpy_floor(config, args.flower_rounds, slots)
+    return {"rounds": args.flower_rounds, "slots": slots, "flower_requirement": FLOWER, "ours": ours,
+            "flower": flower, "numpy_floor_round_seconds": floor,
+            "ours_over_flower_round": round(ours["round_seconds"] / flower["round_seconds"], 2),
+            "ours_over_flower_round_with_test_eval": round(
+                ours["round_with_test_eval_seconds"] / flower["round_seconds"], 2)}
+
+
 # --- report ------------------------------------------------------------------------------------
 
 def fmt(value: Any, spec: str = "") -> str:
@@ -291,6 +451,23 @@ def fmt(value: Any, spec: str = "") -> str:
 
 def markdown(report: dict[str, Any]) -> str:
     lines = []
+    f = report.get("flower")
+    if f:
+        o, fl = f["ours"], f["flower"]
+        lines += [f"| way ({f['rounds']} rounds) | first round s | s/round (median of rounds 2-) | "
+                  "round with test eval only s | test eval s | all clients' eval s | rounds to 0.85 | "
+                  "final acc | whole s | s/round over Flower's |", "|---|---|---|---|---|---|---|---|---|---|",
+                  f"| numpy floor ({f['slots']} slots) | — | {f['numpy_floor_round_seconds']} | — | — | — | — | — | "
+                  f"— | {round(f['numpy_floor_round_seconds'] / fl['round_seconds'], 2)} |",
+                  f"| Flower ({f['flower_requirement']}) | {fl['first_round_seconds']} | {fl['round_seconds']} | "
+                  f"{fl['round_seconds']} | — | — | {fmt(fl['rounds_to_target'])} | {fl['final_accuracy']:.4f} | "
+                  f"{fl['whole_seconds']} | 1.0 |",
+                  f"| fedspark | {o['first_round_seconds']} | {o['round_seconds']} | "
+                  f"{o['round_with_test_eval_seconds']} | {o['test_eval_seconds']} | {o['client_eval_seconds']} | "
+                  f"{fmt(o['rounds_to_target'])} | "
+                  f"{o['final_accuracy']:.4f} | {o['whole_seconds']} (blocks {o['blocks_seconds']}) | "
+                  f"{f['ours_over_flower_round']} ({f['ours_over_flower_round_with_test_eval']} with the test "
+                  "eval only) |", ""]
     o = report.get("overhead")
     if o:
         lines += ["| clients/round | task slots | Spark round s | tasks' numpy s (sum) | one process s | "
@@ -370,6 +547,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--fedavg-rounds", type=positive, default=100)
     p.add_argument("--fedsgd-rounds", type=positive, default=1000)
     p.add_argument("--overhead-rounds", type=positive, default=10)
+    p.add_argument("--flower-rounds", type=positive, default=20)
+    p.add_argument("--flower-venv", type=Path, default=Path(os.environ.get("FLWR_VENV", "/tmp/flwr-venv")),
+                   help="Flower's own venv (created when missing)")
     p.add_argument("--robust-runs", type=lambda text: [v for v in text.split(",") if v],
                    default=["clean", "mean", "median", "trimmed_mean", "multi_krum"],
                    help="robust part: 'clean' (no attack) and the rules to run under attack")
@@ -387,6 +567,9 @@ def main(argv: list[str]) -> int:
     if "overhead" in args.only:
         report["overhead"] = overhead(spark, args)
         append(args.out, {"kind": "overhead", **report["overhead"]})
+    if "flower" in args.only:
+        report["flower"] = beside_flower(spark, args)
+        append(args.out, {"kind": "flower", **report["flower"]})
     report["experiments"] = []
     todo = experiments(args)
     for group in dict.fromkeys(e.group for e in todo):

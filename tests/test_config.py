@@ -84,6 +84,7 @@ def test_experiment_file_overrides_defaults(tmp_path):
     ("trainer.epochs", ["expected KEY=VALUE"]),
     ("robust.attack.scale=.inf", ["robust.attack.scale", "finite number"]),
     ("trainer.optimizer.lr=.nan", ["trainer.optimizer.lr", "finite number"]),
+    ("federated.stop_at_target=true", ["federated.stop_at_target: true needs federated.target_accuracy"]),
 ])
 def test_bad_values_name_the_key(item, needles):
     with pytest.raises(ConfigError) as err:

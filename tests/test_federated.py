@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -152,6 +153,40 @@ def test_a_client_task_returns_only_an_update_a_count_and_scalars(spark, lake):
         stages = tracker.getJobInfo(jobs[0]).stageIds
         # tasks that ran (a cached lineage shows its skipped map stage too, with no completed task)
         assert sum(tracker.getStageInfo(s).numCompletedTasks for s in stages) == len(sampled)
+    finally:
+        clients.release()
+        test.release()
+
+
+def test_every_client_is_evaluated_on_its_own_hold_out_in_one_task_per_slot(spark, lake):
+    """The federated evaluation is one job of one task per task slot, not one per client, and each
+    client's accuracy is still the global model's on that client's own hold-out rows."""
+    from udfs.core import models
+    from udfs.data import blocks
+    from udfs.federated.clients import ClientSplit, client_rows
+
+    config, clients, test, spec = _prepared(spark, lake, holdout_fraction=0.25)
+    try:
+        theta = runners.initial_theta(config, spec)
+        split = ClientSplit(config.trainer.seed, 0.25)
+        sc = spark.sparkContext
+        sc.setJobGroup("fed-eval-test", "every client's hold-out")
+        summary, accuracies = rounds.federated_eval(sc, clients, spec, "float64", split, theta)
+        sc.setJobGroup("", "")
+        tracker = sc.statusTracker()
+        jobs = tracker.getJobIdsForGroup("fed-eval-test")
+        assert len(jobs) == 1
+        assert sum(tracker.getStageInfo(s).numCompletedTasks
+                   for s in tracker.getJobInfo(jobs[0]).stageIds) == sc.defaultParallelism < clients.count
+        expected = {}
+        for handle in clients.handles.collect():   # local mode: the blocks are on this machine's disk
+            block = blocks.load(handle.path)
+            _, hold = client_rows(handle.path, handle.part, split)
+            expected[handle.part] = float(np.mean(models.predict(spec, theta, block.X[hold].astype("float64"))
+                                                  == block.y[hold]))
+        assert accuracies == [expected[k] for k in range(clients.count)]
+        assert summary == {"mean": np.mean(accuracies), "p10": np.percentile(accuracies, 10),
+                           "min": min(accuracies)}
     finally:
         clients.release()
         test.release()
@@ -305,6 +340,38 @@ def test_federated_summary_and_report(uninterrupted):
     assert [r for r, _ in full["test_accuracy_by_round"]] == list(range(1, 6))
     assert set(full["client_accuracy"]) == {"mean", "p10", "min"}
     assert any(line.startswith("clients 6") for line in lines)
+
+
+def test_stop_at_target_ends_the_run_at_the_round_reaching_it_and_a_resume_stays_there(
+        lake, tmp_path, capsys, uninterrupted):
+    """The resumable run with its target set to the accuracy the uninterrupted run first reached
+    after round 1 (and before its cap) ends at that round with that round's weights; killed after
+    that round's checkpoint (its summary and model removed), its resume runs no further round."""
+    full, _, _ = uninterrupted
+    acc = dict(full["test_accuracy_by_round"])
+    reached = next(r for r in range(2, 5) if acc[r] > max(acc[q] for q in range(1, r)))
+    summary, theta, lines = run(lake, tmp_path, capsys, *RESUMABLE, "federated.stop_at_target=true",
+                                f"federated.target_accuracy={acc[reached]}",
+                                extra=("--run-name", "stopping"))
+    assert summary["rounds"] == summary["rounds_to_target"] == reached
+    assert summary["stopped"] == (f"reached federated.target_accuracy={acc[reached]} "
+                                  f"at round {reached}")
+    assert summary["test_accuracy_by_round"] == full["test_accuracy_by_round"][:reached]
+    whole = Path(full["run_dir"]) / "checkpoints" / f"round-{reached:04d}.npz"
+    with np.load(whole, allow_pickle=False) as z:
+        np.testing.assert_array_equal(theta, z["theta"])
+    run_dir = Path(summary["run_dir"])
+    (run_dir / "summary.json").unlink()
+    shutil.rmtree(run_dir / "model")
+    capsys.readouterr()
+    assert main_wrapper(train.main, ["--resume", str(run_dir)]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert any(line.startswith(f"resuming {run_dir} after round {reached}") for line in out)
+    assert not any(line.startswith(f"round {reached + 1}/") for line in out)
+    resumed = json.loads(out[-1])
+    assert (resumed["rounds"], resumed["stopped"]) == (reached, summary["stopped"])
+    with np.load(run_dir / "model" / "weights.npz", allow_pickle=False) as z:
+        np.testing.assert_array_equal(z["theta"], theta)
 
 
 @pytest.mark.slow  # a JVM of its own, killed, then a resume

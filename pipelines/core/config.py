@@ -201,11 +201,19 @@ class FederatedSection(_Section):
     local_batch_size: int = Field(ge=1)
     eval_every: int = Field(ge=1)
     target_accuracy: float | None = Fraction
+    stop_at_target: bool
     strategy: ServerStrategy
     mu: float = Field(ge=0.0)
     server_lr: float = Field(gt=0.0)
     server_momentum: float = Field(ge=0.0, lt=1.0)
     tau: float = Field(gt=0.0)
+
+    @model_validator(mode="after")
+    def _target_to_stop_at(self) -> FederatedSection:
+        if self.stop_at_target and self.target_accuracy is None:
+            raise ValueError("federated.stop_at_target: true needs federated.target_accuracy "
+                             "(the test accuracy to stop at)")
+        return self
 
 
 class PrivacySection(_Section):

@@ -58,7 +58,6 @@ def initial_state(config: Config, theta: np.ndarray, n_clients: int) -> FedState
 
 
 RoundHook = Callable[[FedState, dict], None]
-StopRule = Callable[[dict], bool]
 
 
 NO_ATTACK = Attack("none", 0.0, frozenset())
@@ -262,11 +261,14 @@ def finite(report: clients.ClientReport) -> bool:
 def federated_eval(sc: SparkContext, c: Clients, spec: ModelSpec, dtype: str, split: clients.ClientSplit,
                    theta: np.ndarray) -> tuple[dict[str, float], list[float]]:
     """Each client's accuracy on its own hold-out, in client order, and their mean, 10th percentile
-    and minimum."""
+    and minimum: one job of one task per task slot, each evaluating the clients whose handles
+    coalesce into it (Spark groups them by the executor host that caches them, so each task reads
+    blocks on its own host's disk)."""
     bc = sc.broadcast(theta)
+    evaluate_clients = partial(clients.clients_evaluate, spec=spec, dtype=dtype, split=split, weights=bc)
     try:
-        per_client = c.run(lambda h: h.mapPartitions(partial(
-            clients.client_evaluate, spec=spec, dtype=dtype, split=split, weights=bc)).collect())
+        per_client = c.run(lambda h: h.coalesce(min(sc.defaultParallelism, h.getNumPartitions()))
+                           .mapPartitions(evaluate_clients).collect())
     finally:
         bc.destroy()
     if not per_client:
@@ -277,14 +279,15 @@ def federated_eval(sc: SparkContext, c: Clients, spec: ModelSpec, dtype: str, sp
 
 
 def fit(sc: SparkContext, config: Config, c: Clients, test: Blocks | None, spec: ModelSpec, state: FedState,
-        on_round: RoundHook, until: StopRule | None = None, client_eval: bool = True, *,
+        on_round: RoundHook, client_eval: bool = True, *,
         run_id: str, noise_secret: bytes | None = None) -> FedState:
     """Run the remaining rounds; every eval_every rounds (and the last) evaluate globally and per
-    client, and hand each round's record to `on_round`.
+    client, and hand each round's record to `on_round`. Under federated.stop_at_target the run ends
+    at the first evaluated round reaching federated.target_accuracy, and a resumed run whose history
+    already reached it runs no round at all.
 
-    `until(record)` ends training early once it holds (the convergence benchmark stops at the
-    target); `client_eval=False` skips the per-client evaluation, one task per client, which costs
-    more than a round when only the global test accuracy is wanted. `run_id` (the run's id) binds
+    `client_eval=False` skips the per-client evaluation (every client's hold-out) when only the
+    global test accuracy is wanted. `run_id` (the run's id) binds
     each client's local-DP noise to this run (udfs/federated/noise.py); `noise_secret`, the
     run's secret for central DP's noise and sampling (None: from the seed; privacy.needs_secret)."""
     fed, t = config.federated, config.trainer
@@ -295,7 +298,8 @@ def fit(sc: SparkContext, config: Config, c: Clients, test: Blocks | None, spec:
     key = privacy.NoiseKey(noise_secret, t.seed)
     aggregate_round = aggregator(config, dp, per_round, key)
     split = clients.ClientSplit(t.seed, fed.holdout_fraction)
-    while state.round < fed.rounds:
+    state.stopped = state.stopped or target_stop(fed, state.history)
+    while state.stopped is None and state.round < fed.rounds:
         started = time.perf_counter()
         r = state.round + 1
         if not dp.may_run(r):
@@ -338,25 +342,41 @@ def fit(sc: SparkContext, config: Config, c: Clients, test: Blocks | None, spec:
                                         t.aggregation_depth).get("test", {})
                 record.update({f"test_{k}": v for k, v in test_metrics.items() if k != "rows"})
             if client_eval and not dp.enabled:
+                by_clients = time.perf_counter()
                 record["client_accuracy"], record["client_accuracies"] = federated_eval(
                     sc, c, spec, t.dtype, split, state.theta)
+                record["client_eval_seconds"] = time.perf_counter() - by_clients
             record["eval_seconds"] = time.perf_counter() - evaluated
         record["seconds"] = time.perf_counter() - started
         record["client_seconds"] = got.client_seconds
         state.round = r
         state.history.append(record)
         on_round(state, record)
-        if until is not None and until(record):
-            break
+        state.stopped = target_stop(fed, state.history)
     return state
+
+
+def reached_target(fed: FederatedSection, history: list[dict]) -> int | None:
+    """The first evaluated round whose test accuracy is at or above federated.target_accuracy; None
+    without a target or before any round reached it."""
+    if fed.target_accuracy is None:
+        return None
+    return next((h["round"] for h in history if h.get("test_accuracy", -1.0) >= fed.target_accuracy),
+                None)
+
+
+def target_stop(fed: FederatedSection, history: list[dict]) -> str | None:
+    """Why a federated.stop_at_target run ends here (FedState.stopped), or None to go on."""
+    reached = reached_target(fed, history) if fed.stop_at_target else None
+    if reached is None:
+        return None
+    return f"reached federated.target_accuracy={fed.target_accuracy} at round {reached}"
 
 
 def summary_fields(config: Config, c: Clients, state: FedState) -> dict:
     """What the summary line adds for a federated run (CONTRACT.md)."""
     fed = config.federated
     by_round = [[h["round"], h["test_accuracy"]] for h in state.history if "test_accuracy" in h]
-    target = fed.target_accuracy
-    reached = next((r for r, acc in by_round if target is not None and acc >= target), None)
     last_clients: dict[str, float] = next((h["client_accuracy"] for h in reversed(state.history)
                          if h.get("client_accuracy")), {})
     out = {
@@ -365,8 +385,8 @@ def summary_fields(config: Config, c: Clients, state: FedState) -> dict:
         "sampled_per_round": float(np.mean([h["clients"] for h in state.history])) if state.history else 0.0,
         "client_accuracy": last_clients,
         "test_accuracy_by_round": by_round,
-        "target_accuracy": target,
-        "rounds_to_target": reached,
+        "target_accuracy": fed.target_accuracy,
+        "rounds_to_target": reached_target(fed, state.history),
         "dropped_clients": state.dropped,
         **({"stopped": state.stopped} if state.stopped else {}),
         "federated": {"strategy": fed.strategy, "partitioner": fed.partitioner,

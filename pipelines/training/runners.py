@@ -341,6 +341,8 @@ def train_federated(job: Job) -> Trained:
     state = rounds.fit(spark.sparkContext, config, clients, test, spec, state, on_round,
                        run_id=tracker.run_id, noise_secret=secret)
     job.timings["train"] = time.perf_counter() - mark
+    if state.stopped:
+        tracker.event(f"stopped after round {state.round}: {state.stopped}")
     last = state.history[-1] if state.history else {}
     test_metrics = {k.removeprefix("test_"): v for k, v in last.items() if k.startswith("test_")}
     clients.release()

@@ -168,15 +168,21 @@ def client_update(rows: Iterable[Any], task: ClientRound,
     yield report
 
 
-def client_evaluate(rows: Iterable[Any], spec: ModelSpec, dtype: str, split: ClientSplit,
-                    weights: Broadcast[np.ndarray]) -> Iterator[tuple[int, np.ndarray]]:
-    """The global model on this client's hold-out: (client, [n, loss_sum, correct, ...])."""
-    handle = client_of(rows)
-    if handle is None:
-        return
-    client, path = handle
-    block = blocks.load(path)
-    _, hold = client_rows(path, client, split)
-    if len(hold):
-        X = block.X[hold].astype(dtype, copy=False)
-        yield client, metric_sums(spec, weights.value, X, block.y[hold])
+def clients_evaluate(rows: Iterable[Any], spec: ModelSpec, dtype: str, split: ClientSplit,
+                     weights: Broadcast[np.ndarray]) -> Iterator[tuple[int, np.ndarray]]:
+    """The global model on the hold-out of every client whose handle is in this partition:
+    (client, [n, loss_sum, correct, ...]) for each client with a hold-out.
+
+    The driver coalesces the clients' handles into a few partitions (one per task slot) for this:
+    evaluating a client's few hold-out rows costs far less than a Spark task, so one task per
+    client would spend nearly all of the evaluation in task overhead. The clients are still
+    evaluated one after another, each on its own block, and only their sums leave the task."""
+    worker.prepare()
+    theta = weights.value
+    for row in rows:
+        client, path = int(row.part), str(row.path)
+        block = blocks.load(path)
+        _, hold = client_rows(path, client, split)
+        if len(hold):
+            X = block.X[hold].astype(dtype, copy=False)
+            yield client, metric_sums(spec, theta, X, block.y[hold])
