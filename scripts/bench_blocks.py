@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from scripts.benchlib import BenchError, log, machine, spark_submit, versions
+from scripts.benchlib import BenchError, emit, log, machine, spark_submit, versions
 
 WAYS = ("shuffle", "first", "reuse")
 TABLE = "fashion_mnist"
@@ -161,14 +161,7 @@ def main(argv: list[str]) -> int:
     if args.phase:
         print(json.dumps(phase(args)))
         return 0
-    report = run_all(args)
-    text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
-    print()
-    print(markdown(report))
-    return 1 if any("error" in r for r in report["results"].values()) else 0
+    return emit(run_all(args), args.out, markdown)
 
 
 if __name__ == "__main__":

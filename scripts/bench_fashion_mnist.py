@@ -45,6 +45,7 @@ from pipelines.training.data_parallel import (
 from scripts.benchlib import (
     DATA_DIR,
     BenchError,
+    emit,
     load_split,
     log,
     machine,
@@ -480,14 +481,7 @@ def main(argv: list[str]) -> int:
     if args.mllib_job:
         mllib_job(args)
         return 0
-    report = run_all(args)
-    text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
-    print()
-    print(markdown(report))
-    return 1 if any("error" in r for r in report["results"].values()) else 0
+    return emit(run_all(args), args.out, markdown)
 
 
 if __name__ == "__main__":

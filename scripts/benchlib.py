@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -121,3 +122,15 @@ def peer_venv(path: Path, requirements: tuple[str, ...]) -> Path:
             raise BenchError(f"{' '.join(cmd)} exited with {done.returncode}: {done.stderr[-2000:]}")
     stamp.write_text(wanted)
     return python
+
+
+def emit(report: dict[str, Any], out: Path | None, markdown: Callable[[dict[str, Any]], str]) -> int:
+    """Print a benchmark's report (JSON, then its markdown table), also to `out` when given; the
+    exit status is 1 when a way failed."""
+    text = json.dumps(report, indent=2)
+    if out:
+        out.write_text(text + "\n")
+    print(text)
+    print()
+    print(markdown(report))
+    return 1 if any("error" in r for r in report["results"].values()) else 0
