@@ -176,6 +176,8 @@ def test_every_client_is_evaluated_on_its_own_hold_out_in_one_task_per_slot(spar
         tracker = sc.statusTracker()
         jobs = tracker.getJobIdsForGroup("fed-eval-test")
         assert len(jobs) == 1
+        while tracker.getJobInfo(jobs[0]).status != "SUCCEEDED":   # Spark's listener lags the job
+            time.sleep(0.05)
         assert sum(tracker.getStageInfo(s).numCompletedTasks
                    for s in tracker.getJobInfo(jobs[0]).stageIds) == sc.defaultParallelism < clients.count
         expected = {}
