@@ -12,7 +12,7 @@ from tests.conftest import ROOT
 
 def test_defaults_and_sample_config():
     c = load_config()
-    assert (c.model.kind, c.model.hidden, c.trainer.strategy) == ("mlp", [128], "local")
+    assert (c.model.kind, c.model.hidden, c.trainer.strategy) == ("mlp", [128], "sync")
     assert (c.trainer.epochs, c.trainer.batch_size, c.data.validation_fraction) == (5, 64, 0.2)
     assert c.trainer.optimizer.eps == 1e-7 and c.lake.path == "./lake"
 

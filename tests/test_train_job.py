@@ -177,7 +177,7 @@ def test_a_resume_reads_the_version_it_started_on_or_stops(spark, tmp_path, caps
     X, y, split = blobs(2_000, 6, 3, seed=3)
     write_table(spark, lake, "nightly", X, y, split)
     sets = ["data.table=nightly", "model.kind=softmax", "trainer.optimizer.lr=0.05", "trainer.epochs=3",
-            "trainer.checkpoint_every=1"]
+            "trainer.strategy=local", "trainer.checkpoint_every=1"]
     nightly = ["--run-name", "nightly", "--resume-if-exists"]
     full, _ = run_train(lake, runs, capsys, *sets, extra=nightly)
     run_dir = Path(full["run_dir"])
