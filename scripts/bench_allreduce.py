@@ -35,10 +35,12 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.core.session import build_session
+from pipelines.training import rendezvous
 from scripts.benchlib import log, machine, versions
 from udfs.training import collective
 
 LENGTH = 101_770
+SECRET = b"bench-allreduce-not-a-secret-000"
 
 GLOO = r'''
 import os, sys, time, json, statistics
@@ -59,12 +61,13 @@ dist.destroy_process_group()
 '''
 
 
-def _stage(_: Iterable[int], way: str, calls: int, dtype: str) -> Iterator[float]:
+def _stage(_: Iterable[int], way: str, calls: int, dtype: str,
+           meet: tuple[str, int]) -> Iterator[float]:
     from pyspark import BarrierTaskContext
 
     context = BarrierTaskContext.get()
     vec = np.random.default_rng(context.partitionId()).normal(size=LENGTH).astype(dtype)
-    ring = collective.join(context, b"k" * 32, collective.PortRange()) if way == "ring" else None
+    ring = collective.join(context, SECRET, collective.PortRange(), meet) if way == "ring" else None
     seconds = []
     for i in range(calls + 2):   # two warm-up calls
         started = time.perf_counter()
@@ -87,14 +90,16 @@ def _stage(_: Iterable[int], way: str, calls: int, dtype: str) -> Iterator[float
 def spark_ways(calls_spark: int, calls_ring: int) -> dict[str, float]:
     spark = build_session("bench-allreduce", {"spark.master": "local[2]"})
     sc = spark.sparkContext
+    meet = rendezvous.for_driver(sc, collective.PortRange())
     out = {}
     for way, calls, dtype in (("spark_barrier", calls_spark, "float32"),
                               ("spark_allgather", calls_spark, "float32"),
                               ("ring", calls_ring, "float32"), ("ring", calls_ring, "float64")):
         name = f"{way}_{dtype}" if way == "ring" else way
         log(f"{name}: {calls} calls on 2 barrier tasks")
-        got: list[float] = (sc.parallelize(range(2), 2).barrier()
-               .mapPartitions(partial(_stage, way=way, calls=calls, dtype=dtype)).collect())
+        with meet.meeting(SECRET):
+            got: list[float] = (sc.parallelize(range(2), 2).barrier().mapPartitions(
+                partial(_stage, way=way, calls=calls, dtype=dtype, meet=meet.address)).collect())
         out[name] = round(max(got), 3)
     spark.stop()
     return out

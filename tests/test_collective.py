@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from pipelines.training.rendezvous import Rendezvous
 from udfs.training import collective
 
 SECRET = b"s" * 32
@@ -17,7 +18,7 @@ SECRET = b"s" * 32
 
 def ring_of(size: int, secret_of=lambda rank: SECRET) -> list[collective.Ring]:
     """`size` tasks joined as join() joins them, each with its own listener on 127.0.0.1."""
-    listeners = [collective._listen("127.0.0.1", collective.PortRange()) for _ in range(size)]
+    listeners = [collective.listen("127.0.0.1", collective.PortRange()) for _ in range(size)]
     addresses = [s.getsockname()[:2] for s in listeners]
     deadline = time.monotonic() + 10
 
@@ -52,7 +53,7 @@ def test_the_ring_sums_and_every_task_holds_the_same_bits(size, length):
 
 
 def test_a_peer_without_the_stage_secret_is_refused_and_the_real_one_admitted():
-    listener = collective._listen("127.0.0.1", collective.PortRange())
+    listener = collective.listen("127.0.0.1", collective.PortRange())
     address = listener.getsockname()[:2]
     deadline = time.monotonic() + 10
     with ThreadPoolExecutor(1) as pool:
@@ -74,8 +75,27 @@ def test_a_peer_without_the_stage_secret_is_refused_and_the_real_one_admitted():
 def test_a_port_range_is_parsed_and_an_exhausted_one_says_what_to_widen():
     assert collective.PortRange.parse("0") == collective.PortRange(0, 0)
     assert collective.PortRange.parse("47000-47010") == collective.PortRange(47000, 47010)
-    taken = collective._listen("127.0.0.1", collective.PortRange())
+    taken = collective.listen("127.0.0.1", collective.PortRange())
     port = taken.getsockname()[1]
     with pytest.raises(collective.CollectiveError, match="trainer.sync_ports"):
-        collective._listen("127.0.0.1", collective.PortRange(port, port))
+        collective.listen("127.0.0.1", collective.PortRange(port, port))
     taken.close()
+
+
+def test_the_rendezvous_answers_a_stages_tasks_and_only_those_that_hold_its_secret():
+    meet = Rendezvous("127.0.0.1", "127.0.0.1", collective.PortRange())
+    size = 3
+    mine = [f"127.0.0.{rank + 1}:{4000 + rank}" for rank in range(size)]
+    with meet.meeting(SECRET), ThreadPoolExecutor(size) as pool:
+        # a hello under another secret (no meeting for it) and one with a forged MAC: closed unanswered
+        for secret, forge in ((b"x" * 32, False), (SECRET, True)):
+            with socket.create_connection(meet.address) as stranger:
+                message = collective.hello(secret, 0, size, "10.0.0.9:1")
+                collective.send_frame(stranger, message[:-1] + bytes([message[-1] ^ forge]))
+                with pytest.raises(collective.CollectiveError, match="closed"):
+                    collective.recv_frame(stranger)
+        got = list(pool.map(lambda rank: collective.meet(meet.address, SECRET, rank, size, mine[rank], 10),
+                            range(size)))
+    assert got == [[("127.0.0.%d" % (r + 1), 4000 + r) for r in range(size)]] * size
+    with pytest.raises(collective.CollectiveError, match="rendezvous"):   # the meeting is over
+        collective.meet(meet.address, SECRET, 0, 1, mine[0], 10)

@@ -31,6 +31,7 @@ from pipelines.core.config import Config
 from pipelines.core.errors import UserError
 from pipelines.core.progress import progress
 from pipelines.data.blocks import Blocks
+from pipelines.training import rendezvous
 from udfs.core.models import ModelSpec
 from udfs.core.optimizers import Optimizer
 from udfs.data import blocks
@@ -201,13 +202,16 @@ def sync_steps(sc: SparkContext, data: Blocks, job: tasks.Job,
     A stage that fails (a task or its worker lost) is run again from the same broadcast state, up to
     MAX_STAGE_ATTEMPTS times: its steps are a pure function of that state, so the weights are the
     ones an uninterrupted stage gives. Each attempt has a fresh secret for its ring."""
+    meet = rendezvous.for_driver(sc, ports)
     bc = sc.broadcast(start)
     try:
         for attempt in range(MAX_STAGE_ATTEMPTS):
-            stage = tasks.SyncStage(job, first, last, os.urandom(32), ports)
+            stage = tasks.SyncStage(job, first, last, os.urandom(32), ports, meet.address)
             try:
-                theta, opt_state, losses = data.run(partial(
-                    run_barrier, fn=partial(tasks.sync_stage, stage=stage, weights=bc), tasks_n=slots))
+                with meet.meeting(stage.secret):
+                    theta, opt_state, losses = data.run(partial(
+                        run_barrier, fn=partial(tasks.sync_stage, stage=stage, weights=bc),
+                        tasks_n=slots))
                 return theta, opt_state, losses, attempt
             except Exception as exc:  # noqa: BLE001 - a lost task fails the stage in the JVM
                 if not _task_lost(exc) or attempt == MAX_STAGE_ATTEMPTS - 1:

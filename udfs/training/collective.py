@@ -2,9 +2,12 @@
 
 Why not Spark's own barrier primitives: `BarrierTaskContext.allGather` and `barrier()` go through
 the driver's RPC endpoint and cost 0.6-1.0 s a call here, for a thousand floats or a hundred
-thousand alike, where a step of the MLP computes in about a millisecond. They are used once per
-stage, to exchange the addresses the tasks listen on; then the tasks form a ring of direct TCP
-connections, as the collectives that XGBoost and LightGBM run inside Spark's barrier stages do.
+thousand alike, where a step of the MLP computes in about a millisecond. Not even the one exchange
+of addresses a stage needs goes through them: with an epoch a stage, that second was most of a
+small model's epoch. Instead each task tells the driver's rendezvous (pipelines/training/
+rendezvous.py, one listener for the driver's life) where it listens and gets every task's address
+back as soon as the last one has arrived; then the tasks form a ring of direct TCP connections, as
+the collectives that XGBoost and LightGBM run inside Spark's barrier stages do.
 
 The ring (`Ring.allreduce`) is the bandwidth-optimal reduce-scatter then all-gather: each of T
 tasks sends and receives 2 (T-1)/T of the vector per call. Every chunk is summed in one fixed order
@@ -15,7 +18,9 @@ Who may join: each task listens on its executor's address (the one Spark's sched
 on a port from `trainer.sync_ports` (any free port by default), and a connection counts only after a
 mutual HMAC-SHA256 challenge over the stage's secret, a fresh random value the driver sends with the
 stage. Anything else that connects (a port scanner, a task of another stage) is closed and the task
-keeps waiting for its real neighbour. The gradients themselves travel unencrypted between the
+keeps waiting for its real neighbour. The rendezvous admits a task's address only under a MAC with
+the stage's secret and signs the list it sends back the same way, so nobody without the secret can
+join a stage or point its tasks elsewhere. The gradients themselves travel unencrypted between the
 executors of one application, like Spark's own shuffle data without spark.network.crypto.
 """
 from __future__ import annotations
@@ -58,7 +63,8 @@ class PortRange:
         return cls(int(first), int(last or first))
 
 
-def _listen(host: str, ports: PortRange) -> socket.socket:
+def listen(host: str, ports: PortRange) -> socket.socket:
+    """A listening TCP socket on `host`, on the first free port of `ports`."""
     for port in range(ports.first, ports.last + 1):
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         try:
@@ -72,11 +78,11 @@ def _listen(host: str, ports: PortRange) -> socket.socket:
                           "all-reduce: widen trainer.sync_ports")
 
 
-def _mac(secret: bytes, *parts: bytes) -> bytes:
+def mac(secret: bytes, *parts: bytes) -> bytes:
     return hmac.new(secret, b"".join(parts), hashlib.sha256).digest()
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
+def recv_exact(sock: socket.socket, n: int) -> bytes:
     data = bytearray()
     while len(data) < n:
         chunk = sock.recv(n - len(data))
@@ -103,12 +109,12 @@ def _accept_peer(listener: socket.socket, secret: bytes, expected_rank: int,
         try:
             ours = os.urandom(NONCE)
             conn.sendall(ours)
-            hello = _recv_exact(conn, 4 + NONCE + 32)
+            hello = recv_exact(conn, 4 + NONCE + 32)
             rank, theirs, proof = struct.unpack("!I", hello[:4])[0], hello[4:4 + NONCE], hello[4 + NONCE:]
             if rank != expected_rank or not hmac.compare_digest(
-                    proof, _mac(secret, b"connect", hello[:4], ours, theirs)):
+                    proof, mac(secret, b"connect", hello[:4], ours, theirs)):
                 raise CollectiveError("bad proof")
-            conn.sendall(_mac(secret, b"accept", theirs, ours))
+            conn.sendall(mac(secret, b"accept", theirs, ours))
         except (OSError, CollectiveError):
             conn.close()
             continue
@@ -125,11 +131,11 @@ def _connect_peer(address: tuple[str, int], secret: bytes, rank: int, deadline: 
             if time.monotonic() > deadline:
                 raise CollectiveError(f"cannot reach the next task at {address}: {exc}") from exc
             time.sleep(0.05)
-    theirs = _recv_exact(conn, NONCE)
+    theirs = recv_exact(conn, NONCE)
     ours = os.urandom(NONCE)
     rank_bytes = struct.pack("!I", rank)
-    conn.sendall(rank_bytes + ours + _mac(secret, b"connect", rank_bytes, theirs, ours))
-    if not hmac.compare_digest(_recv_exact(conn, 32), _mac(secret, b"accept", ours, theirs)):
+    conn.sendall(rank_bytes + ours + mac(secret, b"connect", rank_bytes, theirs, ours))
+    if not hmac.compare_digest(recv_exact(conn, 32), mac(secret, b"accept", ours, theirs)):
         conn.close()
         raise CollectiveError(f"the task at {address} does not hold this stage's secret")
     return conn
@@ -204,21 +210,69 @@ class Ring:
                 got += n
 
 
+def meeting_key(secret: bytes) -> bytes:
+    """The name a stage's tasks give the rendezvous: tells it which secret to check, reveals none."""
+    return hashlib.sha256(b"fedspark-meeting" + secret).digest()[:16]
+
+
+def send_frame(sock: socket.socket, payload: bytes) -> None:
+    sock.sendall(struct.pack("!I", len(payload)) + payload)
+
+
+def recv_frame(sock: socket.socket, limit: int = 1 << 20) -> bytes:
+    (n,) = struct.unpack("!I", recv_exact(sock, 4))
+    if n > limit:
+        raise CollectiveError(f"a {n}-byte frame, more than the {limit} a rendezvous message may be")
+    return recv_exact(sock, n)
+
+
+def hello(secret: bytes, rank: int, size: int, address: str) -> bytes:
+    """What task `rank` of `size` sends the rendezvous: the stage's key, where it listens, a MAC."""
+    key, body = meeting_key(secret), struct.pack("!II", rank, size) + address.encode()
+    return key + body + mac(secret, b"hello", key, body)
+
+
+def peers_message(secret: bytes, addresses: list[str]) -> bytes:
+    """What the rendezvous sends back: every task's address in rank order, under the stage's MAC."""
+    payload = "\n".join(addresses).encode()
+    return payload + mac(secret, b"peers", meeting_key(secret), payload)
+
+
+def meet(rendezvous: tuple[str, int], secret: bytes, rank: int, size: int, address: str,
+         timeout_s: float) -> list[tuple[str, int]]:
+    """Every task's (host, port), from the driver's rendezvous, once all `size` have reported."""
+    try:
+        with socket.create_connection(rendezvous, timeout=HANDSHAKE_TIMEOUT_S) as conn:
+            send_frame(conn, hello(secret, rank, size, address))
+            conn.settimeout(timeout_s)
+            reply = recv_frame(conn)
+    except (OSError, CollectiveError) as exc:
+        raise CollectiveError(f"the driver's rendezvous at {rendezvous[0]}:{rendezvous[1]} did not "
+                              f"answer: {exc}") from exc
+    payload, proof = reply[:-32], reply[-32:]
+    if not hmac.compare_digest(proof, mac(secret, b"peers", meeting_key(secret), payload)):
+        raise CollectiveError("the rendezvous's answer is not signed with this stage's secret")
+    addresses = [_address(a) for a in payload.decode().split("\n")]
+    if len(addresses) != size:
+        raise CollectiveError(f"the rendezvous named {len(addresses)} tasks, this stage has {size}")
+    return addresses
+
+
 def join(context: BarrierTaskContext, secret: bytes, ports: PortRange,
-         timeout_s: float = 120.0) -> Ring:
-    """Form the ring of this barrier stage's tasks: listen on this executor's address, exchange
-    addresses with one allGather, connect to the next task and accept the previous one."""
+         rendezvous: tuple[str, int], timeout_s: float = 120.0) -> Ring:
+    """Form the ring of this barrier stage's tasks: listen on this executor's address, learn the
+    others' from the driver's rendezvous, connect to the next task and accept the previous one."""
     rank = context.partitionId()
     infos = context.getTaskInfos()
     size = len(infos)
     if size == 1:
         return Ring(0, 1, None, None)
     host, _ = _address(infos[rank].address)
-    listener = _listen(host, ports)
+    listener = listen(host, ports)
     try:
         port = listener.getsockname()[1]
-        addresses = [_address(a) for a in context.allGather(f"{host}:{port}")]
         deadline = time.monotonic() + timeout_s
+        addresses = meet(rendezvous, secret, rank, size, f"{host}:{port}", timeout_s)
         # accept the previous task while connecting to the next: both handshakes wait on a peer
         with ThreadPoolExecutor(1) as pool:
             accepted = pool.submit(_accept_peer, listener, secret, (rank - 1) % size, deadline)

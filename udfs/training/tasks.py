@@ -153,13 +153,15 @@ def batch_plan(roles: blocks.Roles, layout: blocks.Layout, batch_size: int,
 class SyncStage:
     """One barrier stage of `sync`: optimizer steps [first, last) of one epoch, from the broadcast
     (theta, optimizer state). `secret` admits the stage's tasks to each other's ring (fresh for
-    every stage, from the driver); `ports` are where they may listen."""
+    every stage, from the driver); `ports` are where they may listen; `rendezvous` is the driver's
+    (host, port) where they learn each other's addresses."""
 
     job: Job
     first: int
     last: int
     secret: bytes
     ports: collective.PortRange
+    rendezvous: tuple[str, int]
 
 
 def _block_plans(paths: list[str], job: Job, epoch: int) -> list[tuple[blocks.Block, np.ndarray, np.ndarray]]:
@@ -190,7 +192,7 @@ def sync_stage(rows: Iterable[Any], stage: SyncStage,
     state = {k: v.copy() for k, v in state0.items()}
     buf = np.empty(len(theta) + 2, dtype=theta.dtype)   # [gradient sum, loss sum, rows]
     losses = []
-    ring = collective.join(context, stage.secret, stage.ports)
+    ring = collective.join(context, stage.secret, stage.ports, stage.rendezvous)
     try:
         for step in range(stage.first, stage.last):
             batch = step - epoch * per_epoch
