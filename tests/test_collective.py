@@ -96,6 +96,6 @@ def test_the_rendezvous_answers_a_stages_tasks_and_only_those_that_hold_its_secr
                     collective.recv_frame(stranger)
         got = list(pool.map(lambda rank: collective.meet(meet.address, SECRET, rank, size, mine[rank], 10),
                             range(size)))
-    assert got == [[("127.0.0.%d" % (r + 1), 4000 + r) for r in range(size)]] * size
+    assert got == [[(f"127.0.0.{r + 1}", 4000 + r) for r in range(size)]] * size
     with pytest.raises(collective.CollectiveError, match="rendezvous"):   # the meeting is over
         collective.meet(meet.address, SECRET, 0, 1, mine[0], 10)
