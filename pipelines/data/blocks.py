@@ -7,6 +7,7 @@ for why and for how rows get their global order and roles.
 """
 from __future__ import annotations
 
+import sys
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,28 +41,47 @@ class BlockSet:
 
     handles: RDD
     rebuilds: int = field(default=0, kw_only=True)   # times a job found a block missing
+    reruns: int = field(default=0, kw_only=True)     # times a job was run again after a lost task
 
     def release(self) -> None:
         release(self.handles)
 
-    def run(self, job: Callable[[RDD], R]) -> R:
-        """`job(handles)`, rebuilding the blocks when a task finds its block missing (it ran on an
-        executor that does not hold it, or the files were removed) and running the job again.
+    def run(self, job: Callable[[RDD], R], reruns: int = 0) -> R:
+        """`job(handles)`, called again when running it again cures what failed it:
 
-        The rebuild recomputes the cached handles from their lineage: the shuffled, sorted rows
-        (Spark keeps the shuffle files, or re-reads the Delta version if they are gone) stream
-        into blocks again, on whichever executors Spark picks, and later tasks run where the new
-        handles are cached. A block is the same wherever it is built, so results do not change."""
-        for attempt in range(MAX_REBUILDS + 1):
+        * a task found its block missing (it ran on an executor that does not hold it, or the
+          files were removed): the blocks are rebuilt first, from the cached handles' lineage (the
+          shuffled, sorted rows; Spark keeps the shuffle files, or re-reads the Delta version), on
+          whichever executors Spark picks, and later tasks run where the new handles are cached.
+          A block is the same wherever it is built, so results do not change; up to MAX_REBUILDS
+          times, counted in `rebuilds`.
+        * a task was lost (its worker or executor died), for jobs that ask for up to `reruns` more
+          attempts: a barrier stage, which Spark does not run again in local mode and which fails
+          as a whole. `job` is called afresh each time (a new stage secret). Counted in `reruns`."""
+        rebuilt = rerun = 0
+        while True:
             try:
                 return job(self.handles)
-            except Exception as exc:  # noqa: BLE001 - py4j wraps the task's BlockMissing
-                if not py4j.raised(exc, blocks.BlockMissing.__name__) or attempt == MAX_REBUILDS:
+            except Exception as exc:  # noqa: BLE001 - py4j wraps what the tasks raised
+                if py4j.raised(exc, blocks.BlockMissing.__name__) and rebuilt < MAX_REBUILDS:
+                    rebuilt += 1
+                    self.rebuilds += 1
+                    self.handles.unpersist(blocking=True)
+                    self.handles.cache().count()
+                elif rerun < reruns and _task_lost(exc):
+                    rerun += 1
+                    self.reruns += 1
+                    error = py4j.task_error(exc)
+                    print(f"[fedspark] a task was lost ({error.message if error else type(exc).__name__}); "
+                          f"running its job again ({rerun} of at most {reruns} times)", file=sys.stderr)
+                else:
                     raise
-            self.handles.unpersist(blocking=True)
-            self.handles.cache().count()
-            self.rebuilds += 1
-        raise AssertionError("unreachable")
+
+
+def _task_lost(exc: BaseException) -> bool:
+    """Whether a job failed in its tasks (Spark aborted it), not for a bad row or on the driver."""
+    return ("org.apache.spark.SparkException" in py4j.java_classes(exc)
+            and py4j.task_message(exc, blocks.BlockError.__name__) is None)
 
 
 @dataclass

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,7 +25,6 @@ from typing import Any
 import numpy as np
 from pyspark import RDD, SparkContext
 
-from pipelines.core import py4j
 from pipelines.core.config import Config
 from pipelines.core.errors import UserError
 from pipelines.core.progress import progress
@@ -34,7 +32,6 @@ from pipelines.data.blocks import Blocks
 from pipelines.training import rendezvous
 from udfs.core.models import ModelSpec
 from udfs.core.optimizers import Optimizer
-from udfs.data import blocks
 from udfs.training import tasks
 from udfs.training.collective import PortRange
 
@@ -186,12 +183,6 @@ def run_barrier(handles: RDD, fn: Callable[..., Any], tasks_n: int) -> Any:
     return out[0]
 
 
-def _task_lost(exc: BaseException) -> bool:
-    """Whether a stage failed in its tasks (a job Spark aborted), not for a bad row or on the driver."""
-    return ("org.apache.spark.SparkException" in py4j.java_classes(exc)
-            and py4j.task_message(exc, blocks.BlockError.__name__) is None)
-
-
 def sync_steps(sc: SparkContext, data: Blocks, job: tasks.Job,
                start: tuple[np.ndarray, dict[str, np.ndarray]], first: int, last: int,
                ports: PortRange, slots: int) -> tuple[np.ndarray, dict[str, np.ndarray], list[float], int]:
@@ -200,29 +191,22 @@ def sync_steps(sc: SparkContext, data: Blocks, job: tasks.Job,
     stage was run again.
 
     A stage that fails (a task or its worker lost) is run again from the same broadcast state, up to
-    MAX_STAGE_ATTEMPTS times: its steps are a pure function of that state, so the weights are the
-    ones an uninterrupted stage gives. Each attempt has a fresh secret for its ring."""
+    MAX_STAGE_ATTEMPTS times in all (data.Blocks.run): its steps are a pure function of that state,
+    so the weights are the ones an uninterrupted stage gives. Each attempt has a fresh secret."""
     meet = rendezvous.for_driver(sc, ports)
     bc = sc.broadcast(start)
+
+    def attempt(handles: RDD) -> tuple[np.ndarray, dict[str, np.ndarray], list[float]]:
+        stage = tasks.SyncStage(job, first, last, os.urandom(32), ports, meet.address)
+        with meet.meeting(stage.secret):
+            return run_barrier(handles, partial(tasks.sync_stage, stage=stage, weights=bc), slots)
+
+    reruns = data.reruns
     try:
-        for attempt in range(MAX_STAGE_ATTEMPTS):
-            stage = tasks.SyncStage(job, first, last, os.urandom(32), ports, meet.address)
-            try:
-                with meet.meeting(stage.secret):
-                    theta, opt_state, losses = data.run(partial(
-                        run_barrier, fn=partial(tasks.sync_stage, stage=stage, weights=bc),
-                        tasks_n=slots))
-                return theta, opt_state, losses, attempt
-            except Exception as exc:  # noqa: BLE001 - a lost task fails the stage in the JVM
-                if not _task_lost(exc) or attempt == MAX_STAGE_ATTEMPTS - 1:
-                    raise
-                error = py4j.task_error(exc)
-                print(f"[fedspark] the sync stage of steps {first + 1}-{last} failed "
-                      f"({error.message if error else type(exc).__name__}); running it again",
-                      file=sys.stderr)
+        theta, opt_state, losses = data.run(attempt, reruns=MAX_STAGE_ATTEMPTS - 1)
     finally:
         bc.destroy(blocking=False)
-    raise AssertionError("unreachable")
+    return theta, opt_state, losses, data.reruns - reruns
 
 
 def _sync_epoch(sc: SparkContext, data: Blocks, job: tasks.Job, settings: Settings,
