@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from udfs.core import models, worker
-from udfs.core.models import ModelSpec
+from udfs.core import worker
+from udfs.core.models import Model
 from udfs.core.optimizers import Optimizer
 from udfs.core.seeding import Stream, rng
 from udfs.data import blocks
@@ -75,7 +75,7 @@ def client_rows(path: str, client: int, split: ClientSplit) -> tuple[np.ndarray,
 
 @dataclass(frozen=True)
 class ClientRound:
-    spec: ModelSpec
+    spec: Model
     dtype: str
     split: ClientSplit
     round: int
@@ -106,7 +106,7 @@ def train_client(task: ClientRound, client: int, theta0: np.ndarray, X: np.ndarr
         order = rng(task.split.seed, Stream.LOCAL_EPOCH, index, client).permutation(n)
         for start in range(0, n, batch):
             rows = order[start:start + batch]
-            loss, grad = models.loss_and_grad(task.spec, theta, X[rows], y[rows])
+            loss, grad = task.spec.loss_and_grad(theta, X[rows], y[rows])
             if task.mu:
                 grad += task.mu * (theta - theta0)
             step += 1
@@ -168,7 +168,7 @@ def client_update(rows: Iterable[Any], task: ClientRound,
     yield report
 
 
-def clients_evaluate(rows: Iterable[Any], spec: ModelSpec, dtype: str, split: ClientSplit,
+def clients_evaluate(rows: Iterable[Any], spec: Model, dtype: str, split: ClientSplit,
                      weights: Broadcast[np.ndarray]) -> Iterator[tuple[int, np.ndarray]]:
     """The global model on the hold-out of every client whose handle is in this partition:
     (client, [n, loss_sum, correct, ...]) for each client with a hold-out.
