@@ -29,7 +29,9 @@ from pipelines.federated.robust import NEEDS_INDIVIDUAL_UPDATES, RULES
 from pipelines.federated.sampling import SAMPLERS
 from pipelines.federated.server import STRATEGIES
 from pipelines.store.rundir import local_path
-from udfs.core.models import FLOAT_DTYPES, HEADS, INITIALISERS
+from udfs.adapters import KINDS, USER_KINDS
+from udfs.adapters.torch_module import LOSS_HEADS
+from udfs.core.models import FLOAT_DTYPES, INITIALISERS
 from udfs.core.optimizers import OPTIMIZERS
 from udfs.federated.attacks import ATTACKS
 from udfs.federated.noise import DP_MODES
@@ -66,7 +68,7 @@ if TYPE_CHECKING:   # a type checker sees names; pydantic, at run time, the regi
     Sampling: TypeAlias = str
     DpMode: TypeAlias = str
 else:
-    ModelKind = one_of(HEADS)
+    ModelKind = one_of(KINDS)
     ModelInit = one_of(INITIALISERS)
     OptimizerName = one_of(OPTIMIZERS)
     ServerStrategy = one_of(STRATEGIES)
@@ -143,15 +145,44 @@ class DataSection(_Section):
     block_cache_gb: float = Field(ge=0.0)
 
 
+# "package.module:name", how model.torch.module and a custom model.torch.loss name a function
+IMPORT_PATH = r"[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*"
+
+
+class TorchSection(_Section):
+    """model.kind=torch: the nn.Module's factory, its keyword arguments, the user's file that
+    holds it (shipped with the job) and the loss."""
+
+    module: str | None = Field(pattern=f"^{IMPORT_PATH}$")
+    file: str | None = Field(pattern=r"\.py$")
+    kwargs: dict[str, Any]
+    loss: str = Field(pattern=f"^({'|'.join(LOSS_HEADS)}|{IMPORT_PATH})$")
+
+    @model_validator(mode="after")
+    def _file_is_the_module(self) -> TorchSection:
+        if self.file is not None and self.module is not None and \
+                self.module.partition(":")[0] != Path(self.file).stem:
+            raise ValueError(f"model.torch.module={self.module!r} must name the module of model.torch.file "
+                             f"({Path(self.file).stem}:FACTORY)")
+        return self
+
+
 class ModelSection(_Section):
     kind: ModelKind
     hidden: list[int]
     init: ModelInit
+    input_shape: list[int] | None
+    torch: TorchSection
 
     @model_validator(mode="after")
     def _positive_layers(self) -> ModelSection:
         if any(h < 1 for h in self.hidden):
             raise ValueError(f"hidden layer sizes must be >= 1, got {self.hidden}")
+        if self.input_shape is not None and (not self.input_shape or any(w < 1 for w in self.input_shape)):
+            raise ValueError(f"model.input_shape must be positive widths, e.g. [1, 28, 28], got {self.input_shape}")
+        if self.kind == "torch" and self.torch.module is None:
+            raise ValueError("model.kind=torch needs model.torch.module ('package.module:factory', "
+                             "e.g. udfs.adapters.torch_zoo:mlp)")
         return self
 
 
@@ -271,6 +302,14 @@ class MllibSection(_Section):
     block_size: int = Field(ge=1)
 
 
+# strategies that train only the built-in models, and why
+STRATEGIES_FOR_BUILTINS = {
+    "mllib": "it trains Spark MLlib's own estimators (the built-in baseline), not a user's model",
+    "model_parallel": "it shards the first dense layer of a built-in model by feature blocks, and a "
+                      "user's module is opaque to it",
+}
+
+
 class Config(_Section):
     spark: SparkSection
     lake: PathSection
@@ -287,6 +326,10 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _cross_section_rules(self) -> Config:
+        if self.model.kind in USER_KINDS and self.trainer.strategy in STRATEGIES_FOR_BUILTINS:
+            raise ValueError(f"trainer.strategy={self.trainer.strategy} cannot train model.kind="
+                             f"{self.model.kind}: {STRATEGIES_FOR_BUILTINS[self.trainer.strategy]}; "
+                             "use local, sync or federated")
         if self.privacy.secure_aggregation and self.robust.rule in NEEDS_INDIVIDUAL_UPDATES:
             raise ValueError(
                 f"robust.rule={self.robust.rule!r} needs individual updates, which "
