@@ -29,7 +29,8 @@ from pipelines.federated.robust import NEEDS_INDIVIDUAL_UPDATES, RULES
 from pipelines.federated.sampling import SAMPLERS
 from pipelines.federated.server import STRATEGIES
 from pipelines.store.rundir import local_path
-from udfs.adapters import KINDS, USER_KINDS
+from udfs.adapters import GRADIENT_FREE_KINDS, KINDS, USER_KINDS
+from udfs.adapters.sklearn_estimator import ESTIMATORS, check_params
 from udfs.adapters.torch_module import LOSS_HEADS
 from udfs.core.models import FLOAT_DTYPES, INITIALISERS
 from udfs.core.optimizers import OPTIMIZERS
@@ -58,6 +59,7 @@ def one_of(names: Iterable[str]) -> Any:
 
 if TYPE_CHECKING:   # a type checker sees names; pydantic, at run time, the registries' exact options
     ModelKind: TypeAlias = str
+    SklearnEstimator: TypeAlias = str
     ModelInit: TypeAlias = str
     OptimizerName: TypeAlias = str
     ServerStrategy: TypeAlias = str
@@ -69,6 +71,7 @@ if TYPE_CHECKING:   # a type checker sees names; pydantic, at run time, the regi
     DpMode: TypeAlias = str
 else:
     ModelKind = one_of(KINDS)
+    SklearnEstimator = one_of(ESTIMATORS)
     ModelInit = one_of(INITIALISERS)
     OptimizerName = one_of(OPTIMIZERS)
     ServerStrategy = one_of(STRATEGIES)
@@ -167,12 +170,26 @@ class TorchSection(_Section):
         return self
 
 
+class SklearnSection(_Section):
+    """model.kind=sklearn: a partial_fit estimator's class and its parameters."""
+
+    estimator: SklearnEstimator | None
+    params: dict[str, Any]
+
+    @model_validator(mode="after")
+    def _params_fit_the_estimator(self) -> SklearnSection:
+        if self.estimator is not None:
+            check_params(self.estimator, self.params)
+        return self
+
+
 class ModelSection(_Section):
     kind: ModelKind
     hidden: list[int]
     init: ModelInit
     input_shape: list[int] | None
     torch: TorchSection
+    sklearn: SklearnSection
 
     @model_validator(mode="after")
     def _positive_layers(self) -> ModelSection:
@@ -183,6 +200,8 @@ class ModelSection(_Section):
         if self.kind == "torch" and self.torch.module is None:
             raise ValueError("model.kind=torch needs model.torch.module ('package.module:factory', "
                              "e.g. udfs.adapters.torch_zoo:mlp)")
+        if self.kind == "sklearn" and self.sklearn.estimator is None:
+            raise ValueError(f"model.kind=sklearn needs model.sklearn.estimator, one of {list(ESTIMATORS)}")
         return self
 
 
@@ -330,6 +349,13 @@ class Config(_Section):
             raise ValueError(f"trainer.strategy={self.trainer.strategy} cannot train model.kind="
                              f"{self.model.kind}: {STRATEGIES_FOR_BUILTINS[self.trainer.strategy]}; "
                              "use local, sync or federated")
+        if self.model.kind in GRADIENT_FREE_KINDS and self.trainer.strategy == "sync":
+            raise ValueError(f"trainer.strategy=sync all-reduces gradients, and a model.kind={self.model.kind} "
+                             "partial_fit estimator has no gradient to reduce; use local or federated")
+        if self.model.kind in GRADIENT_FREE_KINDS and self.federated.mu > 0:
+            raise ValueError(f"federated.mu={self.federated.mu}: FedProx adds its proximal term to the "
+                             f"gradient, and a model.kind={self.model.kind} estimator trains by partial_fit "
+                             "without one; use federated.mu=0")
         if self.privacy.secure_aggregation and self.robust.rule in NEEDS_INDIVIDUAL_UPDATES:
             raise ValueError(
                 f"robust.rule={self.robust.rule!r} needs individual updates, which "

@@ -46,7 +46,8 @@ def model_spec(config: Config, n_features: int, n_classes: int) -> Model:
     try:
         return adapters.build(adapters.ModelRequest(
             m.kind, n_features, n_classes, tuple(m.hidden),
-            tuple(m.input_shape) if m.input_shape is not None else None, torch_request(config)))
+            tuple(m.input_shape) if m.input_shape is not None else None, torch_request(config),
+            adapters.SklearnRequest(m.sklearn.estimator, dict(m.sklearn.params)) if m.sklearn.estimator else None))
     except ValueError as exc:
         raise UserError(f"{exc} (table {table!r}: {n_features} features, "
                         f"{f'{n_classes} classes' if n_classes else 'real-valued labels'})") from None

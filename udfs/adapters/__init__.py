@@ -15,7 +15,9 @@ from typing import Any
 from udfs.core.models import HEADS, Model, ModelSpec
 
 # model.kind: the built-in numpy models, then the adapters for models users bring
-USER_KINDS = ("torch",)
+USER_KINDS = ("torch", "sklearn")
+# user kinds that train without a gradient, by their own partial_fit (no sync, no FedProx)
+GRADIENT_FREE_KINDS = ("sklearn",)
 KINDS = (*HEADS, *USER_KINDS)
 
 
@@ -32,6 +34,14 @@ class TorchRequest:
 
 
 @dataclass(frozen=True)
+class SklearnRequest:
+    """model.sklearn: the estimator's class name and its parameters."""
+
+    estimator: str
+    params: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class ModelRequest:
     """What a new model is built from: the config's model section and the data's shape."""
 
@@ -41,6 +51,7 @@ class ModelRequest:
     hidden: tuple[int, ...] = ()
     input_shape: tuple[int, ...] | None = None
     torch: TorchRequest | None = None
+    sklearn: SklearnRequest | None = None
 
 
 def _builtin(request: ModelRequest) -> Model:
@@ -61,7 +72,17 @@ def _torch(request: ModelRequest) -> Model:
     return TorchModel.create(source, request.input_shape or (request.n_features,), t.loss, request.n_classes)
 
 
-BUILDERS: dict[str, Callable[[ModelRequest], Model]] = {**{k: _builtin for k in HEADS}, "torch": _torch}
+def _sklearn(request: ModelRequest) -> Model:
+    from udfs.adapters.sklearn_estimator import SklearnModel
+
+    s = request.sklearn
+    if s is None:
+        raise ValueError("model.kind=sklearn needs model.sklearn.estimator")
+    return SklearnModel(s.estimator, json.dumps(s.params, sort_keys=True), request.n_features, request.n_classes)
+
+
+BUILDERS: dict[str, Callable[[ModelRequest], Model]] = {**{k: _builtin for k in HEADS}, "torch": _torch,
+                                                        "sklearn": _sklearn}
 
 
 def build(request: ModelRequest) -> Model:
@@ -73,6 +94,11 @@ def from_description(meta: dict[str, Any], read: Callable[[str], bytes | None]) 
     user's module source) or None."""
     if meta["kind"] not in USER_KINDS:
         return ModelSpec.from_dict(meta)
+    if meta["kind"] == "sklearn":
+        from udfs.adapters.sklearn_estimator import SklearnModel
+
+        return SklearnModel(meta["estimator"], json.dumps(meta["params"], sort_keys=True),
+                            int(meta["n_features"]), int(meta["n_classes"]))
     from udfs.adapters.torch_module import TorchModel, TorchSource, layout_entries
 
     text = None

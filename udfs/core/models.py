@@ -22,7 +22,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -91,6 +91,17 @@ class Model(Protocol):
     def files(self, theta: np.ndarray) -> dict[str, bytes]:
         """Files saved beside weights.npz and spec.json in the model directory (a framework's own
         format of the same weights, the source they need)."""
+        ...
+
+
+@runtime_checkable
+class LocalFit(Protocol):
+    """A model trained by its own fitting routine instead of gradients (scikit-learn's partial_fit
+    family): local training calls this where it would take optimizer steps."""
+
+    def local_fit(self, theta: np.ndarray, X: np.ndarray, y: np.ndarray, epochs: int,
+                  random_state: int) -> np.ndarray:
+        """`epochs` passes over (X, y) from theta, shuffled by `random_state`; the new vector."""
         ...
 
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from udfs.core import worker
-from udfs.core.models import Model
+from udfs.core.models import LocalFit, Model
 from udfs.core.optimizers import Optimizer
 from udfs.core.seeding import Stream, rng
 from udfs.data import blocks
@@ -105,6 +105,17 @@ def local_round(rows: Iterable[Any], task: LocalRound,
     theta = theta0.copy()
     state = {k: v.copy() for k, v in state0.items()}
     order = train[rng(job.layout.seed, Stream.LOCAL_EPOCH, task.epoch, part).permutation(n)]
+    if isinstance(job.spec, LocalFit):   # partial_fit: one pass over the round's rows
+        rows_r = order[local_batch_bounds(first, n, job.layout.n_train, job.batch_size)[0]:
+                       local_batch_bounds(last - 1, n, job.layout.n_train, job.batch_size)[1]]
+        if len(rows_r) == 0:
+            return
+        X, y = blocks.rows_of(block.X, rows_r, job.dtype), block.y[rows_r]
+        theta = job.spec.local_fit(theta, X, y, 1, int(rng(job.layout.seed, Stream.LOCAL_EPOCH, task.epoch,
+                                                            task.round, part).integers(2**31 - 1)))
+        yield n, theta * n, {k: v * n for k, v in state.items()}, job.spec.output_loss(
+            job.spec.decision(theta, X), y) / max(len(y), 1), 1
+        return
     loss_sum, batches = 0.0, 0
     for j in range(first, last):
         start, stop = local_batch_bounds(j, n, job.layout.n_train, job.batch_size)
