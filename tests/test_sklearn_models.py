@@ -2,7 +2,7 @@
 their own partial_fit, against partial_fit called in the test.
 
 A client trains round r from the global weights: a fresh estimator with random_state drawn from
-numpy.random.default_rng([seed, 4, r, client]).integers(2**31 - 1) (README, Determinism), its
+numpy.random.default_rng([seed, 14, r, client]).integers(2**31 - 1) (README, Determinism), its
 coef_ and intercept_ set to the global weights, and partial_fit once per local epoch on the client's
 training rows in block order: (shard, id) with shard = pmod(xxhash64(id), 1024), Spark's hash."""
 from __future__ import annotations
@@ -55,7 +55,7 @@ def test_fedavg_of_one_sgd_classifier_client_equals_partial_fit_called_the_same_
     coef, intercept = np.zeros((K, D)), np.zeros(K)
     for r in range(1, rounds + 1):
         ref = SGDClassifier(alpha=0.001, learning_rate="optimal",
-                            random_state=int(np.random.default_rng([seed, 4, r, 0]).integers(2**31 - 1)))
+                            random_state=int(np.random.default_rng([seed, 14, r, 0]).integers(2**31 - 1)))
         ref.coef_, ref.intercept_ = coef.copy(), intercept.copy()
         for _ in range(epochs):
             ref.partial_fit(X, y, classes=np.arange(K))

@@ -102,8 +102,9 @@ class SklearnModel(Outputs):
     # --- LocalFit --------------------------------------------------------------------------------
 
     def local_fit(self, theta: np.ndarray, X: np.ndarray, y: np.ndarray, epochs: int,
-                  random_state: int) -> np.ndarray:
-        """`epochs` calls of partial_fit on (X, y) from theta; the new vector."""
+                  random_state: int) -> tuple[np.ndarray, float]:
+        """`epochs` calls of partial_fit on (X, y) from theta: the new vector and its mean loss
+        (output_loss) on (X, y)."""
         est = self.estimator_with(theta, random_state, fitted=False)
         labels = y.astype(np.int64 if self.is_classifier else X.dtype, copy=False)
         for _ in range(epochs):
@@ -111,7 +112,8 @@ class SklearnModel(Outputs):
                 est.partial_fit(X, labels, classes=np.arange(self.n_classes))
             else:
                 est.partial_fit(X, labels)
-        return self._vector(est, theta.dtype)
+        fitted = self._vector(est, theta.dtype)
+        return fitted, self.output_loss(self.decision(fitted, X), y) / max(len(y), 1)
 
     # --- the estimator ---------------------------------------------------------------------------
 

@@ -100,8 +100,9 @@ class LocalFit(Protocol):
     family): local training calls this where it would take optimizer steps."""
 
     def local_fit(self, theta: np.ndarray, X: np.ndarray, y: np.ndarray, epochs: int,
-                  random_state: int) -> np.ndarray:
-        """`epochs` passes over (X, y) from theta, shuffled by `random_state`; the new vector."""
+                  random_state: int) -> tuple[np.ndarray, float]:
+        """`epochs` passes over (X, y) from theta, shuffled by `random_state`: the new vector and
+        its mean loss on (X, y)."""
         ...
 
 

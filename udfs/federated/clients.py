@@ -95,9 +95,9 @@ def train_client(task: ClientRound, client: int, theta0: np.ndarray, X: np.ndarr
     The whole of a client's numpy work: the benchmark times it in one process to measure what a
     Spark round adds on top."""
     if isinstance(task.spec, LocalFit):   # partial_fit: E passes of the estimator's own
-        random_state = int(rng(task.split.seed, Stream.LOCAL_EPOCH, task.round, client).integers(2**31 - 1))
-        theta = task.spec.local_fit(theta0, X, y, task.local_epochs, random_state)
-        return theta, task.spec.output_loss(task.spec.decision(theta, X), y) / max(len(y), 1), task.local_epochs
+        random_state = int(rng(task.split.seed, Stream.ESTIMATOR, task.round, client).integers(2**31 - 1))
+        theta, loss = task.spec.local_fit(theta0, X, y, task.local_epochs, random_state)
+        return theta, loss, task.local_epochs
     theta = theta0.copy()
     state = task.optimizer.init_state(theta)
     n = len(y)

@@ -110,11 +110,10 @@ def local_round(rows: Iterable[Any], task: LocalRound,
                        local_batch_bounds(last - 1, n, job.layout.n_train, job.batch_size)[1]]
         if len(rows_r) == 0:
             return
-        X, y = blocks.rows_of(block.X, rows_r, job.dtype), block.y[rows_r]
-        theta = job.spec.local_fit(theta, X, y, 1, int(rng(job.layout.seed, Stream.LOCAL_EPOCH, task.epoch,
-                                                            task.round, part).integers(2**31 - 1)))
-        yield n, theta * n, {k: v * n for k, v in state.items()}, job.spec.output_loss(
-            job.spec.decision(theta, X), y) / max(len(y), 1), 1
+        random_state = int(rng(job.layout.seed, Stream.ESTIMATOR, task.epoch, task.round, part).integers(2**31 - 1))
+        theta, loss = job.spec.local_fit(theta, blocks.rows_of(block.X, rows_r, job.dtype), block.y[rows_r], 1,
+                                         random_state)
+        yield n, theta * n, {k: v * n for k, v in state.items()}, loss, 1
         return
     loss_sum, batches = 0.0, 0
     for j in range(first, last):
