@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # scripts/sklearn_digits.sh [--lake DIR] — the data of conf/sklearn_federated.yaml: scikit-learn's
 # digits (1,797 8x8 images of 10 classes; pixels scaled to [0, 1]) written as build/digits.csv
-# (label, f0..f63, split: every 5th row test) and ingested into the Delta table `digits`.
+# (label, f0..f63, split: every 5th row test) and ingested into the Delta table `digits` (integer
+# labels: --classes 10).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 cd "$ROOT"
@@ -22,5 +23,5 @@ with open(sys.argv[1], "w") as out:
     for row, label, s in zip(X / 16.0, y, split):
         out.write(",".join([str(label), *(f"{v:.4f}" for v in row), s]) + "\n")
 PY
-run_job ingest --source "csv:$ROOT/build/digits.csv" --table digits --label label --features-prefix f \
+run_job ingest --source "csv:$ROOT/build/digits.csv" --table digits --label label --features-prefix f --classes 10 \
   --set "lake.path=$lake_path"

@@ -16,9 +16,10 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from pipelines import evaluate, train
+from pipelines import evaluate, score, train
 from pipelines.core.cli import main_wrapper
 from pipelines.core.config import config_from_dict
+from pipelines.data.lake import TableRef
 from pipelines.federated import rounds, secure_round
 from pipelines.federated.clients import prepare_clients
 from pipelines.training import runners
@@ -147,13 +148,13 @@ def net(classes=10):
 def fmnist_slice(spark, tmp_path_factory):
     path = tmp_path_factory.mktemp("fmnistslice")
     X, y, split = fashion_mnist(every=50)   # 1,200 train and 200 test images
-    write_table(spark, path, "fm", X, y, split)
-    return path, X[split == "test"], y[split == "test"]
+    write_table(spark, path, "fm", X, y, split)   # ids 0..n-1 in this order
+    return path, np.flatnonzero(split == "test"), X[split == "test"], y[split == "test"]
 
 
 def test_a_conv_module_from_a_file_trains_federated_and_its_state_dict_predicts_what_evaluate_scores(
-        fmnist_slice, tmp_path, capsys):
-    lake_path, X_test, y_test = fmnist_slice
+        spark, fmnist_slice, tmp_path, capsys):
+    lake_path, test_ids, X_test, y_test = fmnist_slice
     model_file = tmp_path / "convnet.py"
     model_file.write_text(CONV_FILE)
     summary, theta = train_and_load(capsys, [
@@ -185,6 +186,12 @@ def test_a_conv_module_from_a_file_trains_federated_and_its_state_dict_predicts_
     assert scored["test_rows"] == len(y_test)
     assert abs(scored["test_accuracy"] - accuracy) <= 1e-9
     assert abs(scored["test_accuracy"] - summary["test_accuracy"]) <= 1e-9
+
+    # score.py's predictions on the executors are the reloaded module's
+    score.score(spark, str(lake_path), str(model_dir.parent), TableRef("fm"), "fm_scores")
+    rows = spark.read.format("delta").load(str(lake_path / "fm_scores")).select("id", "prediction").collect()
+    by_id = {r.id: r.prediction for r in rows}
+    np.testing.assert_array_equal([by_id[i] for i in test_ids], predicted)
 
 
 BATCHNORM_FILE = f"""
