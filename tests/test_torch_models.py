@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +86,17 @@ def test_torch_mlp_with_the_numpy_mlps_weights_gives_the_same_loss_and_gradient(
     assert abs(loss - t_loss) <= 1e-6
     assert np.abs(to_numpy_layout(t_grad, widths) - grad).max() <= 1e-6
     np.testing.assert_array_equal(model.predict(to_torch_layout(theta, widths), X), spec.predict(theta, X))
+
+
+@pytest.mark.parametrize(("loss", "n_classes", "classes", "needle"), [
+    ("mse", 3, 1, "needs real-valued labels"),
+    ("cross_entropy", 0, 3, "needs integer class labels"),
+    ("cross_entropy", 3, 4, "returns shape (2, 4)"),
+])
+def test_a_module_that_does_not_fit_the_labels_is_refused(loss, n_classes, classes, needle):
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        adapters.build(adapters.ModelRequest("torch", D, n_classes, torch=adapters.TorchRequest(
+            "udfs.adapters.torch_zoo:mlp", {"in_features": D, "hidden": [H], "classes": classes}, loss)))
 
 
 def test_sync_with_the_torch_mlp_equals_sync_with_the_numpy_mlp(lake, tmp_path, capsys):

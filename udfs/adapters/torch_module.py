@@ -175,6 +175,10 @@ class TorchModel(Outputs):
         """The model for `source` on rows reshaped to `input_shape`, checked: the factory builds a
         module whose output on a probe batch has one column per class (one for regression)."""
         model = cls(source, input_shape, loss, n_classes)
+        if model.head == "softmax" and not n_classes:
+            raise TorchModelError(f"model.torch.loss={loss} needs integer class labels; use mse")
+        if model.head == "identity" and n_classes:
+            raise TorchModelError(f"model.torch.loss={loss} needs real-valued labels; use cross_entropy")
         module = model._build("float32")
         model = cls(source, input_shape, loss, n_classes, layout_of(module))
         torch = _torch()
