@@ -24,6 +24,7 @@
 # FEDSPARK_PACKAGE_EXTRAS=torch also packs torch and safetensors (udfs.EXECUTOR_EXTRAS; from .venv,
 # so install 'fedspark[torch]' there first) for model.kind=torch: the default PyPI wheel brings
 # the CUDA libraries, about 6 GB unpacked, so by default executors must have torch installed.
+# FEDSPARK_PACKAGE_EXTRAS=sklearn packs scikit-learn for model.kind=sklearn (both: torch,sklearn).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 cd "$ROOT"
