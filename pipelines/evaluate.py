@@ -53,9 +53,9 @@ def main(argv: list[str]) -> None:
     data = load_blocks(spark, config.lake.path, ref, config.data.partitions, config.trainer.seed,
                        config.data.validation_fraction, cache_gb=config.data.worker_cache_gb,
                        block_cache=BlockCache.of(config.data))
-    if data.n_features != spec.layers[0]:
+    if data.n_features != spec.n_features:
         raise UserError(f"table {ref.name}@{data.version} has {data.n_features} features; the model "
-                        f"expects {spec.layers[0]}")
+                        f"expects {spec.n_features}")
     role = SPLITS[args.split]
     metrics = evaluate(spark.sparkContext, data, spec, str(theta.dtype), theta, (role,)).get(role, {})
     data.release()

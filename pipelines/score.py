@@ -115,7 +115,7 @@ def score(spark: SparkSession, lake_path: str, model: str, input_ref: lake.Table
     spec, theta, meta = artifacts.load_model(run_dir.uri)
     model_id = meta.get("run_id", run_dir.name)
     df, version = lake.read(spark, lake_path, input_ref)
-    check_input(df, input_ref, spec.layers[0])
+    check_input(df, input_ref, spec.n_features)
     out_path = lake.table_path(lake_path, output)
     check_output(spark, out_path, output, input_ref.name)
     sparse = _sparse_features(df.schema["features"].dataType)

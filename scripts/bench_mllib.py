@@ -52,7 +52,7 @@ def mllib_runs(spark: SparkSession, kind: str, iters: list[int], lake_path: str)
     runs = []
     for n in iters:
         config = config_for(kind, lake_path, ("trainer.strategy=mllib", f"mllib.max_iter={n}"))
-        result = mllib.fit(spark, config, partial(runners.model_spec, config))
+        result = mllib.fit(spark, config, partial(runners.builtin_spec, config))
         runs.append({"max_iter": n, "iterations": result.iterations,
                      "train_seconds": round(result.train_seconds, 2),
                      "test_accuracy": round(result.test["accuracy"], 4)})

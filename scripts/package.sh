@@ -21,6 +21,10 @@
 # 2.0 s for this one against 4.4 s at gzip -1 (measured on this 2-core machine); a plain .tar
 # would go through Spark's Java unpacker, which refuses the venv's symlink to its interpreter.
 # Rebuilt only when the requirements' versions, this script or the sources change.
+# FEDSPARK_PACKAGE_EXTRAS=torch also packs torch and safetensors (udfs.EXECUTOR_EXTRAS; from .venv,
+# so install 'fedspark[torch]' there first) for model.kind=torch: the default PyPI wheel brings
+# the CUDA libraries, about 6 GB unpacked, so by default executors must have torch installed.
+# FEDSPARK_PACKAGE_EXTRAS=sklearn packs scikit-learn for model.kind=sklearn (both: torch,sklearn).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 cd "$ROOT"
@@ -51,9 +55,10 @@ PY
 build_env() {
   local stamp="$ENV_DIR/.fedspark-deps" want pins
   pins="$("$VENV/bin/python" -c '
-import importlib.metadata as m
-from udfs import EXECUTOR_REQUIREMENTS
-print("\n".join(f"{r}=={m.version(r)}" for r in EXECUTOR_REQUIREMENTS))')"
+import importlib.metadata as m, os
+from udfs import EXECUTOR_EXTRAS, EXECUTOR_REQUIREMENTS
+extras = [r for e in os.environ.get("FEDSPARK_PACKAGE_EXTRAS", "").split(",") if e for r in EXECUTOR_EXTRAS[e]]
+print("\n".join(f"{r}=={m.version(r)}" for r in (*EXECUTOR_REQUIREMENTS, *extras)))')"
   want="$( { echo "$pins"; cat "$ROOT/scripts/package.sh"; } | sha256sum | cut -d' ' -f1)"
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -f "$ENV_TAR" ]; then
     return

@@ -48,6 +48,24 @@ ensure_venv() {
   fi
 }
 
+# ensure_extra NAME: the optional dependencies pyproject.toml's extra NAME pins (torch for
+# model.kind=torch), installed into the venv once (again when pyproject.toml changes). Only the jobs
+# that need them ask: torch with its CUDA libraries is a 6 GB venv.
+ensure_extra() {
+  local extra="$1" stamp="$VENV/.fedspark-extra-$1"
+  if [ -f "$stamp" ] && [ "$stamp" -nt "$ROOT/pyproject.toml" ]; then
+    return
+  fi
+  say "installing the optional dependencies fedspark[$extra] into $VENV (torch: ~4 GB of downloads)"
+  local log="$VENV/.fedspark-pip-$extra.log"
+  if ! "$VENV/bin/pip" install --quiet -e "$ROOT[dev,$extra]" >"$log" 2>&1; then
+    cat "$log" >&2
+    say "installing fedspark[$extra] into $VENV failed (the log above is in $log)"
+    exit 1
+  fi
+  touch "$stamp"
+}
+
 ensure_fashion_mnist() {
   if [ -f "$FASHION_MNIST_DIR/train-images-idx3-ubyte.gz" ]; then
     return

@@ -35,10 +35,14 @@ if [ -n "$master" ]; then
   fi
 fi
 
-# The config decides the table, the lake and whether Delta's jar comes from Maven; ingest
+# The config decides the table, the lake, whether Delta's jar comes from Maven and whether the
+# model needs PyTorch; ingest
 # Fashion-MNIST only when that table is missing.
-{ read -r table; read -r lake_path; read -r delta_packages; } < <(python -m pipelines.core.config \
-  "${cfg_args[@]}" data.table lake.path spark.delta_packages 2>/dev/null || printf -- '-\n-\nauto\n')
+{ read -r table; read -r lake_path; read -r delta_packages; read -r model_kind; } < <(python -m pipelines.core.config \
+  "${cfg_args[@]}" data.table lake.path spark.delta_packages model.kind 2>/dev/null || printf -- '-\n-\nauto\n-\n')
+if [ "$model_kind" = "torch" ]; then   # the optional extra of that name: only a torch job installs it
+  ensure_extra torch
+fi
 export FEDSPARK_DELTA_PACKAGES="${FEDSPARK_DELTA_PACKAGES:-$delta_packages}"
 if [ "$table" = "fashion_mnist" ]; then
   ensure_fashion_mnist_table "$lake_path"

@@ -10,7 +10,6 @@ import numpy as np
 from pyspark.ml import PipelineModel
 
 from pipelines.store.artifacts import load_model
-from udfs.core.models import predict
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
@@ -35,6 +34,6 @@ def test_a_pipeline_model_saved_before_the_move_predicts_the_same(spark):
 def test_a_run_model_saved_before_the_move_predicts_the_same():
     saved = _inputs()
     spec, theta, _ = load_model(FIXTURES / "run_model")
-    predicted = predict(spec, theta, saved["X"].astype(np.float64))
+    predicted = spec.predict(theta, saved["X"].astype(np.float64))
     np.testing.assert_array_equal(predicted, saved["run_prediction"])
     assert (predicted == saved["y"]).mean() > 0.7

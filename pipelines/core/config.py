@@ -29,7 +29,10 @@ from pipelines.federated.robust import NEEDS_INDIVIDUAL_UPDATES, RULES
 from pipelines.federated.sampling import SAMPLERS
 from pipelines.federated.server import STRATEGIES
 from pipelines.store.rundir import local_path
-from udfs.core.models import FLOAT_DTYPES, HEADS, INITIALISERS
+from udfs.adapters import GRADIENT_FREE_KINDS, KINDS, USER_KINDS
+from udfs.adapters.sklearn_estimator import ESTIMATORS, check_params
+from udfs.adapters.torch_module import LOSS_HEADS
+from udfs.core.models import FLOAT_DTYPES, INITIALISERS
 from udfs.core.optimizers import OPTIMIZERS
 from udfs.federated.attacks import ATTACKS
 from udfs.federated.noise import DP_MODES
@@ -56,6 +59,7 @@ def one_of(names: Iterable[str]) -> Any:
 
 if TYPE_CHECKING:   # a type checker sees names; pydantic, at run time, the registries' exact options
     ModelKind: TypeAlias = str
+    SklearnEstimator: TypeAlias = str
     ModelInit: TypeAlias = str
     OptimizerName: TypeAlias = str
     ServerStrategy: TypeAlias = str
@@ -66,7 +70,8 @@ if TYPE_CHECKING:   # a type checker sees names; pydantic, at run time, the regi
     Sampling: TypeAlias = str
     DpMode: TypeAlias = str
 else:
-    ModelKind = one_of(HEADS)
+    ModelKind = one_of(KINDS)
+    SklearnEstimator = one_of(ESTIMATORS)
     ModelInit = one_of(INITIALISERS)
     OptimizerName = one_of(OPTIMIZERS)
     ServerStrategy = one_of(STRATEGIES)
@@ -143,15 +148,60 @@ class DataSection(_Section):
     block_cache_gb: float = Field(ge=0.0)
 
 
+# "package.module:name", how model.torch.module and a custom model.torch.loss name a function
+IMPORT_PATH = r"[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*"
+
+
+class TorchSection(_Section):
+    """model.kind=torch: the nn.Module's factory, its keyword arguments, the user's file that
+    holds it (shipped with the job) and the loss."""
+
+    module: str | None = Field(pattern=f"^{IMPORT_PATH}$")
+    file: str | None = Field(pattern=r"\.py$")
+    kwargs: dict[str, Any]
+    loss: str = Field(pattern=f"^({'|'.join(LOSS_HEADS)}|{IMPORT_PATH})$")
+
+    @model_validator(mode="after")
+    def _file_is_the_module(self) -> TorchSection:
+        if self.file is not None and self.module is not None and \
+                self.module.partition(":")[0] != Path(self.file).stem:
+            raise ValueError(f"model.torch.module={self.module!r} must name the module of model.torch.file "
+                             f"({Path(self.file).stem}:FACTORY)")
+        return self
+
+
+class SklearnSection(_Section):
+    """model.kind=sklearn: a partial_fit estimator's class and its parameters."""
+
+    estimator: SklearnEstimator | None
+    params: dict[str, Any]
+
+    @model_validator(mode="after")
+    def _params_fit_the_estimator(self) -> SklearnSection:
+        if self.estimator is not None:
+            check_params(self.estimator, self.params)
+        return self
+
+
 class ModelSection(_Section):
     kind: ModelKind
     hidden: list[int]
     init: ModelInit
+    input_shape: list[int] | None
+    torch: TorchSection
+    sklearn: SklearnSection
 
     @model_validator(mode="after")
     def _positive_layers(self) -> ModelSection:
         if any(h < 1 for h in self.hidden):
             raise ValueError(f"hidden layer sizes must be >= 1, got {self.hidden}")
+        if self.input_shape is not None and (not self.input_shape or any(w < 1 for w in self.input_shape)):
+            raise ValueError(f"model.input_shape must be positive widths, e.g. [1, 28, 28], got {self.input_shape}")
+        if self.kind == "torch" and self.torch.module is None:
+            raise ValueError("model.kind=torch needs model.torch.module ('package.module:factory', "
+                             "e.g. udfs.adapters.torch_zoo:mlp)")
+        if self.kind == "sklearn" and self.sklearn.estimator is None:
+            raise ValueError(f"model.kind=sklearn needs model.sklearn.estimator, one of {list(ESTIMATORS)}")
         return self
 
 
@@ -271,6 +321,14 @@ class MllibSection(_Section):
     block_size: int = Field(ge=1)
 
 
+# strategies that train only the built-in models, and why
+STRATEGIES_FOR_BUILTINS = {
+    "mllib": "it trains Spark MLlib's own estimators (the built-in baseline), not a user's model",
+    "model_parallel": "it shards the first dense layer of a built-in model by feature blocks, and a "
+                      "user's module is opaque to it",
+}
+
+
 class Config(_Section):
     spark: SparkSection
     lake: PathSection
@@ -287,6 +345,17 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _cross_section_rules(self) -> Config:
+        if self.model.kind in USER_KINDS and self.trainer.strategy in STRATEGIES_FOR_BUILTINS:
+            raise ValueError(f"trainer.strategy={self.trainer.strategy} cannot train model.kind="
+                             f"{self.model.kind}: {STRATEGIES_FOR_BUILTINS[self.trainer.strategy]}; "
+                             "use local, sync or federated")
+        if self.model.kind in GRADIENT_FREE_KINDS and self.trainer.strategy == "sync":
+            raise ValueError(f"trainer.strategy=sync all-reduces gradients, and a model.kind={self.model.kind} "
+                             "partial_fit estimator has no gradient to reduce; use local or federated")
+        if self.model.kind in GRADIENT_FREE_KINDS and self.federated.mu > 0:
+            raise ValueError(f"federated.mu={self.federated.mu}: FedProx adds its proximal term to the "
+                             f"gradient, and a model.kind={self.model.kind} estimator trains by partial_fit "
+                             "without one; use federated.mu=0")
         if self.privacy.secure_aggregation and self.robust.rule in NEEDS_INDIVIDUAL_UPDATES:
             raise ValueError(
                 f"robust.rule={self.robust.rule!r} needs individual updates, which "

@@ -26,7 +26,7 @@ from pipelines.federated.clients import Clients
 from pipelines.federated.sampling import SAMPLERS
 from pipelines.federated.server import ServerRule
 from pipelines.training.data_parallel import evaluate, optimizer_from
-from udfs.core.models import ModelSpec
+from udfs.core.models import Model
 from udfs.core.seeding import Stream
 from udfs.federated import clients
 from udfs.federated.attacks import Attack, malicious_clients
@@ -83,7 +83,7 @@ CLIENT_TRAINING: dict[str, Callable[[FederatedSection], dict[str, Any]]] = {
     "fedprox": proximal, "fedsgd": one_full_batch}
 
 
-def client_round(config: Config, spec: ModelSpec, round_: int, release: Release | None = None,
+def client_round(config: Config, spec: Model, round_: int, release: Release | None = None,
                  attack: Attack = NO_ATTACK, run_id: str = "") -> clients.ClientRound:
     """What every client of round `round_` is told; `run_id` keys local DP's noise to the run."""
     fed, t = config.federated, config.trainer
@@ -258,7 +258,7 @@ def finite(report: clients.ClientReport) -> bool:
     return bool(np.isfinite(report.update).all()) and math.isfinite(report.train_loss)
 
 
-def federated_eval(sc: SparkContext, c: Clients, spec: ModelSpec, dtype: str, split: clients.ClientSplit,
+def federated_eval(sc: SparkContext, c: Clients, spec: Model, dtype: str, split: clients.ClientSplit,
                    theta: np.ndarray) -> tuple[dict[str, float], list[float]]:
     """Each client's accuracy on its own hold-out, in client order, and their mean, 10th percentile
     and minimum: one job of one task per task slot, each evaluating the clients whose handles
@@ -278,7 +278,7 @@ def federated_eval(sc: SparkContext, c: Clients, spec: ModelSpec, dtype: str, sp
             acc.tolist())
 
 
-def fit(sc: SparkContext, config: Config, c: Clients, test: Blocks | None, spec: ModelSpec, state: FedState,
+def fit(sc: SparkContext, config: Config, c: Clients, test: Blocks | None, spec: Model, state: FedState,
         on_round: RoundHook, client_eval: bool = True, *,
         run_id: str, noise_secret: bytes | None = None) -> FedState:
     """Run the remaining rounds; every eval_every rounds (and the last) evaluate globally and per

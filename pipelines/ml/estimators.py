@@ -46,6 +46,7 @@ from pipelines.federated import privacy, rounds
 from pipelines.federated.clients import clients_from_rows
 from pipelines.ml.scoring import score_rows
 from pipelines.training import data_parallel, runners
+from udfs.core import models
 from udfs.core.models import ModelSpec
 from udfs.ml.scoring import Scoring
 
@@ -172,11 +173,13 @@ class FedsparkEstimator(Estimator, _FedsparkParams, DefaultParamsReadable, Defau
         except UserError as exc:
             raise ValueError(f"features column {self.getFeaturesCol()!r} / label column "
                              f"{self.getLabelCol()!r}: {exc}") from None
+        if not isinstance(spec, ModelSpec):
+            raise ValueError(f"FedsparkEstimator trains the built-in models; modelKind={spec.kind} is not one")
         model = FedsparkModel(spec.kind, list(spec.layers), theta)
         return self._copyValues(model)
 
 
-def _train(spark: Any, config: Config, rows: DataFrame) -> tuple[ModelSpec, np.ndarray]:
+def _train(spark: Any, config: Config, rows: DataFrame) -> tuple[models.Model, np.ndarray]:
     """Train with the configured strategy; (spec, final weights)."""
     t = config.trainer
     sc = spark.sparkContext

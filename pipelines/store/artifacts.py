@@ -29,9 +29,10 @@ import numpy as np
 from pipelines.core.errors import UserError
 from pipelines.store import rundir
 from pipelines.store.rundir import RunDir
+from udfs import adapters
 from udfs.core import files
 from udfs.core.files import atomic_write
-from udfs.core.models import ModelSpec
+from udfs.core.models import Model
 from udfs.core.seeding import SECRET_BYTES
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -114,19 +115,22 @@ def newest_run(runs_path: str, run_name: str) -> RunDir | None:
     return rundir.open_run(rundir.join(str(runs_path), max(found)[1])) if found else None
 
 
-def save_model(run_dir: RunDir, spec: ModelSpec, theta: np.ndarray | None,
+def save_model(run_dir: RunDir, spec: Model, theta: np.ndarray | None,
                metadata: dict[str, Any]) -> str:
-    """weights.npz then spec.json; without weights (an MLlib model saved by MLlib beside them) only
+    """weights.npz, the model's own files (a PyTorch module's state_dict in safetensors and its
+    source), then spec.json; without weights (an MLlib model saved by MLlib beside them) only
     spec.json, which says so. Returns the model directory's URI (or path)."""
     if theta is not None:
         write(run_dir, "model/weights.npz", _npz_bytes({"theta": theta}))
+        for name, data in spec.files(theta).items():
+            write(run_dir, f"model/{name}", data)
     _write_spec(run_dir, spec, str(theta.dtype) if theta is not None else None,
                 {} if theta is not None else {"format": "mllib", "mllib_path": run_dir.child("model/mllib")},
                 metadata)
     return run_dir.child("model")
 
 
-def save_model_chunks(run_dir: RunDir, spec: ModelSpec, dtype: str, chunks: Iterable[np.ndarray],
+def save_model_chunks(run_dir: RunDir, spec: Model, dtype: str, chunks: Iterable[np.ndarray],
                       metadata: dict[str, Any]) -> str:
     """save_model for weights that arrive in consecutive pieces of the flat vector (a model-parallel
     model, one feature block at a time): the same weights.npz, never whole in memory."""
@@ -136,9 +140,9 @@ def save_model_chunks(run_dir: RunDir, spec: ModelSpec, dtype: str, chunks: Iter
     return run_dir.child("model")
 
 
-def _write_spec(run_dir: RunDir, spec: ModelSpec, dtype: str | None, extra: dict[str, Any],
+def _write_spec(run_dir: RunDir, spec: Model, dtype: str | None, extra: dict[str, Any],
                 metadata: dict[str, Any]) -> None:
-    meta = {"kind": spec.kind, "layers": list(spec.layers), "n_params": spec.n_params,
+    meta = {**spec.describe(), "n_params": spec.n_params,
             "dtype": dtype, **extra, **metadata}
     write(run_dir, "model/spec.json", json.dumps(meta, indent=2).encode())
 
@@ -175,7 +179,7 @@ def read_npz_slice(path: Path, name: str, start: int, stop: int) -> np.ndarray:
         return np.frombuffer(fh.read((stop - start) * dtype.itemsize), dtype=dtype).copy()
 
 
-def load_model(model_or_run_dir: str | Path) -> tuple[ModelSpec, np.ndarray, dict[str, Any]]:
+def load_model(model_or_run_dir: str | Path) -> tuple[Model, np.ndarray, dict[str, Any]]:
     """A saved model from its run directory or its model/ directory (a path or a URI)."""
     run_dir = rundir.open_run(model_or_run_dir)
     try:
@@ -184,7 +188,7 @@ def load_model(model_or_run_dir: str | Path) -> tuple[ModelSpec, np.ndarray, dic
         run_dir.close()
 
 
-def _load_model(run_dir: RunDir, prefix: str) -> tuple[ModelSpec, np.ndarray, dict[str, Any]]:
+def _load_model(run_dir: RunDir, prefix: str) -> tuple[Model, np.ndarray, dict[str, Any]]:
     spec_file, weights_file = run_dir.child(f"{prefix}spec.json"), run_dir.child(f"{prefix}weights.npz")
     spec_json = run_dir.read(f"{prefix}spec.json")
     weights = run_dir.fetch(f"{prefix}weights.npz")
@@ -199,7 +203,10 @@ def _load_model(run_dir: RunDir, prefix: str) -> tuple[ModelSpec, np.ndarray, di
     meta = json.loads(spec_json)
     with np.load(weights, allow_pickle=False) as z:
         theta = z["theta"]
-    spec = ModelSpec.from_dict(meta)
+    try:
+        spec = adapters.from_description(meta, lambda name: run_dir.read(f"{prefix}{name}"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{spec_file}: {exc}") from None
     if theta.shape != (spec.n_params,):
         raise UserError(f"{weights_file}: holds {theta.shape} parameters, spec.json describes "
                         f"{spec.n_params}")

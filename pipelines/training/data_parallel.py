@@ -30,7 +30,7 @@ from pipelines.core.errors import UserError
 from pipelines.core.progress import progress
 from pipelines.data.blocks import Blocks
 from pipelines.training import rendezvous
-from udfs.core.models import ModelSpec
+from udfs.core.models import Model
 from udfs.core.optimizers import Optimizer
 from udfs.training import tasks
 from udfs.training.collective import PortRange
@@ -92,7 +92,7 @@ def optimizer_from(config: Config) -> Optimizer:
     return Optimizer(o.name, o.lr, o.beta1, o.beta2, o.eps, o.momentum)
 
 
-def evaluate(sc: SparkContext, data: Blocks, spec: ModelSpec, dtype: str, theta: np.ndarray,
+def evaluate(sc: SparkContext, data: Blocks, spec: Model, dtype: str, theta: np.ndarray,
              which: tuple[str, ...], depth: int = 2) -> dict[str, dict[str, float]]:
     """Loss and accuracy (or RMSE and R^2) of theta on the named roles, computed on the executors."""
     bc = sc.broadcast(theta)
@@ -104,7 +104,7 @@ def evaluate(sc: SparkContext, data: Blocks, spec: ModelSpec, dtype: str, theta:
     return {role: metrics_from_sums(spec, sums[role]) for role in which} if sums else {}
 
 
-def metrics_from_sums(spec: ModelSpec, sums: np.ndarray) -> dict[str, float]:
+def metrics_from_sums(spec: Model, sums: np.ndarray) -> dict[str, float]:
     n, loss, correct, sse, y_sum, y2_sum = (float(x) for x in sums)
     if n == 0:
         return {"rows": 0}

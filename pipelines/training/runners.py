@@ -32,26 +32,52 @@ from pipelines.store.rundir import RunDir
 from pipelines.store.tracking import Tracker
 from pipelines.training import mllib
 from pipelines.training.data_parallel import Settings, TrainState, evaluate, optimizer_from, train
-from udfs.core.models import ModelSpec, init_params
+from udfs import adapters
+from udfs.core.models import Model, ModelSpec
 from udfs.core.seeding import Stream, rng
 from udfs.training import tasks
 from udfs.training.collective import PortRange
 
 
-def model_spec(config: Config, n_features: int, n_classes: int) -> ModelSpec:
-    kind, table = config.model.kind, config.data.table
-    if kind != "linear" and n_classes == 0:
-        raise UserError(f"model.kind={kind} needs integer class labels, but table {table!r} "
-                        "has real-valued labels; use model.kind=linear")
-    if kind == "logistic" and n_classes > 2:
-        raise UserError(f"model.kind=logistic is binary, but table {table!r} has "
-                        f"{n_classes} classes; use softmax or mlp")
-    return ModelSpec.build(kind, n_features, max(n_classes, 1), config.model.hidden)
+def model_spec(config: Config, n_features: int, n_classes: int) -> Model:
+    """The configured model for data with `n_features` inputs and `n_classes` classes (0: real
+    labels); a model that does not fit the data, or a module that cannot be built, is a UserError."""
+    m, table = config.model, config.data.table
+    try:
+        return adapters.build(adapters.ModelRequest(
+            m.kind, n_features, n_classes, tuple(m.hidden),
+            tuple(m.input_shape) if m.input_shape is not None else None, torch_request(config),
+            adapters.SklearnRequest(m.sklearn.estimator, dict(m.sklearn.params)) if m.sklearn.estimator else None))
+    except ValueError as exc:
+        raise UserError(f"{exc} (table {table!r}: {n_features} features, "
+                        f"{f'{n_classes} classes' if n_classes else 'real-valued labels'})") from None
 
 
-def initial_theta(config: Config, spec: ModelSpec) -> np.ndarray:
-    return init_params(spec, rng(config.trainer.seed, Stream.INIT), config.model.init,
-                       np.dtype(config.trainer.dtype))
+def builtin_spec(config: Config, n_features: int, n_classes: int) -> ModelSpec:
+    """model_spec for the strategies that train only the built-in models (mllib, model_parallel:
+    the config refuses a user's model for them before any work)."""
+    spec = model_spec(config, n_features, n_classes)
+    if not isinstance(spec, ModelSpec):
+        raise UserError(f"trainer.strategy={config.trainer.strategy} trains only the built-in models")
+    return spec
+
+
+def torch_request(config: Config) -> adapters.TorchRequest | None:
+    """model.torch as the adapter takes it, the user's file (model.torch.file) read here."""
+    t = config.model.torch
+    if t.module is None:
+        return None
+    name = text = None
+    if t.file is not None:
+        path = Path(t.file)
+        if not path.is_file():
+            raise UserError(f"model.torch.file={t.file}: no such file")
+        name, text = path.name, path.read_text()
+    return adapters.TorchRequest(t.module, dict(t.kwargs), t.loss, name, text)
+
+
+def initial_theta(config: Config, spec: Model) -> np.ndarray:
+    return spec.init(rng(config.trainer.seed, Stream.INIT), config.model.init, np.dtype(config.trainer.dtype))
 
 
 def restore(run_dir: RunDir, n_params: int) -> tuple[np.ndarray, dict[str, np.ndarray], dict] | None:
@@ -192,19 +218,19 @@ class Trained:
     into the summary line as they are."""
 
     data: DataUsed
-    spec: ModelSpec
+    spec: Model
     test: dict[str, float]
     epochs: int | None
     details: dict[str, Any] = field(default_factory=dict)
 
     def summary_fields(self) -> dict[str, Any]:
         """The runner's part of the summary line (CONTRACT.md), in its order."""
-        return {"model": {"kind": self.spec.kind, "layers": list(self.spec.layers)},
+        return {"model": self.spec.describe(),
                 "data": asdict(self.data), "epochs": self.epochs,
                 **self.details, **summary_metrics(self.spec, self.test)}
 
 
-def summary_metrics(spec: ModelSpec, test: dict[str, float]) -> dict[str, Any]:
+def summary_metrics(spec: Model, test: dict[str, float]) -> dict[str, Any]:
     if spec.is_classifier:
         return {"test_loss": test.get("loss"), "test_accuracy": test.get("accuracy")}
     return {"test_loss": test.get("loss"), "test_rmse": test.get("rmse"), "test_r2": test.get("r2")}
@@ -223,7 +249,7 @@ def settings_of(config: Config) -> Settings:
                     t.checkpoint_every or None, PortRange.parse(t.sync_ports))
 
 
-def data_parallel_start(config: Config, data: Blocks) -> tuple[ModelSpec, tasks.Job, TrainState]:
+def data_parallel_start(config: Config, data: Blocks) -> tuple[Model, tasks.Job, TrainState]:
     """`local` and `sync` on `data`: the model, what every task needs, and the initial state."""
     t = config.trainer
     spec = model_spec(config, data.n_features, data.n_classes)
@@ -232,7 +258,7 @@ def data_parallel_start(config: Config, data: Blocks) -> tuple[ModelSpec, tasks.
     return spec, tasks.Job(spec, data.layout, t.dtype, t.batch_size, opt), TrainState(theta, opt.init_state(theta))
 
 
-def federated_start(config: Config, clients: Clients) -> tuple[ModelSpec, rounds.FedState]:
+def federated_start(config: Config, clients: Clients) -> tuple[Model, rounds.FedState]:
     """`federated` over `clients`: the settings that depend on the clients checked, the model, and
     the initial server state."""
     rounds.check_setup(config, clients.count)
@@ -355,7 +381,7 @@ def train_federated(job: Job) -> Trained:
                    spec, test_metrics, None, rounds.summary_fields(config, clients, state))
 
 
-def finish_model(run_dir: RunDir, config: Config, spec: ModelSpec, theta: np.ndarray | None, table: str,
+def finish_model(run_dir: RunDir, config: Config, spec: Model, theta: np.ndarray | None, table: str,
                  version: int, chunks: Any = None) -> None:
     """model/weights.npz + spec.json; spec.json alone when there are no weights of ours (MLlib's
     MLP, saved by MLlib under model/mllib). `chunks`: the weights in consecutive pieces instead
@@ -376,7 +402,7 @@ def train_model_parallel(job: Job) -> Trained:
     with progress(spark.sparkContext, "building model-parallel cells"):
         cells = mp.prepare(spark, config)
     job.timings["blocks"] = time.perf_counter() - mark
-    spec = model_spec(config, cells.n_features, cells.n_classes)
+    spec = builtin_spec(config, cells.n_features, cells.n_classes)
     grid = mp.grid_for(config, cells, spec)
     tracker = job.open_run(cells.table, cells.version, "epoch", t.epochs)
     names = tuple(grid.optimizer.init_state(np.zeros(1)))
@@ -418,7 +444,7 @@ def train_mllib(job: Job) -> Trained:
     """`mllib`: MLlib's estimator on the same table (pipelines/training/mllib.py)."""
     spark, config = job.spark, job.config
     mark = time.perf_counter()
-    fitted = mllib.fit(spark, config, partial(model_spec, config))
+    fitted = mllib.fit(spark, config, partial(builtin_spec, config))
     job.timings["train"] = fitted.train_seconds
     job.timings["prepare_and_evaluate"] = time.perf_counter() - mark - fitted.train_seconds
     spec, model = fitted.spec, fitted.model

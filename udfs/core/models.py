@@ -12,11 +12,17 @@ X may be a scipy CSR matrix (sparse wide input): the first layer multiplies it w
 
 Parameters are laid out layer by layer as W (in x out, row-major) then b (out). Keeping them in one
 flat vector makes averaging, clipping, noise, masking and checkpoints plain vector operations.
+
+`Model` is the interface every trainer, evaluator and scorer uses: `ModelSpec` (these built-ins)
+and the adapters in `udfs/adapters` (a user's PyTorch module) implement it, so nothing outside an
+adapter asks which kind of model it holds.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -28,9 +34,105 @@ CLASSIFIERS = {"mlp", "softmax", "logistic"}
 FLOAT_DTYPES: dict[str, type[np.floating]] = {"float32": np.float32, "float64": np.float64}
 
 
+class Model(Protocol):
+    """A model as the trainers see it: a flat parameter vector and what can be computed from it.
+
+    `head` is `softmax` (class logits), `sigmoid` (one binary logit) or `identity` (a value), and
+    fixes how outputs become labels and probabilities (`Outputs`). An implementation must be a small
+    picklable value: it travels to the executors inside every task description."""
+
+    @property
+    def kind(self) -> str: ...
+    @property
+    def head(self) -> str: ...
+    @property
+    def n_features(self) -> int: ...
+    @property
+    def n_params(self) -> int: ...
+    @property
+    def is_classifier(self) -> bool: ...
+    @property
+    def n_classes(self) -> int: ...
+
+    def describe(self) -> dict[str, Any]:
+        """What the summary line and spec.json record of the architecture (JSON values)."""
+        ...
+
+    def init(self, rng: np.random.Generator, init: str, dtype: npt.DTypeLike) -> np.ndarray:
+        """Initial parameters, every draw from `rng`."""
+        ...
+
+    def loss_and_grad(self, theta: np.ndarray, X: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+        """Mean training loss over the rows of X and its gradient w.r.t. theta (theta's dtype).
+        Entries that are not trained (running statistics) get a zero gradient and may be updated
+        in theta itself by the training forward pass."""
+        ...
+
+    def decision(self, theta: np.ndarray, X: np.ndarray) -> np.ndarray:
+        """Raw outputs for inference: logits, one logit column, or values."""
+        ...
+
+    def output_loss(self, out: np.ndarray, y: np.ndarray) -> float:
+        """Summed loss of `decision`'s output against labels y (for evaluation)."""
+        ...
+
+    def predict(self, theta: np.ndarray, X: np.ndarray) -> np.ndarray:
+        """Class labels for classifiers, values for regression."""
+        ...
+
+    def labels(self, out: np.ndarray) -> np.ndarray:
+        """Class labels (or values) from `decision`'s output."""
+        ...
+
+    def probabilities(self, out: np.ndarray) -> np.ndarray:
+        """Class probabilities from `decision`'s output (classifiers only)."""
+        ...
+
+    def files(self, theta: np.ndarray) -> dict[str, bytes]:
+        """Files saved beside weights.npz and spec.json in the model directory (a framework's own
+        format of the same weights, the source they need)."""
+        ...
+
+
+@runtime_checkable
+class LocalFit(Protocol):
+    """A model trained by its own fitting routine instead of gradients (scikit-learn's partial_fit
+    family): local training calls this where it would take optimizer steps."""
+
+    def local_fit(self, theta: np.ndarray, X: np.ndarray, y: np.ndarray, epochs: int,
+                  random_state: int) -> tuple[np.ndarray, float]:
+        """`epochs` passes over (X, y) from theta, shuffled by `random_state`: the new vector and
+        its mean loss on (X, y)."""
+        ...
+
+
+class Outputs(ABC):
+    """What follows from the model's head alone, shared by every implementation of `Model`."""
+
+    @property
+    @abstractmethod
+    def head(self) -> str: ...
+
+    @abstractmethod
+    def decision(self, theta: np.ndarray, X: np.ndarray) -> np.ndarray: ...
+
+    def labels(self, out: np.ndarray) -> np.ndarray:
+        return labels_from_decision(self, out)
+
+    def probabilities(self, out: np.ndarray) -> np.ndarray:
+        return probabilities(self, out)
+
+    def output_loss(self, out: np.ndarray, y: np.ndarray) -> float:
+        return head_loss(self, out, y, need_grad=False)[0]
+
+    def predict(self, theta: np.ndarray, X: np.ndarray) -> np.ndarray:
+        return labels_from_decision(self, self.decision(theta, X))
+
+
 @dataclass(frozen=True)
-class ModelSpec:
-    """Architecture of a model: its kind and the width of every layer, input first."""
+class ModelSpec(Outputs):
+    """Architecture of a built-in model: its kind and the width of every layer, input first. It is
+    the numpy implementation of `Model`."""
 
     kind: str
     layers: tuple[int, ...]
@@ -73,9 +175,28 @@ class ModelSpec:
     def n_params(self) -> int:
         return sum(a * b + b for a, b in zip(self.layers[:-1], self.layers[1:], strict=False))
 
+    @property
+    def n_features(self) -> int:
+        return self.layers[0]
+
     @classmethod
     def from_dict(cls, data: dict) -> ModelSpec:
         return cls(str(data["kind"]), tuple(int(w) for w in data["layers"]))
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "layers": list(self.layers)}
+
+    def init(self, rng: np.random.Generator, init: str, dtype: npt.DTypeLike) -> np.ndarray:
+        return init_params(self, rng, init, dtype)
+
+    def loss_and_grad(self, theta: np.ndarray, X: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+        return loss_and_grad(self, theta, X, y)
+
+    def decision(self, theta: np.ndarray, X: np.ndarray) -> np.ndarray:
+        return decision(self, theta, X)
+
+    def files(self, theta: np.ndarray) -> dict[str, bytes]:
+        return {}
 
 
 def unpack(spec: ModelSpec, theta: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -156,7 +277,7 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
 
-def head_loss(spec: ModelSpec, out: np.ndarray, y: np.ndarray,
+def head_loss(spec: Outputs, out: np.ndarray, y: np.ndarray,
               need_grad: bool = True) -> tuple[float, np.ndarray | None]:
     """Summed loss of the model output `out` against labels `y`, and its gradient w.r.t. `out`."""
     n = out.shape[0]
@@ -226,7 +347,7 @@ def predict_proba(spec: ModelSpec, theta: np.ndarray, X: np.ndarray) -> np.ndarr
     return probabilities(spec, decision(spec, theta, X))
 
 
-def probabilities(spec: ModelSpec, out: np.ndarray) -> np.ndarray:
+def probabilities(spec: Outputs, out: np.ndarray) -> np.ndarray:
     """Class probabilities from `decision`'s output: scoring needs labels and probabilities of the
     same rows, and the forward pass is most of the cost, so it runs once for both."""
     if spec.head == "softmax":
@@ -237,7 +358,7 @@ def probabilities(spec: ModelSpec, out: np.ndarray) -> np.ndarray:
     raise ValueError("a linear model predicts values, not probabilities")
 
 
-def labels_from_decision(spec: ModelSpec, out: np.ndarray) -> np.ndarray:
+def labels_from_decision(spec: Outputs, out: np.ndarray) -> np.ndarray:
     """Class labels for classifiers, values for regression, from `decision`'s output."""
     if spec.head == "softmax":
         return out.argmax(axis=1)

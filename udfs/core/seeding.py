@@ -30,6 +30,7 @@ class Stream(IntEnum):
     GENERATE = 11        # synthetic rows, per chunk of ids (udfs/data/synthetic.py)
     TRUTH = 12           # the true model of a synthetic table
     SPARSE_ROWS = 13     # wide sparse benchmark rows (udfs/data/synthetic.py, `vocabulary_rows`)
+    ESTIMATOR = 14       # a partial_fit estimator's random_state (udfs/adapters/sklearn_estimator.py)
 
 
 def rng(seed: int, stream: Stream, *keys: int) -> np.random.Generator:

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from udfs.core import models, worker
-from udfs.core.models import ModelSpec
+from udfs.core import worker
+from udfs.core.models import LocalFit, Model
 from udfs.core.optimizers import Optimizer
 from udfs.core.seeding import Stream, rng
 from udfs.data import blocks
@@ -75,7 +75,7 @@ def client_rows(path: str, client: int, split: ClientSplit) -> tuple[np.ndarray,
 
 @dataclass(frozen=True)
 class ClientRound:
-    spec: ModelSpec
+    spec: Model
     dtype: str
     split: ClientSplit
     round: int
@@ -94,6 +94,10 @@ def train_client(task: ClientRound, client: int, theta0: np.ndarray, X: np.ndarr
 
     The whole of a client's numpy work: the benchmark times it in one process to measure what a
     Spark round adds on top."""
+    if isinstance(task.spec, LocalFit):   # partial_fit: E passes of the estimator's own
+        random_state = int(rng(task.split.seed, Stream.ESTIMATOR, task.round, client).integers(2**31 - 1))
+        theta, loss = task.spec.local_fit(theta0, X, y, task.local_epochs, random_state)
+        return theta, loss, task.local_epochs
     theta = theta0.copy()
     state = task.optimizer.init_state(theta)
     n = len(y)
@@ -106,7 +110,7 @@ def train_client(task: ClientRound, client: int, theta0: np.ndarray, X: np.ndarr
         order = rng(task.split.seed, Stream.LOCAL_EPOCH, index, client).permutation(n)
         for start in range(0, n, batch):
             rows = order[start:start + batch]
-            loss, grad = models.loss_and_grad(task.spec, theta, X[rows], y[rows])
+            loss, grad = task.spec.loss_and_grad(theta, X[rows], y[rows])
             if task.mu:
                 grad += task.mu * (theta - theta0)
             step += 1
@@ -168,7 +172,7 @@ def client_update(rows: Iterable[Any], task: ClientRound,
     yield report
 
 
-def clients_evaluate(rows: Iterable[Any], spec: ModelSpec, dtype: str, split: ClientSplit,
+def clients_evaluate(rows: Iterable[Any], spec: Model, dtype: str, split: ClientSplit,
                      weights: Broadcast[np.ndarray]) -> Iterator[tuple[int, np.ndarray]]:
     """The global model on the hold-out of every client whose handle is in this partition:
     (client, [n, loss_sum, correct, ...]) for each client with a hold-out.

@@ -19,8 +19,8 @@ import numpy as np
 import pyarrow as pa
 from scipy import sparse
 
-from udfs.core import models, worker
-from udfs.core.models import ModelSpec
+from udfs.core import worker
+from udfs.core.models import Model
 from udfs.data.blocks import BlockError, dense_features, sparse_features
 
 if TYPE_CHECKING:
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Scoring:
-    spec: ModelSpec
+    spec: Model
     column: str                 # the features column of the batches: array<float> or sparse struct
     shown_as: str               # the features column's name in errors (the user's, if converted)
     keep: tuple[str, ...]       # columns passed through to the output, in this order
@@ -43,7 +43,7 @@ def feature_matrix(batch: pa.RecordBatch, scoring: Scoring, first_row: int
     another width is a ValueError naming the column and the row: by its key, or without a key by
     its position in the partition (`first_row` is the batch's first)."""
     features = batch.column(scoring.column)
-    width = scoring.spec.layers[0]
+    width = scoring.spec.n_features
     if scoring.key is None:
         ids = np.arange(first_row, first_row + batch.num_rows, dtype=np.int64)
         where = f"features column {scoring.shown_as!r} (row ids count rows from 0 within a partition)"
@@ -73,11 +73,11 @@ def score_batch(batch: pa.RecordBatch, scoring: Scoring, theta: np.ndarray, firs
     for classifiers, the class probabilities (array<double>)."""
     spec = scoring.spec
     X = feature_matrix(batch, scoring, first_row).astype(theta.dtype, copy=False)
-    out = models.decision(spec, theta, X)
+    out = spec.decision(theta, X)
     arrays = [batch.column(name) for name in scoring.keep]
-    arrays.append(pa.array(models.labels_from_decision(spec, out).astype(np.float64)))
+    arrays.append(pa.array(spec.labels(out).astype(np.float64)))
     if spec.is_classifier:
-        arrays.append(_list_column(models.probabilities(spec, out).astype(np.float64, copy=False)))
+        arrays.append(_list_column(spec.probabilities(out).astype(np.float64, copy=False)))
     names = [*scoring.keep, *scoring.outputs[:len(arrays) - len(scoring.keep)]]
     return pa.RecordBatch.from_arrays(arrays, names=names)
 

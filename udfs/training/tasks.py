@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from udfs.core import models, worker
-from udfs.core.models import ModelSpec
+from udfs.core import worker
+from udfs.core.models import LocalFit, Model
 from udfs.core.optimizers import Optimizer
 from udfs.core.seeding import Stream, rng
 from udfs.data import blocks
@@ -45,7 +45,7 @@ def handle_of(rows: Iterable[Any]) -> tuple[int, str] | None:
 class Job:
     """What every training task needs besides the weights."""
 
-    spec: ModelSpec
+    spec: Model
     layout: blocks.Layout
     dtype: str
     batch_size: int
@@ -105,14 +105,23 @@ def local_round(rows: Iterable[Any], task: LocalRound,
     theta = theta0.copy()
     state = {k: v.copy() for k, v in state0.items()}
     order = train[rng(job.layout.seed, Stream.LOCAL_EPOCH, task.epoch, part).permutation(n)]
+    if isinstance(job.spec, LocalFit):   # partial_fit: one pass over the round's rows
+        rows_r = order[local_batch_bounds(first, n, job.layout.n_train, job.batch_size)[0]:
+                       local_batch_bounds(last - 1, n, job.layout.n_train, job.batch_size)[1]]
+        if len(rows_r) == 0:
+            return
+        random_state = int(rng(job.layout.seed, Stream.ESTIMATOR, task.epoch, task.round, part).integers(2**31 - 1))
+        theta, loss = job.spec.local_fit(theta, blocks.rows_of(block.X, rows_r, job.dtype), block.y[rows_r], 1,
+                                         random_state)
+        yield n, theta * n, {k: v * n for k, v in state.items()}, loss, 1
+        return
     loss_sum, batches = 0.0, 0
     for j in range(first, last):
         start, stop = local_batch_bounds(j, n, job.layout.n_train, job.batch_size)
         if start == stop:
             continue
         rows_b = order[start:stop]
-        loss, grad = models.loss_and_grad(job.spec, theta, blocks.rows_of(block.X, rows_b, job.dtype),
-                                          block.y[rows_b])
+        loss, grad = job.spec.loss_and_grad(theta, blocks.rows_of(block.X, rows_b, job.dtype), block.y[rows_b])
         job.optimizer.step(theta, grad, state, task.epoch * per_epoch + j + 1)
         loss_sum += loss
         batches += 1
@@ -201,9 +210,8 @@ def sync_stage(rows: Iterable[Any], stage: SyncStage,
                 chosen = in_batch[bounds[batch]:bounds[batch + 1]]
                 for start in range(0, len(chosen), chunk):
                     rows_c = chosen[start:start + chunk]
-                    loss, grad = models.loss_and_grad(job.spec, theta,
-                                                      blocks.rows_of(block.X, rows_c, job.dtype),
-                                                      block.y[rows_c])
+                    loss, grad = job.spec.loss_and_grad(theta, blocks.rows_of(block.X, rows_c, job.dtype),
+                                                        block.y[rows_c])
                     buf[:-2] += grad * len(rows_c)
                     buf[-2] += loss * len(rows_c)
                 buf[-1] += len(chosen)
@@ -219,7 +227,7 @@ def sync_stage(rows: Iterable[Any], stage: SyncStage,
 
 # --- evaluation ----------------------------------------------------------------------------------
 
-def evaluate(rows: Iterable[Any], spec: ModelSpec, layout: blocks.Layout, dtype: str,
+def evaluate(rows: Iterable[Any], spec: Model, layout: blocks.Layout, dtype: str,
              which: tuple[str, ...], weights: Broadcast[np.ndarray], chunk: int = 8192) -> Iterator[dict]:
     """Sums from which the driver computes loss and accuracy (or RMSE and R^2) per role.
 
@@ -242,16 +250,16 @@ def evaluate(rows: Iterable[Any], spec: ModelSpec, layout: blocks.Layout, dtype:
     yield out
 
 
-def metric_sums(spec: ModelSpec, theta: np.ndarray, X: np.ndarray, y: np.ndarray) -> np.ndarray:
+def metric_sums(spec: Model, theta: np.ndarray, X: np.ndarray, y: np.ndarray) -> np.ndarray:
     """[n, loss_sum, correct, sse, y_sum, y2_sum] over the rows of X."""
-    return output_sums(spec, models.decision(spec, theta, X), y)
+    return output_sums(spec, spec.decision(theta, X), y)
 
 
-def output_sums(spec: ModelSpec, out: np.ndarray, y: np.ndarray) -> np.ndarray:
+def output_sums(spec: Model, out: np.ndarray, y: np.ndarray) -> np.ndarray:
     """metric_sums from the model's output `out` (decision) on rows with labels y."""
-    loss, _ = models.head_loss(spec, out, y, need_grad=False)
+    loss = spec.output_loss(out, y)
     if spec.is_classifier:
-        correct = float((models.labels_from_decision(spec, out) == y).sum())
+        correct = float((spec.labels(out) == y).sum())
         return np.array([len(y), loss, correct, 0.0, 0.0, 0.0])
     return np.array([len(y), loss, 0.0, loss, y.sum(), (y * y).sum()])
 
