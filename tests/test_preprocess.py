@@ -25,28 +25,47 @@ from pipelines.data import stats as feature_stats
 from tests.conftest import train_and_load, write_table
 
 
-@pytest.mark.parametrize(("preprocess_", "impute"), [("standardize", "mean"), ("minmax", "zero"),
-                                                     ("standardize", "zero")])
-def test_the_fitted_transform_is_scikit_learns_imputer_and_scaler(spark, tmp_path, preprocess_, impute):
+def test_the_fitted_transform_is_scikit_learns_imputer_and_scaler(spark, tmp_path):
     rng = np.random.default_rng(8)
     X = np.stack([500 + 20 * rng.normal(size=400), rng.exponential(3.0, 400),
                   np.full(400, 2.5)], axis=1).astype(np.float32)   # the last has zero variance
     X[rng.random(400) < 0.1, 1] = np.nan
     write_table(spark, tmp_path, "gaps", X, rng.integers(0, 2, 400))
     config = config_from_dict({"lake": {"path": str(tmp_path)}, "data": {
-        "table": "gaps", "version": 0, "preprocess": preprocess_, "impute": impute,
+        "table": "gaps", "version": 0, "preprocess": "standardize", "impute": "mean",
         "missing_indicator": True, "block_cache_gb": 0.0}, "trainer": {"strategy": "local"}})
-    transform = preprocess.for_run(spark, config)
-    # the statistics were stored for the version the run is pinned to
-    assert feature_stats.read(spark, str(tmp_path), "gaps", 0) is not None
+    fitted = preprocess.for_run(spark, config)
+    # the statistics were stored for the version the run is pinned to, and fit every transform
+    stats = feature_stats.read(spark, str(tmp_path), "gaps", 0)
+    assert stats is not None
     pooled = X.astype(np.float64)
-    scaler = StandardScaler() if preprocess_ == "standardize" else MinMaxScaler()
-    imputer = SimpleImputer(strategy="mean" if impute == "mean" else "constant", fill_value=0.0)
-    expected = make_pipeline(imputer, scaler).fit_transform(pooled)
-    got = transform.apply(X, np.arange(400))
-    assert got.shape == (400, 4)   # one indicator column: feature 1 had missing values
-    np.testing.assert_allclose(got[:, :3], expected, rtol=0, atol=1e-5)
-    np.testing.assert_array_equal(got[:, 3], np.isnan(X[:, 1]))
+    for preprocess_, impute in (("standardize", "mean"), ("minmax", "zero"), ("standardize", "zero"),
+                                ("none", "mean")):
+        data = config.data.model_copy(update={"preprocess": preprocess_, "impute": impute})
+        transform = preprocess.fit(stats, data)
+        if (preprocess_, impute) == ("standardize", "mean"):
+            assert transform == fitted
+        steps = [SimpleImputer(strategy="mean" if impute == "mean" else "constant", fill_value=0.0)]
+        if preprocess_ != "none":
+            steps.append(StandardScaler() if preprocess_ == "standardize" else MinMaxScaler())
+        expected = make_pipeline(*steps).fit_transform(pooled)
+        got = transform.apply(X, np.arange(400))
+        assert got.shape == (400, 4)   # one indicator column: feature 1 had missing values
+        np.testing.assert_allclose(got[:, :3], expected, rtol=0, atol=1e-5, err_msg=preprocess_ + impute)
+        np.testing.assert_array_equal(got[:, 3], np.isnan(X[:, 1]))
+
+
+def test_a_missing_value_without_imputation_stops_the_run_naming_the_feature(spark, tmp_path):
+    from pipelines.core.errors import UserError
+
+    X = np.ones((50, 3), dtype=np.float32)
+    X[7, 2] = np.nan
+    write_table(spark, tmp_path, "holes", X, np.zeros(50, dtype=np.int64))
+    config = config_from_dict({"lake": {"path": str(tmp_path)}, "data": {
+        "table": "holes", "version": 0, "preprocess": "standardize", "block_cache_gb": 0.0},
+        "trainer": {"strategy": "local"}})
+    with pytest.raises(UserError, match="feature 2 has 1 missing value"):
+        preprocess.for_run(spark, config)
 
 
 def _csv(path: Path, X: np.ndarray, y: np.ndarray, split: np.ndarray) -> None:
