@@ -24,6 +24,8 @@ from pipelines.core.session import build_session
 from pipelines.data import lake, preprocess
 from pipelines.data.blocks import Blocks, load_blocks
 from pipelines.data.direct import BlockCache
+from pipelines.data.encoding import Encoding
+from pipelines.data.sources import table_encoding
 from pipelines.federated import privacy, rounds
 from pipelines.federated.clients import Clients, partition_report, prepare_clients
 from pipelines.model_parallel import training as model_parallel_training
@@ -288,7 +290,8 @@ def train_data_parallel(job: Job) -> Trained:
                     t.aggregation_depth).get("test", {})
     job.timings["evaluate"] = time.perf_counter() - mark
     data.release()
-    finish_model(tracker.run_dir, config, spec, state.theta, data.table, data.version, transform=transform)
+    finish_model(tracker.run_dir, config, spec, state.theta, data.table, data.version, transform=transform,
+                 encoding=table_encoding(spark, config.lake.path, data.table))
     job.history = state.history
     return Trained(DataUsed(data.table, data.version, data.train_rows, data.test_rows, data.partitions,
                             data.validation_rows), spec, test, t.epochs,
@@ -352,7 +355,7 @@ def train_federated(job: Job) -> Trained:
     if test is not None:
         test.release()
     finish_model(tracker.run_dir, config, spec, state.theta, clients.table, clients.version,
-                 transform=transform)
+                 transform=transform, encoding=table_encoding(spark, config.lake.path, clients.table))
     job.history = state.history
     return Trained(DataUsed(clients.table, clients.version, int(clients.sizes.sum()),
                             test.test_rows if test is not None else 0, clients.count),
@@ -372,14 +375,17 @@ def fitted_transform(job: Job) -> Transform:
 
 
 def finish_model(run_dir: RunDir, config: Config, spec: ModelSpec, theta: np.ndarray | None, table: str,
-                 version: int, chunks: Any = None, transform: Transform = NONE) -> None:
+                 version: int, chunks: Any = None, transform: Transform = NONE,
+                 encoding: Encoding | None = None) -> None:
     """model/weights.npz + spec.json; spec.json alone when there are no weights of ours (MLlib's
     MLP, saved by MLlib under model/mllib). `chunks`: the weights in consecutive pieces instead
     of `theta` (model_parallel, never whole on the driver). spec.json records the feature
-    transform, which evaluate.py, score.py and FedsparkModel apply to the rows they read."""
+    transform, which evaluate.py, score.py and FedsparkModel apply to the rows they read, and the
+    table's categorical encoding (its vocabulary, pipelines/data/encoding.py), if it has one."""
     meta = {"run_id": run_dir.name, "table": table, "version": version, "n_classes": spec.n_classes,
             "strategy": config.trainer.strategy, "seed": config.trainer.seed,
-            "transform": transform.to_dict()}
+            "transform": transform.to_dict(),
+            **({"encoding": encoding.to_dict()} if encoding is not None else {})}
     if chunks is not None:
         artifacts.save_model_chunks(run_dir, spec, config.trainer.dtype, chunks, meta)
     else:
