@@ -50,10 +50,10 @@ def test_categorical_and_missing_cells_ingest_train_and_score_a_later_file(spark
                       "--allow-missing")
     assert (summary["rows"], summary["rejected"]) == (800, 0)
     table, _ = lake.read(spark, str(lake_dir), lake.TableRef("shop"))
-    first = table.orderBy("id").select("features").toPandas().features
+    first = table.orderBy("id").select("features").toArrow().column("features").to_pylist()
     # 3 numeric features, then blue, green, grey, red, teal (sorted) and "other"
     assert {len(f) for f in first} == {3 + len(COLORS) + 1}
-    assert int(sum(np.isnan(f[:3]).sum() for f in first)) > 0
+    assert int(sum(np.isnan(np.array(f[:3], dtype=float)).sum() for f in first)) > 0
     # without --allow-missing the same empty cells are rejects, as before
     rejected = _ingest(capsys, tmp_path / "train.csv", "strict", lake_dir, "--categorical", "color")
     assert rejected["rejected"] > 0 and rejected["rows"] + rejected["rejected"] == 800
@@ -75,7 +75,7 @@ def test_categorical_and_missing_cells_ingest_train_and_score_a_later_file(spark
                      "--allow-missing")
     assert (scored["rows"], scored["rejected"]) == (200, 0)
     new, _ = lake.read(spark, str(lake_dir), lake.TableRef("shop_new"))
-    rows = new.orderBy("id").select("features").toPandas().features
+    rows = new.orderBy("id").select("features").toArrow().column("features").to_pylist()
     purple = np.array([line.split(",")[3] == "purple" for line in later])
     other = np.array([f[-1] for f in rows])
     np.testing.assert_array_equal(other == 1.0, purple)   # the unseen category: "other", no error
