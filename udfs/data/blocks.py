@@ -32,8 +32,9 @@ from scipy import sparse
 from udfs.core import cache, files, worker
 from udfs.core.cache import resident_bytes
 from udfs.core.seeding import SECRET_BYTES, Stream, rng
+from udfs.data.errors import BlockError
 
-if TYPE_CHECKING:   # udfs/data/transform.py raises this module's BlockError
+if TYPE_CHECKING:
     from udfs.data.transform import Transform
 
 N_SHARDS = 1024
@@ -51,10 +52,6 @@ SPLITS = ("train", "test")
 SECRET_FILE = "secret.key"
 META_FILE = "meta.json"     # the application's: block.json plus this application's memory budget
 BLOCK_FILE = "block.json"   # the block's own facts (rows, width, sparse, non-zeros)
-
-
-class BlockError(ValueError):
-    """A row of the training table cannot become part of a block (named by its id)."""
 
 
 class BlockMissing(FileNotFoundError):

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from udfs.data.blocks import BlockError
+from udfs.data.errors import BlockError
 
 
 @dataclass(frozen=True)
