@@ -299,7 +299,8 @@ def validate(rows: DataFrame, cols: Columns, n_columns: int | None, classes: int
     empty = [c.isNull() | (F.trim(c) == "") for c in cols.features]
     bad_feature = F.lit(None).cast("string")
     for i in range(len(feats) - 1, -1, -1):
-        bad_feature = F.when(F.lit(allow_missing) & empty[i], bad_feature).when(feats[i].isNull(), F.format_string(
+        unparsed = feats[i].isNull() & ~empty[i] if allow_missing else feats[i].isNull()
+        bad_feature = F.when(unparsed, F.format_string(
             "feature %d is not a number: '%s'", F.lit(i), _shown(cols.features[i])))\
             .when(F.isnan(feats[i]), F.format_string("feature %d is NaN", F.lit(i)))\
             .when(_infinite(feats[i]), F.format_string(
