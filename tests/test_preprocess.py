@@ -101,7 +101,7 @@ def _ingested(capsys, tmp_path: Path, name: str, X: np.ndarray, y: np.ndarray, c
     return lake_dir, split
 
 
-def _federated(lake_dir: Path, table: str, kind: str) -> list[str]:
+def _federated(lake_dir: Path, table: str, kind: str, rounds: int) -> list[str]:
     return ["--set", f"lake.path={lake_dir}", "--set", f"runs.path={lake_dir.parent / 'runs'}",
             "--set", f"data.table={table}", "--set", "data.preprocess=standardize",
             "--set", "data.block_cache_gb=0", "--set", f"model.kind={kind}",
@@ -109,8 +109,8 @@ def _federated(lake_dir: Path, table: str, kind: str) -> list[str]:
             "--set", "trainer.optimizer.lr=0.1", "--set", "trainer.dtype=float64",
             "--set", "federated.clients=5", "--set", "federated.partitioner=dirichlet",
             "--set", "federated.fraction=1.0", "--set", "federated.holdout_fraction=0.0",
-            "--set", "federated.rounds=20", "--set", "federated.local_epochs=2",
-            "--set", "federated.local_batch_size=10", "--set", "federated.eval_every=20"]
+            "--set", f"federated.rounds={rounds}", "--set", "federated.local_epochs=2",
+            "--set", "federated.local_batch_size=10", "--set", f"federated.eval_every={rounds}"]
 
 
 def test_standardized_federated_wine_is_as_good_as_scikit_learn_and_evaluate_and_score_agree(
@@ -118,7 +118,7 @@ def test_standardized_federated_wine_is_as_good_as_scikit_learn_and_evaluate_and
     data = load_wine()
     X, y = data.data, data.target
     lake_dir, split = _ingested(capsys, tmp_path, "wine", X, y, 3)
-    summary, _ = train_and_load(capsys, _federated(lake_dir, "wine", "softmax"))
+    summary, _ = train_and_load(capsys, _federated(lake_dir, "wine", "softmax", 8))
     tested = int((split == "test").sum())
     assert summary["data"]["test_rows"] == tested == 36
     wrong = round((1 - summary["test_accuracy"]) * tested)
@@ -141,7 +141,7 @@ def test_standardized_federated_breast_cancer_logistic_is_as_good_as_scikit_lear
     data = load_breast_cancer()
     X, y = data.data, data.target
     lake_dir, split = _ingested(capsys, tmp_path, "cancer", X, y, 2)
-    summary, _ = train_and_load(capsys, _federated(lake_dir, "cancer", "logistic"))
+    summary, _ = train_and_load(capsys, _federated(lake_dir, "cancer", "logistic", 20))
     tested = int((split == "test").sum())
     wrong = round((1 - summary["test_accuracy"]) * tested)
     assert wrong <= _sklearn_wrong(X, y, split) + 1
