@@ -1,8 +1,9 @@
 """spark-submit pipelines/evaluate.py --model RUN_DIR [--table NAME[@VERSION]] [--split test]
 
 Reload a saved model's weights and recompute its metrics on the executors from the table (by default
-the table and version the run trained on, with the run's lake path and partitions). It never echoes
-a stored number: change a weight and the result changes. Prints one JSON line.
+the table and version the run trained on, with the run's lake path and partitions), its features
+transformed as the model's spec.json records. It never echoes a stored number: change a weight and
+the result changes. Prints one JSON line.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from pipelines.data.blocks import load_blocks
 from pipelines.data.direct import BlockCache
 from pipelines.store import artifacts, rundir
 from pipelines.training.data_parallel import evaluate
+from udfs.data.transform import Transform
 
 SPLITS = {"test": "test", "validation": "validation", "train": "train"}
 
@@ -52,7 +54,8 @@ def main(argv: list[str]) -> None:
     spark = build_session("fedspark-evaluate", config.spark.conf, config.spark.delta_packages)
     data = load_blocks(spark, config.lake.path, ref, config.data.partitions, config.trainer.seed,
                        config.data.validation_fraction, cache_gb=config.data.worker_cache_gb,
-                       block_cache=BlockCache.of(config.data))
+                       block_cache=BlockCache.of(config.data),
+                       transform=Transform.from_dict(meta.get("transform")))
     if data.n_features != spec.n_features:
         raise UserError(f"table {ref.name}@{data.version} has {data.n_features} features; the model "
                         f"expects {spec.n_features}")

@@ -41,6 +41,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--client-column", help="column to keep as client_id (federated data)")
     p.add_argument("--num-features", type=int, help="LibSVM: the dimension, indices 1..N (default: "
                    "the largest index in the file; required for a directory)")
+    p.add_argument("--categorical", type=lambda s: [c.strip() for c in s.split(",") if c.strip()],
+                   metavar="COL,...", help="one-hot encode these columns after the numeric features: "
+                   "vocabulary from the train split, plus an 'other' slot for unseen values")
+    p.add_argument("--hash-buckets", type=int, metavar="N",
+                   help="with --categorical: hash each value into one of N slots instead (high cardinality)")
+    p.add_argument("--encoding-from", metavar="TABLE",
+                   help="encode the categorical columns as TABLE's ingest did (rows to score with a "
+                   "model trained on TABLE)")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="keep an empty numeric cell as a missing value (NaN) instead of rejecting "
+                   "the row; train with data.impute")
     p.add_argument("--config", help="job config whose lake.path and spark.conf apply "
                    "(default: conf/default.yaml)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
@@ -51,6 +62,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error("--classes must be at least 2")
     if args.num_features is not None and args.num_features < 1:
         p.error("--num-features must be at least 1")
+    if args.hash_buckets is not None and (args.hash_buckets < 1 or not args.categorical):
+        p.error("--hash-buckets needs --categorical and must be at least 1")
     return args
 
 

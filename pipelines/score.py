@@ -1,11 +1,12 @@
 """spark-submit pipelines/score.py --model RUN_DIR | latest[:RUN_NAME] --input NAME[@VERSION] --output NAME
 
 Score a Delta table (features array<float> or sparse struct<size, indices, values>) with a saved
-model on the executors (mapInArrow: one matrix per Arrow batch, the weights broadcast once) and write
-`id, prediction, probability, model_id, input_table, input_version, scored_at` to the output Delta
-table. The output keeps every model's and input's scores side by side; re-running the same job
-(same model, same input version) replaces its own rows in one atomic commit (`replaceWhere`), never
-duplicating them. Nothing is collected on the driver. Prints one JSON line.
+model, its features transformed as the model's spec.json records, on the executors (mapInArrow:
+one matrix per Arrow batch, the weights broadcast once) and write `id, prediction, probability,
+model_id, input_table, input_version, scored_at` to the output Delta table. The output keeps every
+model's and input's scores side by side; re-running the same job (same model, same input version)
+replaces its own rows in one atomic commit (`replaceWhere`), never duplicating them. Nothing is
+collected on the driver. Prints one JSON line.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from pipelines.data.blocks import SPARSE_FEATURES, _dense_features, _sparse_feat
 from pipelines.ml.scoring import score_rows
 from pipelines.store import artifacts, records, rundir
 from pipelines.store.rundir import RunDir
+from udfs.data.transform import Transform
 from udfs.ml.scoring import Scoring
 
 OUTPUT_SCHEMA = T.StructType([
@@ -115,14 +117,15 @@ def score(spark: SparkSession, lake_path: str, model: str, input_ref: lake.Table
     spec, theta, meta = artifacts.load_model(run_dir.uri)
     model_id = meta.get("run_id", run_dir.name)
     df, version = lake.read(spark, lake_path, input_ref)
-    check_input(df, input_ref, spec.n_features)
+    scoring = Scoring(spec, "features", "features", ("id",), "id",
+                      transform=Transform.from_dict(meta.get("transform")))
+    check_input(df, input_ref, scoring.width)
     out_path = lake.table_path(lake_path, output)
     check_output(spark, out_path, output, input_ref.name)
     sparse = _sparse_features(df.schema["features"].dataType)
     rows = df.select(F.col("id").cast("long").alias("id"),
                      F.col("features").cast(SPARSE_FEATURES if sparse else "array<float>"))
-    scores, weights = score_rows(spark, Scoring(spec, "features", "features", ("id",), "id"), theta,
-                                 rows)
+    scores, weights = score_rows(spark, scoring, theta, rows)
     scored = scores.select(
         "id", "prediction",
         (F.col("probability") if spec.is_classifier else F.lit(None).cast("array<double>")

@@ -83,6 +83,10 @@ else:
     DpMode = one_of(DP_MODES)
 # option sets that are not registries: each declared once
 TrainerStrategy = Literal["local", "sync", "federated", "mllib", "model_parallel"]
+Preprocess = Literal["none", "standardize", "minmax"]
+Impute = Literal["none", "mean", "zero"]
+# the strategies whose blocks carry the feature transform (udfs/data/transform.py)
+TRANSFORMED_STRATEGIES = ("local", "sync", "federated")
 
 
 # Spark's own default for spark.redaction.regex (what its UI and event logs redact) and marker
@@ -146,6 +150,14 @@ class DataSection(_Section):
     worker_cache_gb: float = Field(ge=0.0)
     block_cache: str | None = Field(min_length=1)
     block_cache_gb: float = Field(ge=0.0)
+    preprocess: Preprocess
+    impute: Impute
+    missing_indicator: bool
+
+    @property
+    def transforms(self) -> bool:
+        """Whether the features are transformed (fitted from the table's federated statistics)."""
+        return self.preprocess != "none" or self.impute != "none" or self.missing_indicator
 
 
 # "package.module:name", how model.torch.module and a custom model.torch.loss name a function
@@ -311,6 +323,27 @@ class TrackingSection(_Section):
     mlflow: bool
 
 
+ALL_FEATURES = "*"
+
+
+class StatsSection(_Section):
+    """Federated feature statistics (pipelines/stats.py): histogram bins per feature, and declared
+    ranges {feature index as a string, or "*" for every feature: [lo, hi]}."""
+
+    bins: int = Field(ge=1, le=10_000)
+    ranges: dict[str, list[float]]
+
+    @field_validator("ranges")
+    @classmethod
+    def _ranges(cls, value: dict[str, list[float]]) -> dict[str, list[float]]:
+        for key, bounds in value.items():
+            if key != ALL_FEATURES and not key.isdigit():
+                raise ValueError(f"key {key!r}: a feature index (0, 1, ...) or {ALL_FEATURES!r}")
+            if len(bounds) != 2 or not bounds[0] < bounds[1]:
+                raise ValueError(f"feature {key}: expected [lo, hi] with lo < hi, got {bounds}")
+        return value
+
+
 class MllibSection(_Section):
     """trainer.strategy=mllib: Spark MLlib's own estimators, the built-in baseline."""
 
@@ -342,6 +375,7 @@ class Config(_Section):
     model_parallel: ModelParallelSection
     tracking: TrackingSection
     mllib: MllibSection
+    stats: StatsSection
 
     @model_validator(mode="after")
     def _cross_section_rules(self) -> Config:
@@ -374,6 +408,17 @@ class Config(_Section):
         if DP_MODES[self.privacy.dp].enabled and self.privacy.clip is None:
             raise ValueError(f"privacy.dp={self.privacy.dp} needs privacy.clip, the L2 bound every "
                              "client clips its update to (the noise is proportional to it)")
+        if self.data.transforms and self.trainer.strategy not in TRANSFORMED_STRATEGIES:
+            raise ValueError(f"data.preprocess, data.impute and data.missing_indicator apply to the "
+                             f"strategies {', '.join(TRANSFORMED_STRATEGIES)}, not "
+                             f"trainer.strategy={self.trainer.strategy}")
+        if self.data.missing_indicator and self.data.impute == "none":
+            raise ValueError("data.missing_indicator needs data.impute (mean or zero): the "
+                             "indicator marks the values imputation filled")
+        if self.privacy.secure_aggregation and self.data.transforms and not self.stats.ranges:
+            raise ValueError("data.preprocess or data.impute under privacy.secure_aggregation fits "
+                             "the transform from secure statistics, which need stats.ranges "
+                             "(declared [lo, hi] per feature, or \"*\" for all)")
         if self.robust.rule == "norm_bound" and self.privacy.clip is None:
             raise ValueError("robust.rule=norm_bound needs privacy.clip, the L2 bound it scales "
                              "updates down to")

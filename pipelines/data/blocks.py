@@ -27,6 +27,7 @@ from pipelines.data import direct, lake
 from pipelines.data.direct import OFF, BlockCache
 from udfs.data import blocks
 from udfs.data import direct as direct_udfs
+from udfs.data.transform import NONE, Transform
 
 R = TypeVar("R")
 MAX_REBUILDS = 3
@@ -205,16 +206,17 @@ def worker_cache_bytes(sc: SparkContext, total_gb: float) -> int:
 
 
 def build(spark: SparkSession, rows: DataFrame, partitions: int, target: Column,
-          name: str, cache_gb: float = DEFAULT_CACHE_GB) -> tuple[RDD, list[Row]]:
-    """Build one block per partition on the executors through Spark's shuffle; the cached handles
-    and their rows.
+          name: str, cache_gb: float = DEFAULT_CACHE_GB, transform: Transform = NONE
+          ) -> tuple[RDD, list[Row]]:
+    """Build one block per partition on the executors through Spark's shuffle, features as
+    `transform` makes them; the cached handles and their rows.
 
     Spark sorts each partition by (split, shard, id) before the rows reach Python (an external
     sort that spills to disk), so a block streams to the executor's disk batch by batch and no
     task ever holds a whole partition in memory."""
     key = f"{name}-{uuid.uuid4().hex[:12]}"
     build_fn = partial(blocks.build_partition, key=key,
-                       cache_bytes=worker_cache_bytes(spark.sparkContext, cache_gb))
+                       cache_bytes=worker_cache_bytes(spark.sparkContext, cache_gb), transform=transform)
     return collect_handles(name, lambda: (
         place(spark, rows, partitions, target)
         .sortWithinPartitions(F.col("split") == "test", "shard", "id")
@@ -260,20 +262,22 @@ def shape(described: list[Row], name: str) -> tuple[int, int]:
 def load_blocks(spark: SparkSession, lake_path: str, ref: lake.TableRef, partitions: int,
                 seed: int, validation_fraction: float,
                 splits: tuple[str, ...] = ("train", "test"),
-                cache_gb: float = DEFAULT_CACHE_GB, block_cache: BlockCache = OFF) -> Blocks:
+                cache_gb: float = DEFAULT_CACHE_GB, block_cache: BlockCache = OFF,
+                transform: Transform = NONE) -> Blocks:
     """Read the table version once and build (or take from the block cache), cache and describe
-    its blocks: straight from its files when the executors can read them (pipelines/data/direct.py),
-    else through Spark's shuffle."""
+    its blocks, features as `transform` makes them: straight from its files when the executors can
+    read them (pipelines/data/direct.py), else through Spark's shuffle."""
     rows, version = read_rows(spark, lake_path, ref, splits)
     worker_bytes = worker_cache_bytes(spark.sparkContext, cache_gb)
     snap = direct_snapshot(spark, rows, lake_path, ref.name, version, partitions, (), worker_bytes)
     if snap is None:
         return blocks_from_rows(spark, rows, ref.name, version, partitions, seed,
-                                validation_fraction, splits, cache_gb)
+                                validation_fraction, splits, cache_gb, transform)
     name = f"{ref.name}@{version}"
     placement = {"rule": "shard mod partitions", "partitions": partitions,
                  "shards": blocks.N_SHARDS}
-    source = direct_udfs.Source(snap.files, splits, direct.block_key(snap, splits, placement))
+    source = direct_udfs.Source(snap.files, splits, direct.block_key(snap, splits, placement, transform),
+                                transform)
     handles, described = collect_handles(name, lambda: direct.build(
         spark, source, direct_udfs.ByShard(partitions), partitions, name, block_cache,
         worker_bytes))
@@ -284,12 +288,12 @@ def load_blocks(spark: SparkSession, lake_path: str, ref: lake.TableRef, partiti
 def blocks_from_rows(spark: SparkSession, rows: DataFrame, table: str, version: int, partitions: int,
                      seed: int, validation_fraction: float,
                      splits: tuple[str, ...] = ("train", "test"),
-                     cache_gb: float = DEFAULT_CACHE_GB) -> Blocks:
+                     cache_gb: float = DEFAULT_CACHE_GB, transform: Transform = NONE) -> Blocks:
     """Build, cache and describe the blocks of training_rows: rows of shard s in partition s mod P,
     so every shard lives in one partition."""
     name = f"{table}@{version}"
     handles, described = build(spark, rows, partitions, F.pmod(F.col("shard"), F.lit(partitions)),
-                               name, cache_gb)
+                               name, cache_gb, transform)
     return describe_blocks(handles, described, table, version, partitions, seed,
                            validation_fraction, splits)
 

@@ -12,7 +12,8 @@ partitions before sorting them). Otherwise the blocks are built through Spark's 
 A block's key in the store is a pure function of what its content depends on: the Delta table's
 id and the pinned version, the version's data files (their names: a copied table written to since
 has other files), the splits, the placement (`shard mod partitions` and the count, or a digest of
-the clients' assignment), and the block format (float32 features, no feature transform). Nothing of
+the clients' assignment), the block format (float32 features) and the feature transform the
+blocks hold (udfs/data/transform.py: a standardized block is another block). Nothing of
 the run (seed of the validation split, dtype of training, run id) is in it: the same blocks serve
 every run that reads that version with that partitioning.
 """
@@ -33,8 +34,9 @@ from pyspark.sql import DataFrame, SparkSession
 
 from pipelines.core.config import DataSection, default
 from udfs.data import direct
+from udfs.data.transform import NONE, Transform
 
-FORMAT = {"blocks": 2, "features": "float32", "transform": None}   # bump when block files change
+FORMAT = {"blocks": 2, "features": "float32"}   # bump when block files change
 GIB = 2 ** 30
 
 
@@ -111,10 +113,12 @@ def fits(snap: Snapshot, partitions: int, slots: int, worker_bytes: int) -> bool
     return snap.nbytes / max(min(partitions, slots), 1) <= worker_bytes
 
 
-def block_key(snap: Snapshot, splits: tuple[str, ...], placement: dict) -> str:
+def block_key(snap: Snapshot, splits: tuple[str, ...], placement: dict,
+              transform: Transform = NONE) -> str:
     described = {"table_id": snap.table_id, "version": snap.version,
                  "files": [os.path.relpath(f, snap.table_path) for f in snap.files],
-                 "splits": sorted(splits), "placement": placement, "format": FORMAT}
+                 "splits": sorted(splits), "placement": placement,
+                 "format": {**FORMAT, "transform": transform.digest()}}
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:32]
 
 

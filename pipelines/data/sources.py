@@ -17,7 +17,8 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from pipelines.core.errors import UserError
-from pipelines.data import idx, lake
+from pipelines.data import encoding, idx, lake
+from pipelines.data.encoding import Encoding
 from pipelines.store import locks
 
 REJECTS_SUFFIX = "_rejects"
@@ -26,6 +27,8 @@ DEFAULT_TEST_FRACTION = 0.2
 METADATA_KEY = "fedspark_ingest"
 # Options that change what a source becomes: a re-run with other values is not "unchanged".
 CONTENT_OPTIONS = ("label", "features", "features_prefix", "classes", "client_column", "num_features")
+# ...and those that only count when given (a table ingested before they existed stays unchanged)
+GIVEN_OPTIONS = ("categorical", "hash_buckets", "allow_missing", "encoding_from")
 KINDS = ("idx", "csv", "parquet", "libsvm")
 
 
@@ -143,24 +146,49 @@ def _feature_columns(header: list[str], label: str, features: list[str] | None, 
 
 @dataclass(frozen=True)
 class Columns:
-    """The parsed pieces of a source row, as Spark expressions over its string cells."""
+    """The parsed pieces of a source row, as Spark expressions over its string cells; `names`:
+    the numeric feature columns' names (when the source names them), `categorical`: (name, cell)
+    of each --categorical column."""
 
     label: Column
     features: list[Column]
     split: Column | None
     client: Column | None
+    names: tuple[str, ...] = ()
+    categorical: tuple[tuple[str, Column], ...] = ()
+
+
+def content_options(args: argparse.Namespace) -> dict:
+    """The options a re-run must repeat for the source to count as unchanged."""
+    given = {k: getattr(args, k, None) for k in GIVEN_OPTIONS}
+    return {**{k: getattr(args, k) for k in CONTENT_OPTIONS}, **{k: v for k, v in given.items() if v}}
+
+
+def _categorical(header: list[str], args: argparse.Namespace, source: str) -> list[str]:
+    """The --categorical columns, each in the header and not also a numeric feature."""
+    columns = list(getattr(args, "categorical", None) or [])
+    missing = [c for c in columns if c not in header]
+    if missing:
+        raise UserError(f"{source}: categorical column(s) {missing} not found; columns are {header}")
+    doubled = [c for c in columns if c in (args.features or []) or c == args.label]
+    if doubled:
+        raise UserError(f"{source}: column(s) {doubled} are given as --categorical and as a feature "
+                        "or the label; a column is one of them")
+    return columns
 
 
 def csv_columns(header: list[str], args: argparse.Namespace, source: str) -> Columns:
     if args.label not in header:
         raise UserError(f"{source}: label column {args.label!r} not found; columns are {header}")
-    extra = {"split", "id"} | ({args.client_column} if args.client_column else set())
+    categorical = _categorical(header, args, source)
+    extra = {"split", "id", *categorical} | ({args.client_column} if args.client_column else set())
     feats = _feature_columns(header, args.label, args.features, args.features_prefix, extra, source)
     if args.client_column and args.client_column not in header:
         raise UserError(f"{source}: client column {args.client_column!r} not found")
     cell = {name: F.trim(F.col("cells")[i]) for i, name in enumerate(header)}
     return Columns(cell[args.label], [cell[c] for c in feats], cell.get("split"),
-                   cell[args.client_column] if args.client_column else None)
+                   cell[args.client_column] if args.client_column else None, tuple(feats),
+                   tuple((c, cell[c]) for c in categorical))
 
 
 def parquet_frame(spark: SparkSession, path: str, args: argparse.Namespace
@@ -171,7 +199,8 @@ def parquet_frame(spark: SparkSession, path: str, args: argparse.Namespace
     header = df.columns
     if args.label not in header:
         raise UserError(f"{path}: label column {args.label!r} not found; columns are {header}")
-    extra = {"split", "id"} | ({args.client_column} if args.client_column else set())
+    categorical = _categorical(header, args, path)
+    extra = {"split", "id", *categorical} | ({args.client_column} if args.client_column else set())
     numbered = _numbered(df.withColumn("raw", F.to_json(F.struct(*[F.col(c) for c in header]))))
     width = None
     if args.features is None and args.features_prefix is None and "features" in header and \
@@ -179,14 +208,16 @@ def parquet_frame(spark: SparkSession, path: str, args: argparse.Namespace
         width = _array_width(df)
         numbered = numbered.withColumn("cells", F.col("features").cast("array<string>"))
         features = [F.get(F.col("cells"), i) for i in range(width)]
+        names: tuple[str, ...] = tuple(f"features[{i}]" for i in range(width))
     else:
         cols = _feature_columns(header, args.label, args.features, args.features_prefix, extra, path)
         numbered = numbered.withColumn("cells", F.array())
         features = [F.col(c).cast("string") for c in cols]
+        names = tuple(cols)
     return numbered, Columns(F.col(args.label).cast("string"), features,
                              F.col("split") if "split" in header else None,
-                             F.col(args.client_column).cast("string") if args.client_column else None
-                             ), width
+                             F.col(args.client_column).cast("string") if args.client_column else None,
+                             names, tuple((c, F.col(c)) for c in categorical)), width
 
 
 def _array_width(df: DataFrame) -> int:
@@ -240,42 +271,51 @@ def _split_rule(text: Column | None, id_base: int) -> tuple[Column, Column]:
 
 
 def _checked(rows: DataFrame, features: Column, reasons: list[Column], label: Column,
-             split: Column, client: Column | None, id_base: int) -> tuple[DataFrame, DataFrame]:
-    """Good rows in the training schema and rejects (row_number, raw, reason): the first non-null
-    of `reasons` names a row's fault."""
+             split: Column, client: Column | None, id_base: int,
+             categorical: tuple[tuple[str, Column], ...] = ()) -> tuple[DataFrame, DataFrame]:
+    """Good rows in the training schema (plus each categorical cell, for the encoding) and rejects
+    (row_number, raw, reason): the first non-null of `reasons` names a row's fault."""
     checked = rows.withColumn("reason", F.coalesce(*reasons))
     good = checked.filter(F.col("reason").isNull()).select(
         (F.col("row_number") - 1 + id_base).alias("id"), features.alias("features"),
         label.alias("label"), split.alias("split"),
-        *([client.alias("client_id")] if client is not None else []))
+        *([client.alias("client_id")] if client is not None else []),
+        *[encoding.cell(c).alias(encoding.CATEGORY_PREFIX + name) for name, c in categorical])
     bad = checked.filter(F.col("reason").isNotNull()).select("row_number", "raw", "reason")
     return good, bad
 
 
 def validate(rows: DataFrame, cols: Columns, n_columns: int | None, classes: int | None,
-             unit: str = "columns", id_base: int = 0) -> tuple[DataFrame, DataFrame]:
+             unit: str = "columns", id_base: int = 0, allow_missing: bool = False
+             ) -> tuple[DataFrame, DataFrame]:
     """Split parsed rows into good rows (training schema) and rejects (row_number, raw, reason).
     A row's id is `id_base + row_number - 1` (`id_base` > 0 for the later files of a directory).
 
     The first failing rule names the reason: wrong width, a missing, non-integer or out-of-range
     label, a non-numeric, NaN or infinite feature (with its position; a value past float32's range
-    parses to infinity), or an unknown split value."""
+    parses to infinity), or an unknown split value. With `allow_missing` an empty (or null)
+    feature cell is kept as a missing value, NaN, for data.impute to fill."""
     feats = [_as_float(c) for c in cols.features]
+    empty = [c.isNull() | (F.trim(c) == "") for c in cols.features]
     bad_feature = F.lit(None).cast("string")
     for i in range(len(feats) - 1, -1, -1):
-        bad_feature = F.when(feats[i].isNull(), F.format_string(
+        unparsed = feats[i].isNull() & ~empty[i] if allow_missing else feats[i].isNull()
+        bad_feature = F.when(unparsed, F.format_string(
             "feature %d is not a number: '%s'", F.lit(i), _shown(cols.features[i])))\
             .when(F.isnan(feats[i]), F.format_string("feature %d is NaN", F.lit(i)))\
             .when(_infinite(feats[i]), F.format_string(
                 "feature %d is not a finite float32: '%s'", F.lit(i), _shown(cols.features[i])))\
             .otherwise(bad_feature)
+    if allow_missing:
+        feats = [F.when(e, F.lit(float("nan")).cast("float")).otherwise(f) for f, e in zip(feats, empty, strict=True)]
     label, label_bad = _label_rule(cols.label, classes)
     split, split_bad = _split_rule(cols.split, id_base)
     width_bad = F.when(F.col("cells").isNull(), F.lit(f"{unit} is null")).when(
         F.size("cells") != n_columns, F.format_string(
             f"expected %d {unit}, got %d", F.lit(n_columns), F.size("cells"))) if n_columns else None
     reasons = [r for r in (width_bad, label_bad, bad_feature, split_bad) if r is not None]
-    return _checked(rows, F.array(*feats), reasons, label, split, cols.client, id_base)
+    return _checked(rows, F.array(*feats), reasons, label, split, cols.client, id_base,
+                    cols.categorical)
 
 
 # --- LibSVM --------------------------------------------------------------------------------------
@@ -377,20 +417,41 @@ def write(df: DataFrame, path: str, metadata: dict, mode: str = "overwrite",
 
 
 def read_source(spark: SparkSession, kind: str, path: str, args: argparse.Namespace,
-                id_base: int = 0) -> tuple[DataFrame, DataFrame]:
-    """One source file (CSV, Parquet, LibSVM) as good rows and rejects, ids from `id_base`."""
+                id_base: int = 0, reused: Encoding | None = None
+                ) -> tuple[DataFrame, DataFrame, Encoding | None]:
+    """One source file (CSV, Parquet, LibSVM) as good rows and rejects, ids from `id_base`, and
+    the encoding of its categorical columns (`reused`, another table's, or fitted from its train
+    split; None without categorical columns)."""
+    allow_missing = bool(getattr(args, "allow_missing", False))
+    if reused is not None and not getattr(args, "categorical", None):   # the other table's columns
+        args = argparse.Namespace(**{**vars(args), "categorical": [c.column for c in reused.categorical]})
     if kind == "libsvm":
+        if getattr(args, "categorical", None) or allow_missing or reused is not None:
+            raise UserError(f"{path}: --categorical, --encoding-from and --allow-missing apply to CSV "
+                            "and Parquet sources, not LibSVM")
         rows = libsvm_frame(spark, path).cache()
         good, bad = validate_libsvm(rows, args.num_features or libsvm_width(rows), args.classes,
                                     id_base)
+        cols = None
     elif kind == "csv":
         rows, header = csv_frame(spark, path)
-        good, bad = validate(rows, csv_columns(header, args, path), len(header), args.classes,
-                             id_base=id_base)
+        cols = csv_columns(header, args, path)
+        good, bad = validate(rows, cols, len(header), args.classes, id_base=id_base,
+                             allow_missing=allow_missing)
     else:
         rows, cols, width = parquet_frame(spark, path, args)
-        good, bad = validate(rows, cols, width, args.classes, unit="feature values", id_base=id_base)
-    return good, bad.select(F.lit(f"{kind}:{path}").alias("source"), "row_number", "raw", "reason")
+        good, bad = validate(rows, cols, width, args.classes, unit="feature values", id_base=id_base,
+                             allow_missing=allow_missing)
+    bad = bad.select(F.lit(f"{kind}:{path}").alias("source"), "row_number", "raw", "reason")
+    if cols is None or (not cols.categorical and reused is None):
+        return good, bad, None
+    columns = [name for name, _ in cols.categorical]
+    if reused is not None:
+        encoding.check_reused(reused, list(cols.names), columns, path, args.encoding_from)
+        fitted = reused
+    else:
+        fitted = encoding.fit(good, list(cols.names), columns, getattr(args, "hash_buckets", None))
+    return fitted.apply(good), bad, fitted
 
 
 def _line_count(spark: SparkSession, kind: str, path: str) -> int:
@@ -416,7 +477,7 @@ def _ingest(spark: SparkSession, source: Source, table: str, lake_path: str,
     if source.kind != "idx" and Path(source.path).is_dir():
         return ingest_new_files(spark, source, table, path, rejects_path, args)
     digest = checksum(source.path)
-    options = {k: getattr(args, k) for k in CONTENT_OPTIONS}
+    options = content_options(args)
     if lake.exists(spark, path):
         previous = last_ingest(spark, path)
         if "files" in previous:
@@ -433,13 +494,41 @@ def _ingest(spark: SparkSession, source: Source, table: str, lake_path: str,
         with lake.arrow_frame(spark, idx_table(source.path)) as good:
             n_good, n_bad = _write_ingest(spark, good, None, path, rejects_path, "overwrite", meta)
     else:
-        good, bad = read_source(spark, source.kind, source.path, args)
+        good, bad, fitted = read_source(spark, source.kind, source.path, args,
+                                        reused=reused_encoding(spark, lake_path, args))
+        if fitted is not None:
+            meta["encoding"] = fitted.to_dict()
         n_good, n_bad = _write_ingest(spark, good, bad, path, rejects_path, "overwrite", meta)
     if n_good == 0:
         raise UserError(f"{source.path}: no valid rows ({n_bad} rejected; reasons in table "
                         f"{table}{REJECTS_SUFFIX})")
     return {"table": table, "version": lake.latest_version(spark, path), "skipped": False,
             "rows": n_good, "rejected": n_bad, "source": meta["source"], "checksum": digest}
+
+
+def reused_encoding(spark: SparkSession, lake_path: str, args: argparse.Namespace) -> Encoding | None:
+    """--encoding-from TABLE: the encoding that table's latest ingest recorded."""
+    table = getattr(args, "encoding_from", None)
+    if not table:
+        return None
+    path = lake.table_path(lake_path, table)
+    if not lake.exists(spark, path):
+        raise UserError(f"--encoding-from {table}: no Delta table at {path}")
+    recorded = last_ingest(spark, path).get("encoding")
+    if recorded is None:
+        raise UserError(f"--encoding-from {table}: that table was ingested without --categorical; "
+                        "it has no encoding to reuse")
+    return Encoding.from_dict(recorded)
+
+
+def table_encoding(spark: SparkSession, lake_path: str, table: str) -> Encoding | None:
+    """The encoding of `table`'s categorical columns, if its latest ingest made one."""
+    path = lake.table_path(lake_path, table)
+    try:
+        recorded = last_ingest(spark, path).get("encoding")
+    except UserError:   # not a table fedspark ingested: no encoding of ours
+        return None
+    return None if recorded is None else Encoding.from_dict(recorded)
 
 
 def _write_ingest(spark: SparkSession, good: DataFrame, bad: DataFrame | None, path: str,
@@ -469,8 +558,11 @@ def ingest_new_files(spark: SparkSession, source: Source, table: str, path: str,
     if source.kind == "libsvm" and not args.num_features:
         raise UserError(f"--source {source.kind}:{source.path} is a directory: give --num-features "
                         "(files added later cannot widen the table)")
+    if getattr(args, "categorical", None) or getattr(args, "encoding_from", None):
+        raise UserError(f"--source {source.kind}:{source.path} is a directory: --categorical and "
+                        "--encoding-from apply to a single file for now")
     files = data_files(source)
-    options = {k: getattr(args, k) for k in CONTENT_OPTIONS}
+    options = content_options(args)
     label = f"{source.kind}:{source.path}"
     previous = last_ingest(spark, path) if lake.exists(spark, path) else {}
     if previous and "files" not in previous:
@@ -492,7 +584,7 @@ def ingest_new_files(spark: SparkSession, source: Source, table: str, path: str,
     next_id, goods, bads = previous.get("next_id", 0), [], []
     for name in new:
         file_path = str(Path(source.path) / name)
-        good, bad = read_source(spark, source.kind, file_path, args, id_base=next_id)
+        good, bad, _ = read_source(spark, source.kind, file_path, args, id_base=next_id)
         goods.append(good)
         bads.append(bad)
         next_id += _line_count(spark, source.kind, file_path)

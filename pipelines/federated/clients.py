@@ -31,6 +31,7 @@ from pipelines.data.direct import BlockCache
 from pipelines.federated import partitioners
 from udfs.core.seeding import Stream, rng
 from udfs.data import direct as direct_udfs
+from udfs.data.transform import NONE, Transform
 
 
 @dataclass
@@ -87,9 +88,21 @@ def client_names(fed: FederatedSection) -> list[str]:
     return [f"client-{i:05d}" for i in range(fed.clients)]
 
 
-def prepare_clients(spark: SparkSession, config: Config) -> tuple[Clients, Blocks | None]:
+def prepare_clients(spark: SparkSession, config: Config, transform: Transform = NONE
+                    ) -> tuple[Clients, Blocks | None]:
     """Client blocks from the table's train split, and blocks of its test split for global
-    evaluation (None when the table has no test rows). Partitioned clients of a table the
+    evaluation (None when the table has no test rows), both with `transform` applied."""
+    clients = train_clients(spark, config, transform)
+    pinned = lake.TableRef(clients.table, clients.version)
+    has_test = read_rows(spark, config.lake.path, pinned, ("test",))[0].limit(1).count() > 0
+    test = load_blocks(spark, config.lake.path, pinned, config.data.partitions, config.trainer.seed,
+                       0.0, ("test",), config.data.worker_cache_gb,
+                       BlockCache.of(config.data), transform) if has_test else None
+    return clients, test
+
+
+def train_clients(spark: SparkSession, config: Config, transform: Transform = NONE) -> Clients:
+    """One block per client of the table's train split. Partitioned clients of a table the
     executors can read directly are built from its files and kept in the block cache
     (pipelines/data/direct.py); clients by column, and other tables, through Spark's shuffle."""
     fed = config.federated
@@ -100,19 +113,12 @@ def prepare_clients(spark: SparkSession, config: Config) -> tuple[Clients, Block
     snap = None if extra else direct_snapshot(spark, rows, config.lake.path, ref.name, version,
                                               fed.clients, (), worker_bytes)
     if snap is None:
-        clients = clients_from_rows(spark, config, rows, ref.name, version)
-    else:
-        clients = _direct_clients(spark, config, snap, ref.name, worker_bytes)
-    pinned = lake.TableRef(ref.name, version)
-    has_test = read_rows(spark, config.lake.path, pinned, ("test",))[0].limit(1).count() > 0
-    test = load_blocks(spark, config.lake.path, pinned, config.data.partitions, config.trainer.seed,
-                       0.0, ("test",), config.data.worker_cache_gb,
-                       BlockCache.of(config.data)) if has_test else None
-    return clients, test
+        return clients_from_rows(spark, config, rows, ref.name, version, transform)
+    return _direct_clients(spark, config, snap, ref.name, worker_bytes, transform)
 
 
 def _direct_clients(spark: SparkSession, config: Config, snap: direct.Snapshot, table: str,
-                    worker_bytes: int) -> Clients:
+                    worker_bytes: int, transform: Transform) -> Clients:
     """Clients straight from the table's files: the assignment made on the driver from the train
     rows' (id, label), read through Arrow, and shipped by broadcast; the blocks' key holds a digest
     of it, so another partitioner, seed or client count makes other blocks."""
@@ -128,7 +134,8 @@ def _direct_clients(spark: SparkSession, config: Config, snap: direct.Snapshot, 
     assignment = np.stack([ids, client])
     placement = {"rule": "client assignment",
                  "digest": hashlib.sha256(assignment.tobytes()).hexdigest()}
-    source = direct_udfs.Source(snap.files, ("train",), direct.block_key(snap, ("train",), placement))
+    source = direct_udfs.Source(snap.files, ("train",), direct.block_key(snap, ("train",), placement, transform),
+                                transform)
     # kept while the blocks are: a rebuild (data.Blocks.run) places the rows again
     bc = spark.sparkContext.broadcast(assignment)
     handles, described = collect_handles(name, lambda: direct.build(
@@ -138,7 +145,7 @@ def _direct_clients(spark: SparkSession, config: Config, snap: direct.Snapshot, 
 
 
 def clients_from_rows(spark: SparkSession, config: Config, rows: DataFrame, table: str,
-                      version: int) -> Clients:
+                      version: int, transform: Transform = NONE) -> Clients:
     """One block per client from training rows (data.training_rows, plus the client column when
     federated.partitioner is column), through Spark's shuffle."""
     fed = config.federated
@@ -148,7 +155,7 @@ def clients_from_rows(spark: SparkSession, config: Config, rows: DataFrame, tabl
     else:
         assigned, names = _partitioned_clients(rows, fed, config.trainer.seed, name)
     handles, described = build(spark, assigned, len(names), F.col("client"), name,
-                               config.data.worker_cache_gb)
+                               config.data.worker_cache_gb, transform)
     return describe_clients(handles, described, names, table, version, fed)
 
 

@@ -45,9 +45,11 @@ from pipelines.data.blocks import blocks_from_rows, training_rows
 from pipelines.federated import privacy, rounds
 from pipelines.federated.clients import clients_from_rows
 from pipelines.ml.scoring import score_rows
+from pipelines.store import artifacts
 from pipelines.training import data_parallel, runners
 from udfs.core import models
 from udfs.core.models import ModelSpec
+from udfs.data.transform import NONE, Transform
 from udfs.ml.scoring import Scoring
 
 SOURCE = "DataFrame"
@@ -205,13 +207,25 @@ def _train(spark: Any, config: Config, rows: DataFrame) -> tuple[models.Model, n
 
 class FedsparkModel(Model, _FedsparkParams, MLReadable, MLWritable):
     """A trained fedspark model: `transform` adds `predictionCol` (and `probabilityCol` for
-    classifiers, as a vector) on the executors."""
+    classifiers, as a vector) on the executors, the features first transformed by the model's
+    feature transform (`feature_transform`: a train.py model's imputation and scaling; the
+    identity for one this estimator fitted, whose Pipeline scales with its own stages)."""
 
     def __init__(self, kind: str = "softmax", layers: list[int] | None = None,
-                 theta: np.ndarray | None = None) -> None:
+                 theta: np.ndarray | None = None, feature_transform: Transform = NONE) -> None:
         super().__init__()
         self.spec = ModelSpec(kind, tuple(layers or (1, 1)))
         self.theta = np.zeros(self.spec.n_params) if theta is None else np.asarray(theta)
+        self.feature_transform = feature_transform
+
+    @classmethod
+    def from_run(cls, model_or_run_dir: str) -> FedsparkModel:
+        """The model train.py saved in a run directory (or its model/), with its transform."""
+        spec, theta, meta = artifacts.load_model(model_or_run_dir)
+        if not isinstance(spec, ModelSpec):
+            raise ValueError(f"{model_or_run_dir} holds a {type(spec).__name__}; FedsparkModel holds "
+                             "fedspark's own models: score a PyTorch or scikit-learn run with score.py")
+        return cls(spec.kind, list(spec.layers), theta, Transform.from_dict(meta.get("transform")))
 
     def _transform(self, dataset: DataFrame) -> DataFrame:
         """Every column of `dataset` (the prediction and probability columns replaced, as
@@ -223,7 +237,7 @@ class FedsparkModel(Model, _FedsparkParams, MLReadable, MLWritable):
         has_id = "id" in keep and isinstance(dataset.schema["id"].dataType, (T.LongType, T.IntegerType))
         rows = dataset.withColumn(SCORED_FEATURES, _features_as_array(dataset, features))
         scoring = Scoring(spec, SCORED_FEATURES, features, keep, "id" if has_id else None,
-                          (prediction, SCORED_PROBABILITY))
+                          (prediction, SCORED_PROBABILITY), self.feature_transform)
         # the weights' broadcast lives as long as the lazy result may be computed: not destroyed
         scored, _ = score_rows(dataset.sparkSession, scoring, self.theta, rows)
         if not spec.is_classifier:
@@ -250,7 +264,8 @@ class _ModelWriter(MLWriter):
         m = self.instance
         DefaultParamsWriter.saveMetadata(m, path, self.sc, extraMetadata={
             "kind": m.spec.kind, "layers": list(m.spec.layers), "dtype": str(m.theta.dtype),
-            "theta": m.theta.astype(np.float64).tolist()})
+            "theta": m.theta.astype(np.float64).tolist(),
+            "feature_transform": m.feature_transform.to_dict()})
 
 
 class _ModelReader(MLReader):
@@ -260,7 +275,8 @@ class _ModelReader(MLReader):
 
     def load(self, path: str) -> FedsparkModel:
         meta = DefaultParamsReader.loadMetadata(path, self.sc)
-        model = self.cls(meta["kind"], meta["layers"], np.array(meta["theta"], dtype=meta["dtype"]))
+        model = self.cls(meta["kind"], meta["layers"], np.array(meta["theta"], dtype=meta["dtype"]),
+                         Transform.from_dict(meta.get("feature_transform")))
         model._resetUid(meta["uid"])
         DefaultParamsReader.getAndSetParams(model, meta)
         return model

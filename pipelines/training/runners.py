@@ -21,9 +21,11 @@ from pipelines.core.config import Config, ConfigError, dump_yaml, load_config
 from pipelines.core.errors import UserError
 from pipelines.core.progress import progress
 from pipelines.core.session import build_session
-from pipelines.data import lake
+from pipelines.data import lake, preprocess
 from pipelines.data.blocks import Blocks, load_blocks
 from pipelines.data.direct import BlockCache
+from pipelines.data.encoding import Encoding
+from pipelines.data.sources import table_encoding
 from pipelines.federated import privacy, rounds
 from pipelines.federated.clients import Clients, partition_report, prepare_clients
 from pipelines.model_parallel import training as model_parallel_training
@@ -35,6 +37,7 @@ from pipelines.training.data_parallel import Settings, TrainState, evaluate, opt
 from udfs import adapters
 from udfs.core.models import Model, ModelSpec
 from udfs.core.seeding import Stream, rng
+from udfs.data.transform import NONE, Transform
 from udfs.training import tasks
 from udfs.training.collective import PortRange
 
@@ -271,10 +274,11 @@ def train_data_parallel(job: Job) -> Trained:
     spark, config, t = job.spark, job.config, job.config.trainer
     mark = time.perf_counter()
     ref = lake.TableRef(config.data.table, config.data.version)
+    transform = fitted_transform(job)
     with progress(spark.sparkContext, f"building blocks from {ref.name}"):
         data = load_blocks(spark, config.lake.path, ref, config.data.partitions, t.seed,
                            config.data.validation_fraction, cache_gb=config.data.worker_cache_gb,
-                           block_cache=BlockCache.of(config.data))
+                           block_cache=BlockCache.of(config.data), transform=transform)
     job.timings["blocks"] = time.perf_counter() - mark
     spec, task, state = data_parallel_start(config, data)
     tracker = job.open_run(data.table, data.version, "epoch", t.epochs)
@@ -312,7 +316,8 @@ def train_data_parallel(job: Job) -> Trained:
                     t.aggregation_depth).get("test", {})
     job.timings["evaluate"] = time.perf_counter() - mark
     data.release()
-    finish_model(tracker.run_dir, config, spec, state.theta, data.table, data.version)
+    finish_model(tracker.run_dir, config, spec, state.theta, data.table, data.version, transform=transform,
+                 encoding=table_encoding(spark, config.lake.path, data.table))
     job.history = state.history
     return Trained(DataUsed(data.table, data.version, data.train_rows, data.test_rows, data.partitions,
                             data.validation_rows), spec, test, t.epochs,
@@ -341,8 +346,9 @@ def train_federated(job: Job) -> Trained:
     spark, config = job.spark, job.config
     t, fed = config.trainer, config.federated
     mark = time.perf_counter()
+    transform = fitted_transform(job)
     with progress(spark.sparkContext, f"building client blocks from {config.data.table}"):
-        clients, test = prepare_clients(spark, config)
+        clients, test = prepare_clients(spark, config, transform)
     job.timings["blocks"] = time.perf_counter() - mark
     print(partition_report(clients), flush=True)
     spec, state = federated_start(config, clients)
@@ -374,20 +380,38 @@ def train_federated(job: Job) -> Trained:
     clients.release()
     if test is not None:
         test.release()
-    finish_model(tracker.run_dir, config, spec, state.theta, clients.table, clients.version)
+    finish_model(tracker.run_dir, config, spec, state.theta, clients.table, clients.version,
+                 transform=transform, encoding=table_encoding(spark, config.lake.path, clients.table))
     job.history = state.history
     return Trained(DataUsed(clients.table, clients.version, int(clients.sizes.sum()),
                             test.test_rows if test is not None else 0, clients.count),
                    spec, test_metrics, None, rounds.summary_fields(config, clients, state))
 
 
+def fitted_transform(job: Job) -> Transform:
+    """The run's feature transform (pipelines/data/preprocess.py), timed as `stats` when it needs
+    the table's statistics."""
+    if not job.config.data.transforms:
+        return NONE
+    mark = time.perf_counter()
+    with progress(job.spark.sparkContext, f"feature statistics of {job.config.data.table}"):
+        transform = preprocess.for_run(job.spark, job.config)
+    job.timings["stats"] = time.perf_counter() - mark
+    return transform
+
+
 def finish_model(run_dir: RunDir, config: Config, spec: Model, theta: np.ndarray | None, table: str,
-                 version: int, chunks: Any = None) -> None:
+                 version: int, chunks: Any = None, transform: Transform = NONE,
+                 encoding: Encoding | None = None) -> None:
     """model/weights.npz + spec.json; spec.json alone when there are no weights of ours (MLlib's
     MLP, saved by MLlib under model/mllib). `chunks`: the weights in consecutive pieces instead
-    of `theta` (model_parallel, never whole on the driver)."""
+    of `theta` (model_parallel, never whole on the driver). spec.json records the feature
+    transform, which evaluate.py, score.py and FedsparkModel apply to the rows they read, and the
+    table's categorical encoding (its vocabulary, pipelines/data/encoding.py), if it has one."""
     meta = {"run_id": run_dir.name, "table": table, "version": version, "n_classes": spec.n_classes,
-            "strategy": config.trainer.strategy, "seed": config.trainer.seed}
+            "strategy": config.trainer.strategy, "seed": config.trainer.seed,
+            "transform": transform.to_dict(),
+            **({"encoding": encoding.to_dict()} if encoding is not None else {})}
     if chunks is not None:
         artifacts.save_model_chunks(run_dir, spec, config.trainer.dtype, chunks, meta)
     else:

@@ -23,7 +23,7 @@ import shutil
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -32,6 +32,10 @@ from scipy import sparse
 from udfs.core import cache, files, worker
 from udfs.core.cache import resident_bytes
 from udfs.core.seeding import SECRET_BYTES, Stream, rng
+from udfs.data.errors import BlockError
+
+if TYPE_CHECKING:
+    from udfs.data.transform import Transform
 
 N_SHARDS = 1024
 
@@ -48,10 +52,6 @@ SPLITS = ("train", "test")
 SECRET_FILE = "secret.key"
 META_FILE = "meta.json"     # the application's: block.json plus this application's memory budget
 BLOCK_FILE = "block.json"   # the block's own facts (rows, width, sparse, non-zeros)
-
-
-class BlockError(ValueError):
-    """A row of the training table cannot become part of a block (named by its id)."""
 
 
 class BlockMissing(FileNotFoundError):
@@ -151,10 +151,13 @@ class _Writer:
     """Streams a partition's Arrow batches into a block directory: the features go straight to
     files on the executor's local disk (X.bin, or the CSR parts X_indices.bin, X_data.bin), so a
     partition larger than the Python worker's memory builds in one pass; the per-row columns
-    (label, id, shard, split: 17 bytes a row) are kept until the end and saved as .npy."""
+    (label, id, shard, split: 17 bytes a row) are kept until the end and saved as .npy. The
+    features are stored as `transform` makes them (udfs/data/transform.py)."""
 
-    def __init__(self, tmp: str):
+    def __init__(self, tmp: str, transform: Transform | None = None):
         self.tmp = tmp
+        self.transform = transform
+        self.raw_width: int | None = None   # features per row as read, before the transform
         self.width: int | None = None
         self.is_sparse: bool | None = None
         self.small: dict[str, list[np.ndarray]] = {name: [] for name in SMALL}
@@ -173,9 +176,13 @@ class _Writer:
             self.is_sparse = pa.types.is_struct(features.type)
         small = row_columns(ids, batch.column("label"), batch.column("shard"), batch.column("split"))
         if not self.is_sparse:
-            self.add_dense(dense_features(features, ids, self.width), small)
+            X = dense_features(features, ids, self.raw_width)
+            self.raw_width = X.shape[1]
+            self.add_dense(X if self.transform is None else self.transform.apply(X, ids), small)
             return
         self.width, counts, cols, vals = sparse_features(features, ids, self.width)
+        if self.transform is not None:
+            vals = self.transform.apply_sparse(counts, cols, vals, ids, self.width or 0)
         self.counts.append(counts)
         self._file("X_indices.bin").write(cols.tobytes())
         self._file("X_data.bin").write(vals.tobytes())
@@ -214,10 +221,10 @@ class _Writer:
             json.dump(facts, fh)
 
 
-def write(tmp: str, batches: Iterable[pa.RecordBatch]) -> bool:
-    """The block of these rows (sorted by split, shard, id) into the directory `tmp`; False, and
-    nothing written, when there are none."""
-    writer = _Writer(tmp)
+def write(tmp: str, batches: Iterable[pa.RecordBatch], transform: Transform | None = None) -> bool:
+    """The block of these rows (sorted by split, shard, id), features transformed, into the
+    directory `tmp`; False, and nothing written, when there are none."""
+    writer = _Writer(tmp, transform)
     for batch in batches:
         if batch.num_rows:
             writer.add(batch)
@@ -314,16 +321,17 @@ def secret(path: str) -> bytes:
         raise _missing(path) from None
 
 
-def build_partition(batches: Iterator[pa.RecordBatch], key: str, cache_bytes: int
-                    ) -> Iterator[pa.RecordBatch]:
+def build_partition(batches: Iterator[pa.RecordBatch], key: str, cache_bytes: int,
+                    transform: Transform | None = None) -> Iterator[pa.RecordBatch]:
     """mapInArrow function: stream this partition's rows (sorted by split, shard, id) into a block
-    on the executor's local disk, atomically (a retried task may race a dead one), and return one
-    handle row (describe). `cache_bytes` is what one Python worker may keep in memory (see load)."""
+    on the executor's local disk, atomically (a retried task may race a dead one), features as
+    `transform` makes them, and return one handle row (describe). `cache_bytes` is what one Python
+    worker may keep in memory (see load)."""
     worker.prepare()
     part = task_partition()
     path = block_dir(local_root(), key, part)
     with files.replacing_dir(path) as tmp:   # an empty partition leaves it empty: no block
-        if not write(tmp, batches):
+        if not write(tmp, batches, transform):
             return
         seal(tmp, cache_bytes)
     yield pa.RecordBatch.from_pydict({k: pa.array([v], HANDLE_TYPES[k])

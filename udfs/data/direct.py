@@ -32,6 +32,7 @@ from pyspark.sql import Row
 
 from udfs.core import files, worker
 from udfs.data import blocks, store
+from udfs.data.transform import Transform
 
 if TYPE_CHECKING:
     from pyspark import Broadcast
@@ -96,12 +97,14 @@ class ByAssignment:
 
 @dataclass(frozen=True)
 class Source:
-    """A table version's Parquet files (local paths), the splits to keep, and the key of its
-    blocks in the store (a pure function of the table's content and the partitioning)."""
+    """A table version's Parquet files (local paths), the splits to keep, the key of its blocks in
+    the store (a pure function of the table's content, the partitioning and the transform), and
+    the feature transform the blocks hold their features after (None: as stored)."""
 
     files: tuple[str, ...]
     splits: tuple[str, ...]
     key: str
+    transform: Transform | None = None
 
 
 @dataclass(frozen=True)
@@ -175,6 +178,8 @@ def _rows_by_partition(source: Source, placement: Placement, parts: set[int]
         ids = np.asarray(batch.column("id").cast(pa.int64()))
         X = blocks.dense_features(batch.column("features"), ids, width)
         width = X.shape[1]
+        if source.transform is not None:
+            X = source.transform.apply(X, ids)
         shard = shard_of(ids)
         split = batch.column("split")
         small = blocks.row_columns(ids, batch.column("label"), shard, split)

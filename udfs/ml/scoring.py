@@ -22,6 +22,7 @@ from scipy import sparse
 from udfs.core import worker
 from udfs.core.models import Model
 from udfs.data.blocks import BlockError, dense_features, sparse_features
+from udfs.data.transform import NONE, Transform
 
 if TYPE_CHECKING:
     from pyspark import Broadcast
@@ -35,15 +36,22 @@ class Scoring:
     keep: tuple[str, ...]       # columns passed through to the output, in this order
     key: str | None             # the integer column that names a bad row in errors (None: none has)
     outputs: tuple[str, str] = ("prediction", "probability")   # names of the columns added
+    transform: Transform = NONE   # the model's feature transform (its spec.json's)
+
+    @property
+    def width(self) -> int:
+        """Features per row the input must have: the transform's raw width, else the model's."""
+        return self.transform.width or self.spec.n_features
 
 
 def feature_matrix(batch: pa.RecordBatch, scoring: Scoring, first_row: int
                    ) -> np.ndarray | sparse.csr_matrix:
-    """The batch's features as one float32 matrix (CSR for a sparse column). A null or a row of
-    another width is a ValueError naming the column and the row: by its key, or without a key by
-    its position in the partition (`first_row` is the batch's first)."""
+    """The batch's features as one float32 matrix (CSR for a sparse column), transformed as the
+    model was trained. A null, a row of another width or a missing value without imputation is a
+    ValueError naming the column and the row: by its key, or without a key by its position in the
+    partition (`first_row` is the batch's first)."""
     features = batch.column(scoring.column)
-    width = scoring.spec.n_features
+    width = scoring.width
     if scoring.key is None:
         ids = np.arange(first_row, first_row + batch.num_rows, dtype=np.int64)
         where = f"features column {scoring.shown_as!r} (row ids count rows from 0 within a partition)"
@@ -53,9 +61,10 @@ def feature_matrix(batch: pa.RecordBatch, scoring: Scoring, first_row: int
     try:
         if pa.types.is_struct(features.type):
             _, counts, cols, vals = sparse_features(features, ids, width)
+            vals = scoring.transform.apply_sparse(counts, cols, vals, ids, width)
             indptr = np.concatenate(([0], np.cumsum(counts)))
             return sparse.csr_matrix((vals, cols, indptr), shape=(batch.num_rows, width))
-        return dense_features(features, ids, width)
+        return scoring.transform.apply(dense_features(features, ids, width), ids)
     except BlockError as exc:
         raise ValueError(f"{where}: {exc}") from None
 
