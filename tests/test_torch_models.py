@@ -35,23 +35,23 @@ TORCH_MLP = ["model.kind=torch", "model.torch.module=udfs.adapters.torch_zoo:mlp
 NUMPY_MLP = ["model.kind=mlp", f"model.hidden=[{H}]"]
 
 
-def to_numpy_layout(theta: np.ndarray, widths: list[int]) -> np.ndarray:
-    """A torch MLP's [weight (out x in), bias] per layer as the numpy MLP's [W (in x out), b]."""
+def _relayout(theta: np.ndarray, widths: list[int], to_torch: bool) -> np.ndarray:
+    """Each layer's weight matrix transposed: torch's (out x in) <-> the numpy MLP's (in x out)."""
     parts, offset = [], 0
     for a, b in zip(widths[:-1], widths[1:], strict=False):
-        parts.append(theta[offset:offset + a * b].reshape(b, a).T.ravel())
+        parts.append(theta[offset:offset + a * b].reshape((a, b) if to_torch else (b, a)).T.ravel())
         parts.append(theta[offset + a * b:offset + a * b + b])
         offset += a * b + b
     return np.concatenate(parts)
+
+
+def to_numpy_layout(theta: np.ndarray, widths: list[int]) -> np.ndarray:
+    """A torch MLP's [weight (out x in), bias] per layer as the numpy MLP's [W (in x out), b]."""
+    return _relayout(theta, widths, to_torch=False)
 
 
 def to_torch_layout(theta: np.ndarray, widths: list[int]) -> np.ndarray:
-    parts, offset = [], 0
-    for a, b in zip(widths[:-1], widths[1:], strict=False):
-        parts.append(theta[offset:offset + a * b].reshape(a, b).T.ravel())
-        parts.append(theta[offset + a * b:offset + a * b + b])
-        offset += a * b + b
-    return np.concatenate(parts)
+    return _relayout(theta, widths, to_torch=True)
 
 
 @pytest.fixture(scope="module")
